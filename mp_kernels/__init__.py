@@ -1,0 +1,11 @@
+"""Triton kernels (with PyTorch references) for packed BERT inference with token pruning and early exit.
+
+Importing the package registers the ``"mp"`` attention implementation with transformers.
+"""
+
+from mp_kernels.attention import MAX_SEQLEN, varlen_attention
+from mp_kernels.hf_backend import capture_importance, register
+
+register()
+
+__all__ = ["MAX_SEQLEN", "capture_importance", "register", "varlen_attention"]

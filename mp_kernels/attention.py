@@ -1,0 +1,91 @@
+"""``varlen_attention``: attention over a packed batch of sequences that can also return token importance.
+
+Shapes follow FlashAttention's varlen interface: the sequences of a batch are concatenated along the first
+dimension and ``cu_seqlens`` holds the prefix sum of their lengths. The importance of token ``j`` of sequence
+``b`` (length ``n_b``) is the attention it receives, averaged over heads and query rows::
+
+    importance[j] = 1 / (heads * n_b) * sum_h sum_{i in b} softmax_h(q_i . K_b^T * scale)[j]
+
+so it sums to 1 over each sequence (Learned Token Pruning's score, without padding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mp_kernels.attention_reference import varlen_attention_torch
+from mp_kernels.checks import check_cu_seqlens, check_tensor
+from mp_kernels.dispatch import choose_backend
+
+HEAD_DIMS = (16, 32, 64, 128)
+MAX_SEQLEN = 16384
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TORCH_DTYPES = (*TRITON_DTYPES, torch.float64)
+
+
+def _check_qkv(q: object, k: object, v: object, dtypes: tuple[torch.dtype, ...]) -> None:
+    check_tensor("q", q, ndim=3, dtypes=dtypes, contiguous=False)
+    for name, tensor in (("k", k), ("v", v)):
+        check_tensor(name, tensor, ndim=3, dtypes=dtypes, device=q.device, contiguous=False)
+        if tensor.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(tensor.shape)}")
+        if tensor.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {tensor.dtype}")
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if tensor.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension")
+    if q.shape[0] == 0:
+        raise ValueError("q holds no tokens: the batch is empty")
+    if q.shape[2] not in HEAD_DIMS:
+        raise ValueError(f"head_dim (q.shape[2]) must be one of {HEAD_DIMS}, got {q.shape[2]}")
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    scale: float | None = None,
+    return_importance: bool = False,
+    backend: str | None = None,
+    validate: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Bidirectional softmax attention of each packed sequence with itself.
+
+    Args:
+        q, k, v: ``(total_tokens, heads, head_dim)``, float16, bfloat16 or float32 (float64 on the ``"torch"``
+            backend, for reference computations), on one device, contiguous in ``head_dim``;
+            ``head_dim`` in 16, 32, 64, 128.
+        cu_seqlens: int32 ``(batch + 1,)``, from 0, non-decreasing, ending at ``total_tokens``.
+        max_seqlen: the longest sequence's length (an upper bound is fine), at most ``MAX_SEQLEN``.
+        scale: softmax scale, ``head_dim ** -0.5`` by default.
+        return_importance: also return each token's importance (see the module docstring).
+        backend: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA or under ``TRITON_INTERPRET=1``).
+        validate: read ``cu_seqlens`` to check its values (a host synchronisation on GPU).
+
+    Returns:
+        ``out`` ``(total_tokens, heads, head_dim)`` in the input dtype; with ``return_importance`` also
+        ``importance`` ``(total_tokens,)`` float32 (float64 for float64 inputs).
+    """
+    _check_qkv(q, k, v, TORCH_DTYPES)
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"max_seqlen must be an int, got {type(max_seqlen).__name__}")
+    if not 1 <= max_seqlen <= MAX_SEQLEN:
+        raise ValueError(f"max_seqlen must lie in [1, {MAX_SEQLEN}], got {max_seqlen}")
+    check_cu_seqlens(cu_seqlens, q.shape[0], q.device, validate=validate, max_seqlen=max_seqlen)
+    if scale is None:
+        scale = q.shape[2] ** -0.5
+    elif not float(scale) > 0.0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    chosen = choose_backend(backend, q.device)
+    if chosen == "triton":
+        if q.dtype not in TRITON_DTYPES:
+            raise TypeError(f"q must be float16, bfloat16 or float32 on the triton backend, got {q.dtype}")
+        from mp_kernels._triton.attention import varlen_attention_triton
+
+        out, importance = varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, float(scale), return_importance)
+    else:
+        out, importance = varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, float(scale), return_importance)
+    return (out, importance) if return_importance else out

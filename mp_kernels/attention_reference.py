@@ -1,0 +1,78 @@
+"""PyTorch implementation of ``varlen_attention``: the CPU backend and the tests' oracle.
+
+Sequences are sorted by length and grouped into buckets whose lengths differ little, each bucket padded only
+to its own longest member. Without importance a bucket runs through ``scaled_dot_product_attention`` with a key
+mask (PyTorch's fused CPU kernel); with importance the bucket's probabilities are formed explicitly, which is
+the n x n work attention needs anyway, and summed over heads and valid query rows. Padding waste stays small
+whatever the mix of lengths, so this is never slower than eager attention on the padded batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+BUCKET_SLACK = 1.25
+SCORE_BUDGET = 1 << 26
+
+
+def length_buckets(lengths: list[int], heads: int) -> list[list[int]]:
+    """Group sequence indices (non-empty sequences only) into buckets of similar length.
+
+    Sequences are taken longest first; a bucket closes when the next length is below its longest divided by
+    ``BUCKET_SLACK``, or when its ``(members, heads, L, L)`` score tensor would exceed ``SCORE_BUDGET``.
+    """
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
+    buckets: list[list[int]] = []
+    for i in order:
+        if buckets:
+            top = lengths[buckets[-1][0]]
+            fits = lengths[i] * BUCKET_SLACK >= top and (len(buckets[-1]) + 1) * heads * top * top <= SCORE_BUDGET
+            if fits:
+                buckets[-1].append(i)
+                continue
+        buckets.append([i])
+    return buckets
+
+
+def varlen_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    return_importance: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validated inputs as in ``varlen_attention``; returns ``(out, importance or None)``.
+
+    Half-precision inputs are computed in float32 and the output cast back; float64 stays float64.
+    """
+    total, heads, head_dim = q.shape
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    starts = cu_seqlens[:-1].tolist()
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    out = torch.empty((total, heads, head_dim), dtype=compute, device=q.device)
+    importance = torch.empty(total, dtype=compute, device=q.device) if return_importance else None
+    for bucket in length_buckets(lengths, heads):
+        width = lengths[bucket[0]]
+        position = torch.arange(width, device=q.device)
+        start = torch.tensor([starts[i] for i in bucket], device=q.device)
+        length = torch.tensor([lengths[i] for i in bucket], device=q.device)
+        valid = position[None, :] < length[:, None]
+        rows = start[:, None] + torch.minimum(position[None, :], length[:, None] - 1)
+        qb, kb, vb = (x[rows].to(compute).transpose(1, 2) for x in (q, k, v))
+        key_mask = valid[:, None, None, :]
+        if return_importance:
+            scores = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale)
+            probs = scores.masked_fill_(~key_mask, float("-inf")).softmax(dim=-1)
+            ob = torch.matmul(probs, vb)
+            received = (probs * valid[:, None, :, None]).sum(dim=(1, 2))
+            importance[rows[valid]] = (received / (heads * length[:, None]))[valid]
+        else:
+            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=key_mask, scale=scale)
+        out[rows[valid]] = ob.transpose(1, 2)[valid]
+    out = out.to(q.dtype)
+    if importance is not None and importance.dtype != torch.float64:
+        importance = importance.float()
+    return out, importance
