@@ -1,0 +1,1 @@
+"""Benchmarks: microbenchmarks of the kernels and end-to-end runs, writing JSON with provenance to bench/results."""
