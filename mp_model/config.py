@@ -1,0 +1,49 @@
+"""``MagicPyramidConfig``: a BERT configuration plus the token-pruning and early-exit settings."""
+
+from __future__ import annotations
+
+from transformers import BertConfig
+
+
+class MagicPyramidConfig(BertConfig):
+    """BERT configuration with Magic Pyramid's knobs.
+
+    Args:
+        prune_thresholds: one threshold per layer on the length-normalised importance scale (``n_b`` times the
+            importance, mean 1 over a sequence): layer ``l`` keeps token ``j`` iff its normalised importance is
+            above ``prune_thresholds[l] * threshold_scale``. ``None`` gives zeros (nothing is pruned). These
+            are the initial values of the model's learnable ``thresholds`` parameter, which is what is used.
+        use_pruning: default for the ``prune`` call argument.
+        use_early_exit: default for the ``early_exit`` call argument.
+        exit_tau: default normalised-entropy threshold in [0, 1]; an example exits at the first sub-classifier
+            whose uncertainty is at most ``tau`` (larger exits earlier).
+        exit_hidden_size: width of each sub-classifier's hidden layer.
+        soft_mask_temperature: ``T`` of the soft masks ``sigmoid((s - threshold) / T)`` in training.
+    """
+
+    model_type = "magic_pyramid"
+
+    def __init__(
+        self,
+        prune_thresholds: list[float] | None = None,
+        use_pruning: bool = True,
+        use_early_exit: bool = True,
+        exit_tau: float = 0.5,
+        exit_hidden_size: int = 128,
+        soft_mask_temperature: float = 0.05,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(**kwargs)
+        layers = self.num_hidden_layers
+        if prune_thresholds is None:
+            prune_thresholds = [0.0] * layers
+        if len(prune_thresholds) != layers:
+            raise ValueError(f"prune_thresholds needs one value per layer ({layers}), got {len(prune_thresholds)}")
+        if not 0.0 <= exit_tau <= 1.0:
+            raise ValueError(f"exit_tau must lie in [0, 1], got {exit_tau}")
+        self.prune_thresholds = [float(t) for t in prune_thresholds]
+        self.use_pruning = use_pruning
+        self.use_early_exit = use_early_exit
+        self.exit_tau = float(exit_tau)
+        self.exit_hidden_size = exit_hidden_size
+        self.soft_mask_temperature = soft_mask_temperature

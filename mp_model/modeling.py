@@ -1,0 +1,180 @@
+"""``MagicPyramidForSequenceClassification``: one set of weights served as dense BERT, LTP, FastBERT or MP."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import BertModel, BertPreTrainedModel
+
+from mp_model.config import MagicPyramidConfig
+from mp_model.exit_head import ExitClassifier
+from mp_model.masked_training import masked_forward
+from mp_model.outputs import MagicPyramidOutput, MagicPyramidTrainingOutput
+from mp_model.packed_inference import packed_forward
+
+
+def _check_inputs(
+    config: MagicPyramidConfig,
+    input_ids: object,
+    attention_mask: object,
+    token_type_ids: object,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Validate ``(batch, seq)`` inputs; returns the attention mask (all ones if None) and the longest row."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"input_ids must be a (batch, seq) integer tensor, got {input_ids.dtype} {tuple(input_ids.shape)}"
+        )
+    batch, width = input_ids.shape
+    if batch == 0 or width == 0:
+        raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+    if width > config.max_position_embeddings:
+        raise ValueError(
+            f"input_ids has {width} positions, more than the model's max_position_embeddings "
+            f"({config.max_position_embeddings}): truncate the inputs"
+        )
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    for name, tensor in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.shape != input_ids.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, input_ids has {tuple(input_ids.shape)}")
+        if tensor.device != input_ids.device:
+            raise ValueError(f"{name} is on {tensor.device}, input_ids on {input_ids.device}")
+    lengths = attention_mask.sum(dim=1)
+    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 and 1")
+    empty = (lengths == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"attention_mask rows {empty} hold no token (all padding)")
+    return attention_mask, int(lengths.max())
+
+
+def _check_knobs(tau: float, threshold_scale: float) -> None:
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau must lie in [0, 1], got {tau}")
+    if not threshold_scale >= 0.0:
+        raise ValueError(f"threshold_scale must be non-negative, got {threshold_scale}")
+
+
+class MagicPyramidForSequenceClassification(BertPreTrainedModel):
+    """A BERT classifier with learned token pruning and early exit (Magic Pyramid).
+
+    Holds the BERT backbone (with its pooler), the main classifier (``dropout -> Linear`` on the pooled
+    first token, as ``BertForSequenceClassification``), one ``ExitClassifier`` after each layer but the last,
+    and one learnable pruning threshold per layer (``thresholds``, on the length-normalised importance scale).
+
+    ``from_pretrained`` takes a plain BERT-architecture folder (``BertModel`` or ``BertForSequenceClassification``;
+    missing heads are initialised) or a folder saved by this class.
+
+    Calling the model runs the packed inference path (``forward``); training uses ``masked_forward``.
+    """
+
+    config_class = MagicPyramidConfig
+
+    def __init__(self, config: MagicPyramidConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=True)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.exits = nn.ModuleList(ExitClassifier(config) for _ in range(config.num_hidden_layers - 1))
+        self.thresholds = nn.Parameter(torch.tensor(config.prune_thresholds, dtype=torch.float32))
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, MagicPyramidForSequenceClassification):
+            module.thresholds.copy_(torch.tensor(self.config.prune_thresholds, dtype=module.thresholds.dtype))
+
+    def set_thresholds(self, thresholds: list[float] | torch.Tensor) -> None:
+        """Set the per-layer pruning thresholds (also recorded in the config, so that they are saved)."""
+        values = torch.as_tensor(thresholds, dtype=torch.float32).flatten()
+        if values.numel() != self.config.num_hidden_layers:
+            raise ValueError(f"thresholds needs {self.config.num_hidden_layers} values, got {values.numel()}")
+        with torch.no_grad():
+            self.thresholds.copy_(values.to(self.thresholds.device))
+        self.config.prune_thresholds = values.tolist()
+
+    def save_pretrained(self, *args: object, **kwargs: object) -> None:
+        """Save weights (safetensors) and config; the config records the current thresholds."""
+        self.config.prune_thresholds = self.thresholds.detach().float().cpu().tolist()
+        super().save_pretrained(*args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        *,
+        tau: float | None = None,
+        threshold_scale: float = 1.0,
+        prune: bool | None = None,
+        early_exit: bool | None = None,
+        backend: str | None = None,
+    ) -> MagicPyramidOutput:
+        """Packed inference with real removal of pruned tokens and exited examples.
+
+        Args:
+            input_ids: ``(batch, seq)`` int64 token ids, padded (any side).
+            attention_mask: ``(batch, seq)`` 0/1, 1 at real tokens; every row needs one; None: no padding.
+            token_type_ids: ``(batch, seq)`` or None.
+            tau: exit threshold on the normalised entropy in [0, 1] (default ``config.exit_tau``); larger
+                exits earlier.
+            threshold_scale: multiplies every layer's pruning threshold (0 prunes nothing; larger prunes more).
+            prune, early_exit: switch token pruning / early exit (defaults from the config). Both off gives
+                the dense model through the packed path.
+            backend: kernel backend (``None``: Triton on CUDA, PyTorch on CPU).
+
+        Returns:
+            ``MagicPyramidOutput`` with logits, exit layer, kept tokens per layer and FLOPs per example.
+        """
+        config = self.config
+        tau = config.exit_tau if tau is None else float(tau)
+        _check_knobs(tau, float(threshold_scale))
+        attention_mask, max_length = _check_inputs(config, input_ids, attention_mask, token_type_ids)
+        return packed_forward(
+            self,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            max_length=max_length,
+            tau=tau,
+            threshold_scale=float(threshold_scale),
+            prune=config.use_pruning if prune is None else prune,
+            early_exit=config.use_early_exit if early_exit is None else early_exit,
+            backend=backend,
+        )
+
+    def masked_forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        *,
+        mask_mode: str = "none",
+        temperature: float | None = None,
+        threshold_scale: float = 1.0,
+    ) -> MagicPyramidTrainingOutput:
+        """Differentiable padded forward pass for training (see ``mp_model.masked_training``).
+
+        ``mask_mode`` is ``"none"``, ``"soft"`` or ``"hard"``; ``temperature`` defaults to
+        ``config.soft_mask_temperature``.
+        """
+        _check_knobs(0.0, float(threshold_scale))
+        attention_mask, _ = _check_inputs(self.config, input_ids, attention_mask, token_type_ids)
+        return masked_forward(
+            self,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            mask_mode=mask_mode,
+            temperature=self.config.soft_mask_temperature if temperature is None else temperature,
+            threshold_scale=float(threshold_scale),
+        )

@@ -1,0 +1,108 @@
+"""The packed inference loop: real removal of pruned tokens and exited sequences, layer by layer.
+
+The padded batch is unpadded once to the packed layout (``cu_seqlens``). At each layer: attention (with token
+importance where that layer prunes) -> removal of low-importance tokens after the attention block, before the
+feed-forward (LTP's placement) -> feed-forward -> sub-classifier on each remaining sequence's first token ->
+entropy exit test -> removal of the exited sequences, whose logits are written to their original rows.
+Everything stays on the device; each compaction reads back one small tensor to size its output.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from mp_kernels import drop_sequences, entropy_exit, prune_tokens, scatter_rows, varlen_attention
+from mp_model.flops import attention_macs, exit_head_macs, feed_forward_macs, main_head_macs
+from mp_model.outputs import MagicPyramidOutput
+
+if TYPE_CHECKING:
+    from mp_model.modeling import MagicPyramidForSequenceClassification
+
+
+@torch.no_grad()
+def packed_forward(
+    model: MagicPyramidForSequenceClassification,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    token_type_ids: torch.Tensor | None,
+    *,
+    max_length: int,
+    tau: float,
+    threshold_scale: float,
+    prune: bool,
+    early_exit: bool,
+    backend: str | None = None,
+) -> MagicPyramidOutput:
+    """Run validated inputs ``(batch, seq)`` through the model; see ``MagicPyramidForSequenceClassification``.
+
+    ``max_length`` is the longest row's real length (known to the caller from validation).
+    """
+    config = model.config
+    bert = model.bert
+    batch, width = input_ids.shape
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = config.hidden_size // heads
+    device = input_ids.device
+
+    embeddings = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+    rows = attention_mask.reshape(-1).nonzero().squeeze(1)
+    hidden = embeddings.reshape(batch * width, -1).index_select(0, rows)
+    lengths = attention_mask.sum(dim=1, dtype=torch.int32)
+    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    max_seqlen = max_length
+    seq_index = torch.arange(batch, device=device)
+
+    logits = torch.empty(batch, config.num_labels, dtype=hidden.dtype, device=device)
+    exit_layer = torch.full((batch,), layers, dtype=torch.int64, device=device)
+    kept_tokens = torch.zeros(batch, layers, dtype=torch.int64, device=device)
+    flops = torch.zeros(batch, dtype=torch.int64, device=device)
+    thresholds = (model.thresholds.detach().double() * threshold_scale).tolist() if prune else [0.0] * layers
+
+    for index, layer in enumerate(bert.encoder.layer):
+        self_attention = layer.attention.self
+        tokens = hidden.shape[0]
+        n_attention = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        q, k, v = (
+            projection(hidden).view(tokens, heads, head_dim)
+            for projection in (self_attention.query, self_attention.key, self_attention.value)
+        )
+        prunes = thresholds[index] > 0.0
+        result = varlen_attention(
+            q, k, v, cu_seqlens, max_seqlen, return_importance=prunes, backend=backend, validate=False
+        )
+        context, importance = result if prunes else (result, None)
+        attended = layer.attention.output(context.reshape(tokens, -1), hidden)
+        if prunes:
+            per_sequence = thresholds[index] / n_attention.to(importance.dtype)
+            attended, cu_seqlens, max_seqlen, _ = prune_tokens(
+                attended, importance, cu_seqlens, per_sequence, keep_first=True, backend=backend, validate=False
+            )
+        n_feed_forward = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        hidden = layer.output(layer.intermediate(attended), attended)
+        kept_tokens[seq_index, index] = n_feed_forward
+        macs = attention_macs(config, n_attention) + feed_forward_macs(config, n_feed_forward)
+
+        if early_exit and index < layers - 1:
+            macs = macs + exit_head_macs(config)
+            flops.index_add_(0, seq_index, 2 * macs)
+            exit_logits = model.exits[index](hidden.index_select(0, cu_seqlens[:-1].long()))
+            exits, _ = entropy_exit(exit_logits, tau, backend=backend, validate=False)
+            scatter_rows(logits, exit_logits, seq_index, exits, backend=backend, validate=False)
+            scatter_rows(exit_layer, torch.full_like(seq_index, index + 1), seq_index, exits, validate=False)
+            hidden, cu_seqlens, max_seqlen, seq_index = drop_sequences(
+                hidden, cu_seqlens, ~exits, seq_index, backend=backend, validate=False
+            )
+            if seq_index.numel() == 0:
+                break
+        else:
+            flops.index_add_(0, seq_index, 2 * macs)
+    else:
+        first_tokens = hidden.index_select(0, cu_seqlens[:-1].long())
+        pooled = bert.pooler.activation(bert.pooler.dense(first_tokens))
+        logits.index_copy_(0, seq_index, model.classifier(pooled))
+        flops.index_add_(0, seq_index, torch.full_like(seq_index, 2 * main_head_macs(config)))
+    return MagicPyramidOutput(logits=logits, exit_layer=exit_layer, kept_tokens=kept_tokens, flops=flops)

