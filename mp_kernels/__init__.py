@@ -4,8 +4,19 @@ Importing the package registers the ``"mp"`` attention implementation with trans
 """
 
 from mp_kernels.attention import MAX_SEQLEN, varlen_attention
+from mp_kernels.compaction import drop_sequences, prune_tokens, scatter_rows
+from mp_kernels.early_exit import entropy_exit
 from mp_kernels.hf_backend import capture_importance, register
 
 register()
 
-__all__ = ["MAX_SEQLEN", "capture_importance", "register", "varlen_attention"]
+__all__ = [
+    "MAX_SEQLEN",
+    "capture_importance",
+    "drop_sequences",
+    "entropy_exit",
+    "prune_tokens",
+    "register",
+    "scatter_rows",
+    "varlen_attention",
+]

@@ -118,6 +118,7 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         prune: bool | None = None,
         early_exit: bool | None = None,
         backend: str | None = None,
+        exit_schedule: torch.Tensor | None = None,
     ) -> MagicPyramidOutput:
         """Packed inference with real removal of pruned tokens and exited examples.
 
@@ -131,6 +132,8 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
             prune, early_exit: switch token pruning / early exit (defaults from the config). Both off gives
                 the dense model through the packed path.
             backend: kernel backend (``None``: Triton on CUDA, PyTorch on CPU).
+            exit_schedule: ``(batch,)`` int64 layer after which each example exits, replacing the entropy test
+                (benchmarks replay a measured exit pattern with it); values ``>= num_hidden_layers`` never exit.
 
         Returns:
             ``MagicPyramidOutput`` with logits, exit layer, kept tokens per layer and FLOPs per example.
@@ -139,6 +142,10 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         tau = config.exit_tau if tau is None else float(tau)
         _check_knobs(tau, float(threshold_scale))
         attention_mask, max_length = _check_inputs(config, input_ids, attention_mask, token_type_ids)
+        if exit_schedule is not None and (
+            not isinstance(exit_schedule, torch.Tensor) or exit_schedule.shape != input_ids.shape[:1]
+        ):
+            raise ValueError(f"exit_schedule must be a ({input_ids.shape[0]},) tensor")
         return packed_forward(
             self,
             input_ids,
@@ -150,6 +157,7 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
             prune=config.use_pruning if prune is None else prune,
             early_exit=config.use_early_exit if early_exit is None else early_exit,
             backend=backend,
+            exit_schedule=exit_schedule,
         )
 
     def masked_forward(

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from mp_kernels import drop_sequences, entropy_exit, prune_tokens, scatter_rows, varlen_attention
 from mp_model.flops import attention_macs, exit_head_macs, feed_forward_macs, main_head_macs
@@ -35,10 +36,17 @@ def packed_forward(
     prune: bool,
     early_exit: bool,
     backend: str | None = None,
+    exit_schedule: torch.Tensor | None = None,
 ) -> MagicPyramidOutput:
     """Run validated inputs ``(batch, seq)`` through the model; see ``MagicPyramidForSequenceClassification``.
 
-    ``max_length`` is the longest row's real length (known to the caller from validation).
+    ``max_length`` is the longest row's real length (known to the caller from validation). ``exit_schedule``
+    ``(batch,)`` int64, if given, replaces the entropy test: example ``i`` exits after layer
+    ``exit_schedule[i]`` (its sub-classifier still runs), for benchmarks that replay a measured exit pattern.
+
+    Each stage runs inside a ``torch.profiler.record_function`` range named ``mp.<stage>`` (``qkv``,
+    ``attention``, ``attention_output``, ``prune``, ``feed_forward``, ``exit_head``, ``exit_test``, ``drop``,
+    ``classifier``), so a profiler run splits the time per stage.
     """
     config = model.config
     bert = model.bert
@@ -66,43 +74,55 @@ def packed_forward(
         self_attention = layer.attention.self
         tokens = hidden.shape[0]
         n_attention = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        q, k, v = (
-            projection(hidden).view(tokens, heads, head_dim)
-            for projection in (self_attention.query, self_attention.key, self_attention.value)
-        )
-        prunes = thresholds[index] > 0.0
-        result = varlen_attention(
-            q, k, v, cu_seqlens, max_seqlen, return_importance=prunes, backend=backend, validate=False
-        )
-        context, importance = result if prunes else (result, None)
-        attended = layer.attention.output(context.reshape(tokens, -1), hidden)
-        if prunes:
-            per_sequence = thresholds[index] / n_attention.to(importance.dtype)
-            attended, cu_seqlens, max_seqlen, _ = prune_tokens(
-                attended, importance, cu_seqlens, per_sequence, keep_first=True, backend=backend, validate=False
+        with record_function("mp.qkv"):
+            q, k, v = (
+                projection(hidden).view(tokens, heads, head_dim)
+                for projection in (self_attention.query, self_attention.key, self_attention.value)
             )
+        prunes = thresholds[index] > 0.0
+        with record_function("mp.attention"):
+            result = varlen_attention(
+                q, k, v, cu_seqlens, max_seqlen, return_importance=prunes, backend=backend, validate=False
+            )
+        context, importance = result if prunes else (result, None)
+        with record_function("mp.attention_output"):
+            attended = layer.attention.output(context.reshape(tokens, -1), hidden)
+        if prunes:
+            with record_function("mp.prune"):
+                per_sequence = thresholds[index] / n_attention.to(importance.dtype)
+                attended, cu_seqlens, max_seqlen, _ = prune_tokens(
+                    attended, importance, cu_seqlens, per_sequence, keep_first=True, backend=backend, validate=False
+                )
         n_feed_forward = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        hidden = layer.output(layer.intermediate(attended), attended)
+        with record_function("mp.feed_forward"):
+            hidden = layer.output(layer.intermediate(attended), attended)
         kept_tokens[seq_index, index] = n_feed_forward
         macs = attention_macs(config, n_attention) + feed_forward_macs(config, n_feed_forward)
 
         if early_exit and index < layers - 1:
             macs = macs + exit_head_macs(config)
             flops.index_add_(0, seq_index, 2 * macs)
-            exit_logits = model.exits[index](hidden.index_select(0, cu_seqlens[:-1].long()))
-            exits, _ = entropy_exit(exit_logits, tau, backend=backend, validate=False)
-            scatter_rows(logits, exit_logits, seq_index, exits, backend=backend, validate=False)
-            scatter_rows(exit_layer, torch.full_like(seq_index, index + 1), seq_index, exits, validate=False)
-            hidden, cu_seqlens, max_seqlen, seq_index = drop_sequences(
-                hidden, cu_seqlens, ~exits, seq_index, backend=backend, validate=False
-            )
+            with record_function("mp.exit_head"):
+                exit_logits = model.exits[index](hidden.index_select(0, cu_seqlens[:-1].long()))
+            with record_function("mp.exit_test"):
+                if exit_schedule is None:
+                    exits, _ = entropy_exit(exit_logits, tau, backend=backend, validate=False)
+                else:
+                    exits = exit_schedule.index_select(0, seq_index) == index + 1
+                scatter_rows(logits, exit_logits, seq_index, exits, backend=backend, validate=False)
+                scatter_rows(exit_layer, torch.full_like(seq_index, index + 1), seq_index, exits, validate=False)
+            with record_function("mp.drop"):
+                hidden, cu_seqlens, max_seqlen, seq_index = drop_sequences(
+                    hidden, cu_seqlens, ~exits, seq_index, backend=backend, validate=False
+                )
             if seq_index.numel() == 0:
                 break
         else:
             flops.index_add_(0, seq_index, 2 * macs)
     else:
-        first_tokens = hidden.index_select(0, cu_seqlens[:-1].long())
-        pooled = bert.pooler.activation(bert.pooler.dense(first_tokens))
-        logits.index_copy_(0, seq_index, model.classifier(pooled))
+        with record_function("mp.classifier"):
+            first_tokens = hidden.index_select(0, cu_seqlens[:-1].long())
+            pooled = bert.pooler.activation(bert.pooler.dense(first_tokens))
+            logits.index_copy_(0, seq_index, model.classifier(pooled))
         flops.index_add_(0, seq_index, torch.full_like(seq_index, 2 * main_head_macs(config)))
     return MagicPyramidOutput(logits=logits, exit_layer=exit_layer, kept_tokens=kept_tokens, flops=flops)

@@ -253,3 +253,14 @@ def test_triton_kernels_give_the_torch_backend_results() -> None:
     assert torch.equal(out.exit_layer, expected.exit_layer)
     assert torch.equal(out.kept_tokens, expected.kept_tokens)
     torch.testing.assert_close(out.logits, expected.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_an_exit_schedule_replaces_the_entropy_test() -> None:
+    model = tiny_model([0.97, 1.01, 1.03, 1.05])
+    batch = random_batch(LENGTHS, TINY["vocab_size"])
+    schedule = torch.tensor([1, 2, 3, 4, 9, 1, 2, 3, 4, 1])
+    out = model(**batch, exit_schedule=schedule, backend="torch")
+    assert out.exit_layer.tolist() == schedule.clamp(max=TINY["num_hidden_layers"]).tolist()
+    dense_like = model(**batch, tau=0.0, early_exit=True, backend="torch")
+    reached_the_end = out.exit_layer == TINY["num_hidden_layers"]
+    torch.testing.assert_close(out.logits[reached_the_end], dense_like.logits[reached_the_end])
