@@ -56,18 +56,24 @@ def varlen_attention_torch(
     importance = torch.empty(total, dtype=compute, device=q.device) if return_importance else None
     for bucket in length_buckets(lengths, heads):
         width = lengths[bucket[0]]
+        padded = lengths[bucket[-1]] != width
         position = torch.arange(width, device=q.device)
         start = torch.tensor([starts[i] for i in bucket], device=q.device)
         length = torch.tensor([lengths[i] for i in bucket], device=q.device)
         valid = position[None, :] < length[:, None]
         rows = start[:, None] + torch.minimum(position[None, :], length[:, None] - 1)
         qb, kb, vb = (x[rows].to(compute).transpose(1, 2) for x in (q, k, v))
-        key_mask = valid[:, None, None, :]
+        key_mask = valid[:, None, None, :] if padded else None
         if return_importance:
-            scores = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale)
-            probs = scores.masked_fill_(~key_mask, float("-inf")).softmax(dim=-1)
+            scores = torch.matmul(qb * scale, kb.transpose(-1, -2))
+            if padded:
+                scores.masked_fill_(~key_mask, float("-inf"))
+            probs = scores.softmax(dim=-1)
             ob = torch.matmul(probs, vb)
-            received = (probs * valid[:, None, :, None]).sum(dim=(1, 2))
+            if padded:
+                received = torch.matmul(valid[:, None, None, :].to(compute), probs).sum(dim=(1, 2))
+            else:
+                received = probs.sum(dim=(1, 2))
             importance[rows[valid]] = (received / (heads * length[:, None]))[valid]
         else:
             ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=key_mask, scale=scale)
