@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -16,6 +17,15 @@ if not torch.cuda.is_available():
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+# Property tests: reproducible in CI (fixed seed, no example database), no deadline (the interpreter is slow).
+HYPOTHESIS_SETTINGS = settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 # Tolerance (atol, rtol) of a kernel output against a float64 reference computed from the same inputs.
 TOLERANCE = {

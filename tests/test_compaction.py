@@ -13,22 +13,16 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import mp_kernels
 from mp_kernels import compaction
 from mp_kernels._triton import compaction as triton_compaction
 from tests.conftest import DEVICE, KERNEL_DTYPES, ON_GPU, poison_
+from tests.conftest import HYPOTHESIS_SETTINGS as SETTINGS
 
 BACKENDS = ["triton", "torch"]
-SETTINGS = settings(
-    max_examples=25,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
 # Importance and thresholds on a grid of eighths: exactly representable, so ties with the threshold happen.
 GRID = 8
 

@@ -11,22 +11,16 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import mp_kernels
 from mp_kernels import early_exit
 from mp_kernels._triton import early_exit as triton_early_exit
 from tests.conftest import DEVICE, KERNEL_DTYPES, ON_GPU, assert_close, poison_
+from tests.conftest import HYPOTHESIS_SETTINGS as SETTINGS
 
 BACKENDS = ["triton", "torch"]
-SETTINGS = settings(
-    max_examples=25,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
 # Entropy in float32 from the stable softmax: a few units of roundoff on values of order 1.
 SCALE = 10.0
 
