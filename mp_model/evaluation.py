@@ -1,0 +1,425 @@
+"""Accuracy, GFLOPs and latency of dense BERT, LTP, FastBERT and Magic Pyramid over sweeps of tau and scale.
+
+Methods (one set of trained weights from ``mp_model.training``, plus its stage-1 model):
+
+- ``dense``: the stage-1 (fine-tuned, never pruned) model, pruning and exit off.
+- ``ltp``: the final model, pruning on at each ``threshold_scale``, exit off.
+- ``fastbert``: the final model, pruning off, exit on at each ``tau``.
+- ``mp``: the final model, both, over the grid.
+
+Accuracy and FLOPs. For each model and threshold scale the packed path runs once with early exit off while
+forward hooks capture every layer's hidden states; the sub-classifiers are applied to each example's first token
+and ``mp_kernels.entropy_exit`` gives their uncertainty. Whether an example exits at a layer depends only on
+its own uncertainty, and pruning never depends on exiting, so the exit layer, logits and FLOPs of every ``tau``
+follow exactly (``simulate``; ``mp_model.flops``'s count of what the packed path executes: attention at the
+length before pruning, feed-forward after, one sub-classifier per layer passed, the main classifier if reached).
+The test suite checks this equals running the packed path with exits.
+
+Latency is measured on the real packed path (``model(..., tau, threshold_scale, prune, early_exit)``) against
+HF ``BertForSequenceClassification`` with ``attn_implementation="sdpa"`` on the stage-1 weights, on the first
+``latency_examples`` examples of the split in padded batches of the same size, sorted by length (longest first,
+which spares the padded baseline most of its padding). Each is warmed up with one pass over those batches, then
+timed over ``latency_repeats`` passes; ``latency_ms`` is the median pass time divided by the number of batches
+(milliseconds per batch) and ``latency_speedup`` the baseline's divided by the setting's.
+
+Selection (``select``): per method, the setting with the fewest GFLOPs whose accuracy is at most ``max_drop``
+(absolute) below dense on the same split; the CLI selects on dev and reports those settings on test.
+
+Length buckets (``short`` 1-35, ``middle`` 36-70, ``long`` > 70 tokens, special tokens included, as
+``mp_model.data.length_bucket``) report accuracy, GFLOPs and FLOPs speedup over dense per bucket.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mp_kernels import entropy_exit
+from mp_model.data import LENGTH_BUCKETS, Encoded, batches, length_bucket
+from mp_model.flops import attention_macs, dense_flops, exit_head_macs, feed_forward_macs, main_head_macs
+from mp_model.modeling import MagicPyramidForSequenceClassification
+
+METHODS = ("dense", "ltp", "fastbert", "mp")
+DEFAULT_TAUS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+
+SettingKey = tuple[str, float | None, float | None]
+
+
+def backend_for(device: torch.device | str) -> str | None:
+    """Kernel backend for ``device``: PyTorch on CPU (never the Triton interpreter), the default on CUDA."""
+    return "torch" if torch.device(device).type == "cpu" else None
+
+
+@dataclass
+class Collected:
+    """One model's packed pass over a split with early exit off, in the split's order.
+
+    Attributes:
+        lengths: ``(N,)`` int64 real token counts.
+        labels: ``(N,)`` int64 gold labels.
+        logits: ``(N, C)`` main-classifier logits.
+        exit_logits: ``(N, L - 1, C)`` each sub-classifier's logits.
+        uncertainty: ``(N, L - 1)`` float32 normalised entropy of ``exit_logits``.
+        kept_tokens: ``(N, L)`` int64 tokens after each layer's pruning.
+        config: the model's config (for the FLOPs count).
+        prune: whether pruning was on; ``threshold_scale``: its scale.
+    """
+
+    lengths: torch.Tensor
+    labels: torch.Tensor
+    logits: torch.Tensor
+    exit_logits: torch.Tensor
+    uncertainty: torch.Tensor
+    kept_tokens: torch.Tensor
+    config: Any
+    prune: bool
+    threshold_scale: float
+
+
+@torch.inference_mode()
+def collect(
+    model: MagicPyramidForSequenceClassification,
+    encoded: Encoded,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    prune: bool,
+    threshold_scale: float = 1.0,
+) -> Collected:
+    """Run ``encoded`` through the packed path (exit off) and capture every sub-classifier's logits."""
+    device = torch.device(device)
+    model.eval().to(device)
+    config = model.config
+    layers = config.num_hidden_layers
+    count = len(encoded["labels"])
+    if count == 0:
+        raise ValueError("nothing to evaluate: the split is empty")
+    logits = torch.zeros(count, config.num_labels)
+    exit_logits = torch.zeros(count, max(layers - 1, 0), config.num_labels)
+    kept = torch.zeros(count, layers, dtype=torch.int64)
+    lengths = torch.tensor([len(ids) for ids in encoded["input_ids"]], dtype=torch.int64)
+    captured: list[torch.Tensor | None] = [None] * layers
+
+    def hook(index: int) -> Callable[..., None]:
+        def store(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            captured[index] = output
+
+        return store
+
+    handles = [layer.output.register_forward_hook(hook(i)) for i, layer in enumerate(model.bert.encoder.layer)]
+    try:
+        for batch in batches(encoded, batch_size, sort_by_length=True):
+            out = model(
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                batch["token_type_ids"].to(device),
+                threshold_scale=threshold_scale,
+                prune=prune,
+                early_exit=False,
+                backend=backend_for(device),
+            )
+            rows = batch["index"]
+            logits[rows] = out.logits.float().cpu()
+            kept[rows] = out.kept_tokens.cpu()
+            for layer in range(layers - 1):
+                starts = torch.cumsum(out.kept_tokens[:, layer], 0) - out.kept_tokens[:, layer]
+                first = captured[layer].index_select(0, starts.to(device))
+                exit_logits[rows, layer] = model.exits[layer](first).float().cpu()
+    finally:
+        for handle in handles:
+            handle.remove()
+    uncertainty = (
+        torch.stack(
+            [entropy_exit(exit_logits[:, layer].contiguous(), 0.0, backend="torch")[1] for layer in range(layers - 1)],
+            dim=1,
+        )
+        if layers > 1
+        else torch.zeros(count, 0)
+    )
+    return Collected(
+        lengths=lengths,
+        labels=torch.tensor(encoded["labels"], dtype=torch.int64),
+        logits=logits,
+        exit_logits=exit_logits,
+        uncertainty=uncertainty,
+        kept_tokens=kept,
+        config=config,
+        prune=prune,
+        threshold_scale=threshold_scale,
+    )
+
+
+def simulate(collected: Collected, tau: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Predictions, exit layers (1..L) and FLOPs per example of the packed path at ``tau`` (None: exit off)."""
+    config = collected.config
+    layers = config.num_hidden_layers
+    count = collected.lengths.numel()
+    if tau is None or layers == 1:
+        exit_layer = torch.full((count,), layers, dtype=torch.int64)
+    else:
+        exits = collected.uncertainty <= tau
+        exits = torch.cat([exits, torch.ones(count, 1, dtype=torch.bool)], dim=1)
+        exit_layer = exits.int().argmax(dim=1).to(torch.int64) + 1
+    before = torch.cat([collected.lengths[:, None], collected.kept_tokens[:, :-1]], dim=1)
+    per_layer = attention_macs(config, before) + feed_forward_macs(config, collected.kept_tokens)
+    ran = torch.arange(1, layers + 1)[None, :] <= exit_layer[:, None]
+    macs = (per_layer * ran).sum(dim=1)
+    if tau is not None:
+        macs = macs + exit_head_macs(config) * exit_layer.clamp(max=layers - 1)
+    macs = macs + main_head_macs(config) * (exit_layer == layers)
+    predictions = collected.logits.argmax(dim=1)
+    if tau is not None and layers > 1:
+        exited = exit_layer < layers
+        early = collected.exit_logits.argmax(dim=2).gather(1, (exit_layer.clamp(max=layers - 1) - 1)[:, None])[:, 0]
+        predictions = torch.where(exited, early, predictions)
+    return predictions, exit_layer, 2 * macs
+
+
+def summarize(collected: Collected, *, tau: float | None, early_exit: bool) -> dict[str, Any]:
+    """Accuracy, mean GFLOPs, mean exit layer, kept-token ratio and per-bucket numbers of one setting.
+
+    ``kept_ratio`` is the feed-forward token-layers executed over the dense model's (``L * n`` per example),
+    averaged over examples: it falls with both pruning and exiting.
+    """
+    predictions, exit_layer, flops = simulate(collected, tau if early_exit else None)
+    config = collected.config
+    layers = config.num_hidden_layers
+    correct = (predictions == collected.labels).double()
+    ran = torch.arange(1, layers + 1)[None, :] <= exit_layer[:, None]
+    token_layers = (collected.kept_tokens * ran).sum(dim=1).double() / (layers * collected.lengths.double())
+    dense = dense_flops(config, collected.lengths).double()
+    buckets = {}
+    names = [length_bucket(int(n)) for n in collected.lengths]
+    for bucket in LENGTH_BUCKETS:
+        rows = torch.tensor([name == bucket for name in names], dtype=torch.bool)
+        if not rows.any():
+            continue
+        gflops = float(flops[rows].double().mean()) / 1e9
+        buckets[bucket] = {
+            "examples": int(rows.sum()),
+            "accuracy": float(correct[rows].mean()),
+            "gflops": gflops,
+            "dense_gflops": float(dense[rows].mean()) / 1e9,
+            "flops_speedup": float(dense[rows].mean()) / 1e9 / gflops,
+        }
+    return {
+        "examples": int(collected.lengths.numel()),
+        "accuracy": float(correct.mean()),
+        "gflops": float(flops.double().mean()) / 1e9,
+        "dense_gflops": float(dense.mean()) / 1e9,
+        "mean_exit_layer": float(exit_layer.double().mean()),
+        "kept_ratio": float(token_layers.mean()),
+        "buckets": buckets,
+    }
+
+
+def settings(
+    methods: Sequence[str], taus: Sequence[float], scales: Sequence[float]
+) -> list[tuple[str, float | None, float | None]]:
+    """The ``(method, tau, threshold_scale)`` of a sweep; ``None`` marks a mechanism that is off."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}: choose from {METHODS}")
+    result: list[tuple[str, float | None, float | None]] = []
+    for method in methods:
+        if method == "dense":
+            result.append(("dense", None, None))
+        elif method == "ltp":
+            result += [("ltp", None, float(s)) for s in scales]
+        elif method == "fastbert":
+            result += [("fastbert", float(t), None) for t in taus]
+        else:
+            result += [("mp", float(t), float(s)) for s in scales for t in taus]
+    return result
+
+
+def _timed_passes(
+    run: Callable[[dict[str, torch.Tensor]], object],
+    inputs: list[dict[str, torch.Tensor]],
+    device: torch.device,
+    repeats: int,
+) -> float:
+    """Median over ``repeats`` timed passes (after one warm-up pass) of running every batch, in ms per batch."""
+
+    def one_pass() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        for batch in inputs:
+            run(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - begin) * 1e3
+
+    one_pass()
+    return statistics.median(one_pass() for _ in range(repeats)) / len(inputs)
+
+
+def hf_baseline(model: MagicPyramidForSequenceClassification) -> torch.nn.Module:
+    """HF ``BertForSequenceClassification`` (SDPA attention) holding ``model``'s backbone and main classifier."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    values = model.config.to_dict()
+    values.pop("model_type", None)
+    config = BertConfig(**values)
+    config._attn_implementation = "sdpa"
+    baseline = BertForSequenceClassification(config)
+    missing, _unexpected = baseline.load_state_dict(model.state_dict(), strict=False)
+    if missing:
+        raise ValueError(f"the HF baseline lacks weights for {missing}")
+    return baseline.to(next(model.parameters()).device).eval()
+
+
+@torch.inference_mode()
+def measure_latency(
+    dense_model: MagicPyramidForSequenceClassification,
+    model: MagicPyramidForSequenceClassification,
+    encoded: Encoded,
+    keys: Iterable[SettingKey],
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    examples: int,
+    repeats: int,
+) -> tuple[float, dict[SettingKey, float]]:
+    """Milliseconds per batch of the HF SDPA baseline and of each setting ``(method, tau, scale)``."""
+    device = torch.device(device)
+    subset: Encoded = {key: value[:examples] for key, value in encoded.items()}
+    inputs = [
+        {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        for batch in batches(subset, batch_size, sort_by_length=True)
+    ]
+    baseline = hf_baseline(dense_model)
+    hf_ms = _timed_passes(lambda b: baseline(**b), inputs, device, repeats)
+    timings = {}
+    for key in keys:
+        method, tau, scale = key
+        runner = dense_model if method == "dense" else model
+        knobs = {
+            "tau": 0.0 if tau is None else tau,
+            "threshold_scale": 1.0 if scale is None else scale,
+            "prune": scale is not None,
+            "early_exit": tau is not None,
+            "backend": backend_for(device),
+        }
+        timings[key] = _timed_passes(lambda b, r=runner, k=knobs: r(**b, **k), inputs, device, repeats)
+    return hf_ms, timings
+
+
+def evaluate(
+    dense_model: MagicPyramidForSequenceClassification,
+    model: MagicPyramidForSequenceClassification,
+    encoded: Encoded,
+    *,
+    dataset: str,
+    split: str,
+    methods: Sequence[str] = METHODS,
+    taus: Sequence[float] = DEFAULT_TAUS,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    latency: Iterable[SettingKey] | str | None = None,
+    latency_examples: int = 256,
+    latency_repeats: int = 3,
+) -> list[dict[str, Any]]:
+    """One record per ``(method, tau, threshold_scale)`` of the sweep over ``encoded`` (see the module docstring).
+
+    ``dense_model`` is the stage-1 model, ``model`` the final one. ``latency`` names the settings to time
+    (``"all"``, an iterable of ``(method, tau, scale)`` keys, or None for none); untimed records carry None.
+    Record keys: ``dataset, split, method, tau, threshold_scale, accuracy, gflops, dense_gflops,
+    flops_speedup, latency_ms, hf_latency_ms, latency_speedup, device, examples, mean_exit_layer, kept_ratio,
+    buckets`` (``{bucket: {examples, accuracy, gflops, dense_gflops, flops_speedup}}``).
+    """
+    device = torch.device(device)
+    sweep = settings(methods, taus, scales)
+    passes: dict[tuple[str, float | None], Collected] = {}
+
+    def pass_for(method: str, scale: float | None) -> Collected:
+        key = ("dense" if method == "dense" else "final", scale)
+        if key not in passes:
+            runner = dense_model if method == "dense" else model
+            passes[key] = collect(
+                runner,
+                encoded,
+                batch_size=batch_size,
+                device=device,
+                prune=scale is not None,
+                threshold_scale=1.0 if scale is None else scale,
+            )
+        return passes[key]
+
+    records = []
+    for method, tau, scale in sweep:
+        summary = summarize(pass_for(method, scale), tau=tau, early_exit=tau is not None)
+        records.append(
+            {
+                "dataset": dataset,
+                "split": split,
+                "method": method,
+                "tau": tau,
+                "threshold_scale": scale,
+                **summary,
+                "flops_speedup": summary["dense_gflops"] / summary["gflops"],
+                "latency_ms": None,
+                "hf_latency_ms": None,
+                "latency_speedup": None,
+                "device": str(device),
+            }
+        )
+    if latency is not None:
+        keys = [(r["method"], r["tau"], r["threshold_scale"]) for r in records]
+        wanted = keys if latency == "all" else [k for k in keys if k in set(latency)]
+        if wanted:
+            hf_ms, timings = measure_latency(
+                dense_model,
+                model,
+                encoded,
+                wanted,
+                batch_size=batch_size,
+                device=device,
+                examples=latency_examples,
+                repeats=latency_repeats,
+            )
+            for record, key in zip(records, keys, strict=True):
+                if key in timings:
+                    record["latency_ms"] = timings[key]
+                    record["hf_latency_ms"] = hf_ms
+                    record["latency_speedup"] = hf_ms / timings[key]
+    return records
+
+
+def setting_key(record: dict[str, Any]) -> SettingKey:
+    """``(method, tau, threshold_scale)`` of a record."""
+    return record["method"], record["tau"], record["threshold_scale"]
+
+
+def select(records: Sequence[dict[str, Any]], max_drop: float = 0.01) -> list[dict[str, Any]]:
+    """Per dataset and method, the record with the fewest GFLOPs within ``max_drop`` accuracy of dense.
+
+    ``records`` come from one split; each dataset needs its ``dense`` record. Ties go to the more accurate
+    setting. A method with no setting within the limit contributes its most accurate record (check
+    ``accuracy`` against dense's). Returned in the order of ``METHODS``.
+    """
+    chosen = []
+    for dataset in dict.fromkeys(r["dataset"] for r in records):
+        rows = [r for r in records if r["dataset"] == dataset]
+        dense = [r for r in rows if r["method"] == "dense"]
+        if not dense:
+            raise ValueError(f"{dataset}: select needs the dense record")
+        floor = dense[0]["accuracy"] - max_drop - 1e-12
+        for method in METHODS:
+            candidates = [r for r in rows if r["method"] == method]
+            if not candidates:
+                continue
+            eligible = [r for r in candidates if r["accuracy"] >= floor]
+            if eligible:
+                chosen.append(min(eligible, key=lambda r: (r["gflops"], -r["accuracy"])))
+            else:
+                chosen.append(max(candidates, key=lambda r: (r["accuracy"], -r["gflops"])))
+    return chosen

