@@ -45,7 +45,7 @@ from mp_model.flops import attention_macs, dense_flops, exit_head_macs, feed_for
 from mp_model.modeling import MagicPyramidForSequenceClassification
 
 METHODS = ("dense", "ltp", "fastbert", "mp")
-DEFAULT_TAUS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+DEFAULT_TAUS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 
 SettingKey = tuple[str, float | None, float | None]
