@@ -43,6 +43,7 @@ from mp_kernels import entropy_exit
 from mp_model.data import LENGTH_BUCKETS, Encoded, batches, length_bucket
 from mp_model.flops import attention_macs, dense_flops, exit_head_macs, feed_forward_macs, main_head_macs
 from mp_model.modeling import MagicPyramidForSequenceClassification
+from mp_model.packed_inference import segment_mean
 
 METHODS = ("dense", "ltp", "fastbert", "mp")
 DEFAULT_TAUS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -128,9 +129,8 @@ def collect(
             logits[rows] = out.logits.float().cpu()
             kept[rows] = out.kept_tokens.cpu()
             for layer in range(layers - 1):
-                starts = torch.cumsum(out.kept_tokens[:, layer], 0) - out.kept_tokens[:, layer]
-                first = captured[layer].index_select(0, starts.to(device))
-                exit_logits[rows, layer] = model.exits[layer](first).float().cpu()
+                cu = torch.nn.functional.pad(torch.cumsum(out.kept_tokens[:, layer], 0), (1, 0)).to(device)
+                exit_logits[rows, layer] = model.exits[layer](segment_mean(captured[layer], cu)).float().cpu()
     finally:
         for handle in handles:
             handle.remove()

@@ -8,17 +8,18 @@ from transformers import BertConfig
 
 
 class ExitClassifier(nn.Module):
-    """Pooler-like sub-classifier on the first (CLS) token: ``Linear(d, w) -> tanh -> Linear(w, labels)``.
+    """Sub-classifier on the mean of a sequence's remaining tokens: ``Linear(d, w) -> tanh -> Linear(w, labels)``.
 
-    FastBERT's sub-classifier adds a two-head self-attention over all tokens. We use the first token only
-    because (1) token pruning removes tokens from the packed batch, and a head that needs every token would
-    either see a different set at each layer or force us to keep them; (2) the head then costs
-    ``d*w + w*labels`` MACs per example whatever the length (negligible next to a layer), while FastBERT's
-    grows with the length and needs its own attention launch per layer; (3) CLS already aggregates the
-    sequence through the backbone's attention, and the main classifier reads the same token, so
-    self-distillation from it is well posed (DeeBERT's highway classifiers do the same).
+    FastBERT's sub-classifier adds a two-head self-attention over all tokens; ours pools instead, because
+    (1) token pruning removes tokens from the packed batch, and the mean over the tokens still present is
+    defined at every layer at ``O(n d)`` additions, with no attention launch of its own; (2) the head then costs
+    ``d*w + w*labels`` MACs per example whatever the length. We first read only the first (CLS) token, as
+    DeeBERT's highway classifiers do, but on all-MiniLM-L6-v2 (trained with mean pooling) that token barely
+    varies across inputs in the early layers, and the heads stayed at the majority class (0.60 dev accuracy
+    at layers 1-4 on Rotten Tomatoes); mean pooling gave 0.61 / 0.69 / 0.77 / 0.78 / 0.78 against 0.78 for
+    the main classifier.
 
-    Input ``(batch, hidden)``, output ``(batch, labels)``, in the input dtype.
+    Input ``(batch, hidden)`` (the pooled tokens), output ``(batch, labels)``, in the input dtype.
     """
 
     def __init__(self, config: BertConfig) -> None:
@@ -28,5 +29,5 @@ class ExitClassifier(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(width, config.num_labels)
 
-    def forward(self, first_token: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(torch.tanh(self.dense(first_token))))
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(torch.tanh(self.dense(pooled))))

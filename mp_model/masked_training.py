@@ -10,7 +10,7 @@ each layer's output implement Learned Token Pruning's training stages:
 - ``"hard"``: binary masks ``s > threshold`` (stages 3 and 4); a pruned token also stops being a key and a
   query for every later layer, exactly as if it were removed, so the result matches the packed path.
 
-The first token of every sequence is never masked (it feeds the classifiers).
+The first token of every sequence is never masked (it feeds the main classifier), so no sequence empties.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def masked_forward(
             kept.append((live.sum() / real.sum()).detach())
         masks.append(mask)
         if index < config.num_hidden_layers - 1:
-            exit_logits.append(model.exits[index](hidden[:, 0]))
+            weights = live.to(hidden.dtype).unsqueeze(-1)
+            exit_logits.append(model.exits[index]((hidden * weights).sum(dim=1) / weights.sum(dim=1)))
 
     pooled = bert.pooler.activation(bert.pooler.dense(hidden[:, 0]))
     logits = model.classifier(model.dropout(pooled))

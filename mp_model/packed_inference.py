@@ -2,8 +2,8 @@
 
 The padded batch is unpadded once to the packed layout (``cu_seqlens``). At each layer: attention (with token
 importance where that layer prunes) -> removal of low-importance tokens after the attention block, before the
-feed-forward (LTP's placement) -> feed-forward -> sub-classifier on each remaining sequence's first token ->
-entropy exit test -> removal of the exited sequences, whose logits are written to their original rows.
+feed-forward (LTP's placement) -> feed-forward -> sub-classifier on the mean of each remaining sequence's
+tokens -> entropy exit test -> removal of the exited sequences, whose logits are written to their original rows.
 Everything stays on the device; each compaction reads back one small tensor to size its output.
 """
 
@@ -21,6 +21,16 @@ from mp_model.outputs import MagicPyramidOutput
 
 if TYPE_CHECKING:
     from mp_model.modeling import MagicPyramidForSequenceClassification
+
+
+def segment_mean(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``(sequences, d)``: the mean of each packed sequence's rows of ``hidden`` ``(tokens, d)``."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    sequence = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=hidden.device), lengths, output_size=hidden.shape[0]
+    )
+    sums = hidden.new_zeros(lengths.numel(), hidden.shape[1]).index_add_(0, sequence, hidden)
+    return sums / lengths.unsqueeze(1).to(hidden.dtype)
 
 
 @torch.no_grad()
@@ -103,7 +113,7 @@ def packed_forward(
             macs = macs + exit_head_macs(config)
             flops.index_add_(0, seq_index, 2 * macs)
             with record_function("mp.exit_head"):
-                exit_logits = model.exits[index](hidden.index_select(0, cu_seqlens[:-1].long()))
+                exit_logits = model.exits[index](segment_mean(hidden, cu_seqlens))
             with record_function("mp.exit_test"):
                 if exit_schedule is None:
                     exits, _ = entropy_exit(exit_logits, tau, backend=backend, validate=False)

@@ -57,7 +57,7 @@ def run_single(
         flops += 2 * (attention_macs(config, n) + feed_forward_macs(config, x.shape[0]))
         if early_exit and index < layers - 1:
             flops += 2 * exit_head_macs(config)
-            logits = model.exits[index](x[:1])[0]
+            logits = model.exits[index](x.mean(dim=0, keepdim=True))[0]
             p = logits.double().softmax(dim=-1)
             uncertainty = float((p * p.clamp_min(1e-300).log()).sum() / math.log(1.0 / p.numel()))
             if uncertainty <= tau:
