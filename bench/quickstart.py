@@ -47,6 +47,7 @@ class Size:
     """The knobs of one quickstart size."""
 
     train_examples: int | None
+    exit_examples: int | None
     dev_examples: int
     eval_examples: int | None
     epochs: tuple[float, float, float, float]
@@ -64,9 +65,10 @@ class Size:
 SIZES = {
     "small": Size(
         train_examples=2000,
+        exit_examples=4000,
         dev_examples=300,
         eval_examples=400,
-        epochs=(3.0, 1.0, 1.0, 2.0),
+        epochs=(3.0, 1.0, 1.0, 20.0),
         final_thresholds=(0.6,),
         lambdas=(0.1,),
         search_epochs=0.1,
@@ -79,13 +81,14 @@ SIZES = {
     ),
     "full": Size(
         train_examples=None,
+        exit_examples=None,
         dev_examples=500,
         eval_examples=None,
-        epochs=(3.0, 1.0, 1.0, 2.0),
+        epochs=(3.0, 1.0, 1.0, 20.0),
         final_thresholds=(0.6, 1.2),
         lambdas=(0.02, 0.1),
         search_epochs=0.25,
-        taus=(*DEFAULT_TAUS, 0.8, 0.9),
+        taus=DEFAULT_TAUS,
         scales=DEFAULT_SCALES,
         latency_examples=256,
         e2e_models=("minilm", "bert-base"),
@@ -95,9 +98,6 @@ SIZES = {
 }
 MAX_DROP = 0.01
 LEARNING_RATE = 4e-5
-# Sub-classifiers learn 10x faster than in ``TrainConfig`` (itself FastBERT's 10x): with a few hundred steps the
-# early exits otherwise stay too unsure to leave at any tau.
-EXIT_LEARNING_RATE = 2e-3
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -144,9 +144,9 @@ def train_config(args: argparse.Namespace, size: Size) -> TrainConfig:
         device=args.device,
         max_length=args.max_length,
         train_size=args.train_examples if args.train_examples is not None else size.train_examples,
+        exit_train_size=size.exit_examples,
         dev_size=size.dev_examples if eval_examples is None else min(size.dev_examples, eval_examples),
         lr=LEARNING_RATE,
-        exit_lr=EXIT_LEARNING_RATE,
         epochs_finetune=epochs[0],
         epochs_soft=epochs[1],
         epochs_hard=epochs[2],

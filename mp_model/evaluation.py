@@ -8,19 +8,21 @@ Methods (one set of trained weights from ``mp_model.training``, plus its stage-1
 - ``mp``: the final model, both, over the grid.
 
 Accuracy and FLOPs. For each model and threshold scale the packed path runs once with early exit off while
-forward hooks capture every layer's hidden states; the sub-classifiers are applied to each example's first token
-and ``mp_kernels.entropy_exit`` gives their uncertainty. Whether an example exits at a layer depends only on
-its own uncertainty, and pruning never depends on exiting, so the exit layer, logits and FLOPs of every ``tau``
-follow exactly (``simulate``; ``mp_model.flops``'s count of what the packed path executes: attention at the
-length before pruning, feed-forward after, one sub-classifier per layer passed, the main classifier if reached).
+forward hooks capture every layer's hidden states; the sub-classifiers are applied to the mean of each example's
+remaining tokens and ``mp_kernels.entropy_exit`` gives their uncertainty. Whether an example exits at a layer
+depends only on its own uncertainty, and pruning never depends on exiting, so the exit layer, logits and FLOPs
+of every ``tau`` follow exactly (``simulate``; ``mp_model.flops``'s count of what the packed path executes:
+attention at the length before pruning, feed-forward after, one sub-classifier per layer passed, the main
+classifier if reached).
 The test suite checks this equals running the packed path with exits.
 
 Latency is measured on the real packed path (``model(..., tau, threshold_scale, prune, early_exit)``) against
 HF ``BertForSequenceClassification`` with ``attn_implementation="sdpa"`` on the stage-1 weights, on the first
 ``latency_examples`` examples of the split in padded batches of the same size, sorted by length (longest first,
 which spares the padded baseline most of its padding). Each is warmed up with one pass over those batches, then
-timed over ``latency_repeats`` passes; ``latency_ms`` is the median pass time divided by the number of batches
-(milliseconds per batch) and ``latency_speedup`` the baseline's divided by the setting's.
+timed over ``latency_repeats`` rounds, each of which runs the baseline and every setting once in turn, so that
+a change of machine load hits them alike (``interleaved_timings``). ``latency_ms`` is the median pass time per
+batch, ``latency_speedup`` the median over rounds of the baseline's pass time over the setting's.
 
 Selection (``select``): per method, the setting with the fewest GFLOPs whose accuracy is at most ``max_drop``
 (absolute) below dense on the same split; the CLI selects on dev and reports those settings on test.
@@ -46,8 +48,8 @@ from mp_model.modeling import MagicPyramidForSequenceClassification
 from mp_model.packed_inference import segment_mean
 
 METHODS = ("dense", "ltp", "fastbert", "mp")
-DEFAULT_TAUS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+DEFAULT_TAUS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 
 SettingKey = tuple[str, float | None, float | None]
 
@@ -239,26 +241,40 @@ def settings(
     return result
 
 
-def _timed_passes(
-    run: Callable[[dict[str, torch.Tensor]], object],
+def _pass_ms(
+    run: Callable[[dict[str, torch.Tensor]], object], inputs: list[dict[str, torch.Tensor]], device: torch.device
+) -> float:
+    """Wall time of running every batch of ``inputs`` once, in milliseconds."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    begin = time.perf_counter()
+    for batch in inputs:
+        run(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - begin) * 1e3
+
+
+def interleaved_timings(
+    runners: Sequence[Callable[[dict[str, torch.Tensor]], object]],
     inputs: list[dict[str, torch.Tensor]],
     device: torch.device,
     repeats: int,
-) -> float:
-    """Median over ``repeats`` timed passes (after one warm-up pass) of running every batch, in ms per batch."""
+) -> list[list[float]]:
+    """Pass times of every runner, in ms per batch, ``repeats`` rounds after one warm-up round.
 
-    def one_pass() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        begin = time.perf_counter()
-        for batch in inputs:
-            run(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - begin) * 1e3
-
-    one_pass()
-    return statistics.median(one_pass() for _ in range(repeats)) / len(inputs)
+    Each round runs every runner once, one after the other, so a change of machine load between rounds hits the
+    baseline and the settings alike; ratios are taken within a round. Returns ``times[runner][round]``.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for run in runners:
+        _pass_ms(run, inputs, device)
+    times: list[list[float]] = [[] for _ in runners]
+    for _ in range(repeats):
+        for run, row in zip(runners, times, strict=True):
+            row.append(_pass_ms(run, inputs, device) / len(inputs))
+    return times
 
 
 def hf_baseline(model: MagicPyramidForSequenceClassification) -> torch.nn.Module:
@@ -288,7 +304,8 @@ def measure_latency(
     examples: int,
     repeats: int,
 ) -> tuple[float, dict[SettingKey, float]]:
-    """Milliseconds per batch of the HF SDPA baseline and of each setting ``(method, tau, scale)``."""
+    """Milliseconds per batch of the HF SDPA baseline, and per setting ``(method, tau, scale)`` its milliseconds
+    per batch and its speedup over the baseline (median over rounds of the within-round ratio)."""
     device = torch.device(device)
     subset: Encoded = {key: value[:examples] for key, value in encoded.items()}
     inputs = [
@@ -296,10 +313,9 @@ def measure_latency(
         for batch in batches(subset, batch_size, sort_by_length=True)
     ]
     baseline = hf_baseline(dense_model)
-    hf_ms = _timed_passes(lambda b: baseline(**b), inputs, device, repeats)
-    timings = {}
-    for key in keys:
-        method, tau, scale = key
+    runners: list[Callable[[dict[str, torch.Tensor]], object]] = [lambda b: baseline(**b)]
+    keys = list(keys)
+    for method, tau, scale in keys:
         runner = dense_model if method == "dense" else model
         knobs = {
             "tau": 0.0 if tau is None else tau,
@@ -308,8 +324,14 @@ def measure_latency(
             "early_exit": tau is not None,
             "backend": backend_for(device),
         }
-        timings[key] = _timed_passes(lambda b, r=runner, k=knobs: r(**b, **k), inputs, device, repeats)
-    return hf_ms, timings
+        runners.append(lambda b, r=runner, k=knobs: r(**b, **k))
+    times = interleaved_timings(runners, inputs, device, repeats)
+    hf_times = times[0]
+    timings = {
+        key: (statistics.median(row), statistics.median(h / t for h, t in zip(hf_times, row, strict=True)))
+        for key, row in zip(keys, times[1:], strict=True)
+    }
+    return statistics.median(hf_times), timings
 
 
 def evaluate(
@@ -388,9 +410,8 @@ def evaluate(
             )
             for record, key in zip(records, keys, strict=True):
                 if key in timings:
-                    record["latency_ms"] = timings[key]
+                    record["latency_ms"], record["latency_speedup"] = timings[key]
                     record["hf_latency_ms"] = hf_ms
-                    record["latency_speedup"] = hf_ms / timings[key]
     return records
 
 

@@ -31,3 +31,15 @@ class ExitClassifier(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(torch.tanh(self.dense(pooled))))
+
+
+def apply_exits(exits: nn.ModuleList, features: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """Each sub-classifier on its own layer's input.
+
+    ``features`` ``(layers - 1, batch, hidden)``; returns ``(layers - 1, batch, labels)`` in its dtype.
+    """
+    if len(exits) != features.shape[0]:
+        raise ValueError(f"features has {features.shape[0]} layers for {len(exits)} sub-classifiers")
+    if not len(exits):
+        return features.new_zeros(0, features.shape[1], num_labels)
+    return torch.stack([head(x) for head, x in zip(exits, features, strict=True)])

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mp_model.exit_head import apply_exits
 from mp_model.outputs import MagicPyramidTrainingOutput
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def masked_forward(
     first[:, 0] = True
 
     hidden = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-    masks, exit_logits, kept = [], [], []
+    masks, exit_features, kept = [], [], []
     mask_terms = []
     for index, layer in enumerate(bert.encoder.layer):
         self_attention = layer.attention.self
@@ -87,14 +88,16 @@ def masked_forward(
         masks.append(mask)
         if index < config.num_hidden_layers - 1:
             weights = live.to(hidden.dtype).unsqueeze(-1)
-            exit_logits.append(model.exits[index]((hidden * weights).sum(dim=1) / weights.sum(dim=1)))
+            exit_features.append((hidden * weights).sum(dim=1) / weights.sum(dim=1))
 
     pooled = bert.pooler.activation(bert.pooler.dense(hidden[:, 0]))
     logits = model.classifier(model.dropout(pooled))
     mask_mean = torch.stack(mask_terms).mean() if mask_terms else hidden.new_zeros(())
+    features = torch.stack(exit_features) if exit_features else hidden.new_zeros(0, batch, config.hidden_size)
     return MagicPyramidTrainingOutput(
         logits=logits,
-        exit_logits=torch.stack(exit_logits) if exit_logits else logits.new_zeros(0, batch, config.num_labels),
+        exit_logits=apply_exits(model.exits, features, config.num_labels),
+        exit_features=features,
         masks=torch.stack(masks),
         mask_mean=mask_mean,
         kept_ratio=torch.stack(kept),

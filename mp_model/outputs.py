@@ -38,6 +38,8 @@ class MagicPyramidTrainingOutput(ModelOutput):
             applied, 0 at padding).
         mask_mean: scalar, the mean mask over real tokens and pruning layers (the L1 term of soft pruning).
         kept_ratio: ``(layers,)`` share of real tokens that hard masks would keep after each layer.
+        exit_features: ``(layers - 1, batch, hidden)``: what each sub-classifier reads, the mean of the
+            sequence's live tokens after the layer.
     """
 
     logits: torch.Tensor | None = None
@@ -45,3 +47,4 @@ class MagicPyramidTrainingOutput(ModelOutput):
     masks: torch.Tensor | None = None
     mask_mean: torch.Tensor | None = None
     kept_ratio: torch.Tensor | None = None
+    exit_features: torch.Tensor | None = None

@@ -12,7 +12,11 @@ Stages (paper Appendix C; LTP and FastBERT for the details):
 3. ``hard``: thresholds frozen, binary masks, cross-entropy on the weights.
 4. ``exits``: backbone, main classifier and thresholds frozen, hard masks on; every sub-classifier ``l`` learns
    ``KL(p_l || p_main)`` (self-distillation, ``p_main`` detached; labels unused), summed over layers, at
-   ``exit_lr`` (FastBERT's 10x).
+   ``exit_lr``. The frozen backbone (dropout off) maps an example to the same sub-classifier inputs (the mean
+   of its live tokens after each layer) and main logits at every epoch, so one forward pass over the
+   ``exit_train_size`` distillation examples (labels unneeded: by default the whole train split, not just the
+   ``train_size`` labelled ones) caches them, and the sub-classifiers then train on the cache for
+   ``epochs_exits`` epochs at no backbone cost. The result equals training through the backbone each step.
 
 Scales. Our thresholds are on the length-normalised importance scale (``n`` times the attention a token
 receives, mean 1 over a sequence), LTP's raw scale times 128. Measured on MiniLM, useful ``delta_L`` lie around
@@ -31,7 +35,8 @@ Run directory::
 
 Rerunning the same command resumes: completed stages are skipped, an interrupted stage continues from its last
 checkpoint (every ``checkpoint_every`` steps) with its RNG state, so the result equals an uninterrupted run's;
-an interrupted search candidate is retrained from its start.
+an interrupted search candidate, and an interrupted stage 4 (one forward pass and seconds of head training),
+restart from their start.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from tqdm.auto import tqdm
 
 from mp_model.data import Encoded, TextDataset, batches, encode, load_dataset
 from mp_model.evaluation import collect, summarize
+from mp_model.exit_head import apply_exits
 from mp_model.modeling import MagicPyramidForSequenceClassification
 
 STAGES = {1: "finetune", 2: "soft", 3: "hard", 4: "exits"}
@@ -92,16 +98,24 @@ class TrainConfig:
     batch_size: int = field(default=32, metadata={"help": "training batch size"})
     eval_batch_size: int = field(default=64, metadata={"help": "batch size of the dev evaluations"})
     train_size: int | None = field(default=2000, metadata={"help": "first N training examples ('all': every one)"})
+    exit_train_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "stage 4: first N training examples to distil on, labels unused ('all', the default: every one)"
+        },
+    )
     dev_size: int | None = field(default=500, metadata={"help": "first N dev examples used in training ('all')"})
     lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate of the weights (stages 1-3)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases, LayerNorms)"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of each stage's steps of linear warm-up"})
     threshold_lr: float = field(default=1e-2, metadata={"help": "Adam learning rate of the thresholds (stage 2)"})
-    exit_lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate of the sub-classifiers (stage 4)"})
+    exit_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the sub-classifiers (stage 4)"})
     epochs_finetune: float = field(default=2.0, metadata={"help": "epochs of stage 1 (fine-tuning)"})
     epochs_soft: float = field(default=1.0, metadata={"help": "epochs of stage 2 (soft pruning)"})
     epochs_hard: float = field(default=1.0, metadata={"help": "epochs of stage 3 (hard pruning)"})
-    epochs_exits: float = field(default=1.0, metadata={"help": "epochs of stage 4 (sub-classifiers)"})
+    epochs_exits: float = field(
+        default=20.0, metadata={"help": "epochs of stage 4 (sub-classifiers, on cached inputs)"}
+    )
     final_thresholds: tuple[float, ...] = field(
         default=(0.6, 1.2),
         metadata={"help": "grid of the last layer's initial threshold delta_L (layer l starts at delta_L*l/L)"},
@@ -164,12 +178,14 @@ class StageSpec:
 
 @dataclass
 class Data:
-    """The dataset, its tokenizer and encoded train/dev splits of a run."""
+    """The dataset, its tokenizer and encoded splits of a run: ``train`` (stages 1-3), ``dev``, and
+    ``exit_train`` (stage 4's distillation examples)."""
 
     dataset: TextDataset
     tokenizer: Any
     train: Encoded
     dev: Encoded
+    exit_train: Encoded
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -183,7 +199,8 @@ def load_data(config: TrainConfig) -> Data:
     """Load, subset and tokenise the run's dataset with the tokenizer of ``config.model``."""
     from transformers import AutoTokenizer
 
-    dataset = load_dataset(config.dataset, seed=config.seed).subset(train=config.train_size, dev=config.dev_size)
+    full = load_dataset(config.dataset, seed=config.seed)
+    dataset = full.subset(train=config.train_size, dev=config.dev_size)
     if not dataset.train or not dataset.dev:
         raise ValueError(f"{dataset.name}: training needs non-empty train and dev splits")
     tokenizer = AutoTokenizer.from_pretrained(config.model)
@@ -192,6 +209,7 @@ def load_data(config: TrainConfig) -> Data:
         tokenizer,
         encode(tokenizer, dataset.train, config.max_length),
         encode(tokenizer, dataset.dev, config.max_length),
+        encode(tokenizer, full.subset(train=config.exit_train_size).train, config.max_length),
     )
 
 
@@ -267,7 +285,7 @@ def fit(
     callback: Callback | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Train ``model`` in place through one stage; returns the last epoch's running loss, accuracy, kept ratio.
+    """Train ``model`` in place through stage 1, 2 or 3; returns the last epoch's running loss, accuracy, kept ratio.
 
     With ``partial`` (a folder), a checkpoint is written there every ``config.checkpoint_every`` steps and one
     found there for the same stage is resumed; ``callback("checkpoint", info)`` follows each write.
@@ -275,8 +293,7 @@ def fit(
     device = torch.device(config.device)
     model.to(device)
     named = _set_trainable(model, stage.objective)
-    lr = config.exit_lr if stage.objective == "distill" else config.lr
-    optimizer = torch.optim.AdamW(_weight_groups(named, config.weight_decay), lr=lr)
+    optimizer = torch.optim.AdamW(_weight_groups(named, config.weight_decay), lr=config.lr)
     examples = len(train["labels"])
     per_epoch, total = _steps(stage.epochs, examples, config.batch_size)
     scheduler = _linear_schedule(optimizer, math.ceil(config.warmup_ratio * total), total)
@@ -299,11 +316,7 @@ def fit(
             torch.set_rng_state(saved["rng"])
             step = saved["step"]
 
-    if stage.objective == "distill":
-        model.eval()
-        model.exits.train()
-    else:
-        model.train()
+    model.train()
     totals = {"loss": 0.0, "correct": 0.0, "kept": 0.0, "examples": 0, "batches": 0}
     bar = tqdm(total=total, initial=step, desc=f"stage {stage.number} {stage.name}", disable=not progress, leave=False)
     while step < total:
@@ -322,15 +335,10 @@ def fit(
                 mask_mode=stage.mask_mode,
                 temperature=config.temperature,
             )
-            if stage.objective == "distill":
-                loss = distillation_loss(out.exit_logits, out.logits)
-                predictions = out.exit_logits.argmax(dim=-1)
-                correct = (predictions == batch["labels"]).float().mean(dim=0).sum()
-            else:
-                loss = F.cross_entropy(out.logits, batch["labels"])
-                if stage.objective == "soft":
-                    loss = loss + stage.lambda_ * out.mask_mean
-                correct = (out.logits.argmax(dim=-1) == batch["labels"]).sum()
+            loss = F.cross_entropy(out.logits, batch["labels"])
+            if stage.objective == "soft":
+                loss = loss + stage.lambda_ * out.mask_mean
+            correct = (out.logits.argmax(dim=-1) == batch["labels"]).sum()
             optimizer.zero_grad(set_to_none=True)
             if threshold_optimizer is not None:
                 threshold_optimizer.zero_grad(set_to_none=True)
@@ -380,6 +388,123 @@ def fit(
         "train_loss": totals["loss"] / count,
         "train_accuracy": totals["correct"] / count,
         "train_kept_ratio": totals["kept"] / max(1, totals["batches"]),
+        "steps": total,
+    }
+
+
+@dataclass
+class ExitTargets:
+    """Stage 4's cache: what the frozen backbone gives each distillation example.
+
+    Attributes:
+        features: ``(N, layers - 1, hidden)`` float32, each sub-classifier's input (mean of the live tokens).
+        teacher: ``(N, labels)`` float32 main-classifier logits.
+        labels: ``(N,)`` int64 gold labels (reported, never trained on).
+        kept_ratio: mean share of real tokens kept over layers (hard masks).
+    """
+
+    features: torch.Tensor
+    teacher: torch.Tensor
+    labels: torch.Tensor
+    kept_ratio: float
+
+
+@torch.inference_mode()
+def exit_targets(
+    model: MagicPyramidForSequenceClassification, encoded: Encoded, config: TrainConfig, *, progress: bool = True
+) -> ExitTargets:
+    """Run ``encoded`` once through the hard-masked backbone (eval mode) and cache the sub-classifiers' inputs."""
+    device = torch.device(config.device)
+    model.eval().to(device)
+    count, layers = len(encoded["labels"]), model.config.num_hidden_layers
+    features = torch.zeros(count, layers - 1, model.config.hidden_size)
+    teacher = torch.zeros(count, model.config.num_labels)
+    kept, total = 0.0, 0
+    steps = math.ceil(count / config.eval_batch_size)
+    for batch in tqdm(
+        batches(encoded, config.eval_batch_size, sort_by_length=True),
+        total=steps,
+        desc="stage 4 features",
+        disable=not progress,
+        leave=False,
+    ):
+        out = model.masked_forward(
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            batch["token_type_ids"].to(device),
+            mask_mode="hard",
+            temperature=config.temperature,
+        )
+        features[batch["index"]] = out.exit_features.transpose(0, 1).float().cpu()
+        teacher[batch["index"]] = out.logits.float().cpu()
+        kept += float(out.kept_ratio.mean()) * len(batch["index"])
+        total += len(batch["index"])
+    return ExitTargets(features, teacher, torch.tensor(encoded["labels"], dtype=torch.int64), kept / max(1, total))
+
+
+def fit_exits(
+    model: MagicPyramidForSequenceClassification,
+    targets: ExitTargets,
+    config: TrainConfig,
+    *,
+    seed: int,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Stage 4 on the cache: train ``model.exits`` in place by ``distillation_loss`` for ``config.epochs_exits``.
+
+    Returns the last epoch's running loss, the sub-classifiers' mean accuracy (gold labels) and agreement with
+    the main classifier, per layer, and the kept ratio of the cached pass.
+    """
+    device = torch.device(config.device)
+    model.to(device)
+    named = _set_trainable(model, "distill")
+    optimizer = torch.optim.AdamW(_weight_groups(named, config.weight_decay), lr=config.exit_lr)
+    count = targets.labels.numel()
+    per_epoch, total = _steps(config.epochs_exits, count, config.batch_size)
+    scheduler = _linear_schedule(optimizer, math.ceil(config.warmup_ratio * total), total)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model.eval()
+    model.exits.train()
+    layers = targets.features.shape[1]
+    step = 0
+    bar = tqdm(total=total, desc="stage 4 exits", disable=not progress, leave=False)
+    while step < total:
+        order = torch.randperm(count, generator=generator)
+        loss_sum, correct, agree, seen = 0.0, torch.zeros(layers), torch.zeros(layers), 0
+        for rows in order[: min(count, (total - step) * config.batch_size)].split(config.batch_size):
+            features = targets.features[rows].transpose(0, 1).to(device)
+            teacher = targets.teacher[rows].to(device)
+            logits = apply_exits(model.exits, features, teacher.shape[-1])
+            loss = distillation_loss(logits, teacher)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            predictions = logits.detach().argmax(dim=-1).cpu()
+            loss_sum += float(loss.detach()) * rows.numel()
+            correct += (predictions == targets.labels[rows]).sum(dim=1)
+            agree += (predictions == targets.teacher[rows].argmax(dim=-1)).sum(dim=1)
+            seen += rows.numel()
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.4f}",
+                acc=f"{float(correct.mean()) / seen:.3f}",
+                kept=f"{targets.kept_ratio:.3f}",
+            )
+    bar.close()
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    seen = max(1, seen)
+    return {
+        "train_loss": loss_sum / seen,
+        "train_accuracy": float(correct.mean()) / seen,
+        "train_exit_accuracy": (correct / seen).tolist(),
+        "train_exit_agreement": (agree / seen).tolist(),
+        "train_kept_ratio": targets.kept_ratio,
+        "distillation_examples": count,
         "steps": total,
     }
 
@@ -554,7 +679,13 @@ class Trainer:
 
     def _stage4(self) -> None:
         model = self._load(self.stage_dir(3))
-        metrics = self._fit(model, StageSpec(4, "exits", self.config.epochs_exits, "hard", "distill"))
+        targets = exit_targets(model, self.data.exit_train, self.config, progress=self.progress)
+        metrics = fit_exits(model, targets, self.config, seed=self.config.seed * 100 + 4, progress=self.progress)
+        dev = exit_targets(model, self.data.dev, self.config, progress=False)
+        with torch.no_grad():
+            predictions = apply_exits(model.exits, dev.features.transpose(0, 1), dev.teacher.shape[-1])
+        metrics["dev_exit_accuracy"] = (predictions.argmax(dim=-1) == dev.labels).double().mean(dim=1).tolist()
+        metrics["dev_accuracy"] = float((dev.teacher.argmax(dim=-1) == dev.labels).double().mean())
         self._finish(4, model, metrics)
 
 

@@ -1,7 +1,8 @@
 """Specification of the four-stage recipe (mp_model.training) on a tiny random model and a toy dataset.
 
 Each stage must do its job (stage 1 lowers the loss; stage 2 moves thresholds and prunes more; stage 3 keeps
-thresholds and binary masks; stage 4 changes only the sub-classifiers), a crashed run must resume to the same
+thresholds and binary masks; stage 4 changes only the sub-classifiers, distilling on the whole train split from
+a cache equal to the backbone's live output), a crashed run must resume to the same
 weights as an uninterrupted one, and the evaluation's simulated exits must equal the packed path's.
 """
 
@@ -28,6 +29,7 @@ from mp_model.training import (
     TrainConfig,
     Trainer,
     distillation_loss,
+    exit_targets,
     initial_thresholds,
     load_data,
     select_candidate,
@@ -219,6 +221,28 @@ def test_sub_classifiers_learn_to_agree_with_the_main_classifier(finished: Train
             )
         losses.append(float(distillation_loss(out.exit_logits, out.logits)))
     assert losses[1] < 0.5 * losses[0]
+
+
+def test_stage4_cache_equals_the_hard_masked_backbone(finished: TrainConfig) -> None:
+    model = load(stage_dir(finished, 4))
+    data = load_data(finished)
+    cached = exit_targets(model, data.dev, finished, progress=False)
+    batch = next(batches(data.dev, 1000))
+    with torch.no_grad():
+        out = model.masked_forward(
+            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], mask_mode="hard"
+        )
+    rows = batch["index"]
+    torch.testing.assert_close(cached.features[rows], out.exit_features.transpose(0, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached.teacher[rows], out.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_stage4_distils_on_every_training_example_not_only_the_labelled_subset(root: Path) -> None:
+    config = tiny_config(root, "exit_train", train_size=16, epochs_finetune=1, final_thresholds=(0.8,))
+    state = train(config, progress=False)
+    assert len(load_data(config).train["labels"]) == 16
+    assert state["stage4"]["distillation_examples"] == len(load_data(config).exit_train["labels"]) > 16
+    assert len(state["stage4"]["dev_exit_accuracy"]) == 2
 
 
 class Crash(Exception):
