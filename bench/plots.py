@@ -5,8 +5,8 @@ Inputs are files written by ``bench.e2e`` (``provenance.benchmark == "e2e"``) an
 ``latency_speedup`` and per-bucket ``buckets``). Figures (PNG, matplotlib's Agg backend):
 
 * ``bucket_speedup.png``: the paper's Figure 1: speedup of LTP-only, FastBERT-only and MP per length bucket
-  (short 1-35, middle 36-70, long > 70 tokens). One panel of FLOPs speedup over dense (the selected settings
-  of an evaluation file, else the e2e FLOPs), then one panel per e2e batch size of measured latency speedup
+  (short 1-35, middle 36-70, long > 70 tokens). One panel of FLOPs speedup over dense per evaluation file (its
+  selected settings; without one, the e2e FLOPs), then one panel per e2e batch size of measured latency speedup
   over HF BERT (sdpa).
 * ``pareto.png``: accuracy against GFLOPs per example of every evaluated setting, one panel per dataset, with
   each method's Pareto front (no other setting of the method is both cheaper and more accurate).
@@ -98,11 +98,17 @@ def _bars(axis: Any, values: dict[str, dict[str, float]], title: str, ylabel: st
 
 
 def plot_bucket_speedup(
-    e2e: dict[str, Any] | None, evaluation: dict[str, Any] | None, path: Path, model: str | None = None
+    e2e: dict[str, Any] | None,
+    evaluations: Sequence[dict[str, Any]],
+    path: Path,
+    model: str | None = None,
 ) -> Path:
-    """Figure 1: FLOPs and measured speedup per length bucket (see the module docstring); returns ``path``."""
+    """Figure 1: FLOPs and measured speedup per length bucket (see the module docstring); returns ``path``.
+
+    One FLOPs panel per evaluation file (its selected settings), then the e2e panels.
+    """
     panels: list[tuple[dict[str, dict[str, float]], str, str]] = []
-    if evaluation is not None:
+    for evaluation in evaluations:
         chosen = selected_records(evaluation["records"])
         flops = {m: {b: v["flops_speedup"] for b, v in r["buckets"].items()} for m, r in chosen.items()}
         dataset = next(iter(chosen.values()))["dataset"]
@@ -112,7 +118,7 @@ def plot_bucket_speedup(
         records = [r for r in e2e["records"] if r["bucket"] in BUCKETS]
         model = model or (records[0]["model"] if records else None)
         records = [r for r in records if r["model"] == model]
-        if evaluation is None and records:
+        if not evaluations and records:
             flops: dict[str, dict[str, float]] = {}
             largest: dict[tuple[str, str], int] = {}
             for r in records:
@@ -259,17 +265,18 @@ def _save(figure: Any, path: Path) -> Path:
 def make_plots(paths: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
     """Every figure the given results files allow, written to ``out_dir``; returns the PNG paths.
 
-    The first e2e file and the first evaluation file are used; other files are ignored.
+    Every evaluation file is used (one dataset each); of the e2e files, the first.
     """
     payloads = [load(path) for path in paths]
     e2e = next((p for p in payloads if is_e2e(p)), None)
-    evaluation = next((p for p in payloads if not is_e2e(p) and is_eval(p)), None)
+    evaluations = [p for p in payloads if not is_e2e(p) and is_eval(p)]
     out_dir = Path(out_dir)
     written = []
-    if e2e is not None or evaluation is not None:
-        written.append(plot_bucket_speedup(e2e, evaluation, out_dir / "bucket_speedup.png"))
-    if evaluation is not None:
-        written.append(plot_pareto(evaluation, out_dir / "pareto.png"))
+    if e2e is not None or evaluations:
+        written.append(plot_bucket_speedup(e2e, evaluations, out_dir / "bucket_speedup.png"))
+    if evaluations:
+        merged = {"records": [r for p in evaluations for r in p["records"]]}
+        written.append(plot_pareto(merged, out_dir / "pareto.png"))
     if e2e is not None:
         written.append(plot_measured_vs_flops(e2e, out_dir / "measured_vs_flops.png"))
     return written

@@ -6,7 +6,10 @@ Reads every ``*.json`` there (``{"provenance": ..., "records": [...]}``) and ren
   HF sdpa's median latency and each method's speedup over it, measured and in FLOPs (dense FLOPs of the unpadded
   inputs over the method's), side by side;
 * evaluation files (``mp eval --json``, records with ``accuracy`` and ``selected``): per dataset, each method's
-  selected setting with accuracy, GFLOPs, FLOPs and latency speedups and the FLOPs speedup per length bucket.
+  selected setting with accuracy, GFLOPs, FLOPs and latency speedups and the FLOPs speedup per length bucket
+  (the paper's Table 2), then accuracy and FLOPs speedup over the ``tau`` sweep for FastBERT-only and for MP at
+  its selected threshold scale (the paper's Table 3), under the ``mp train`` and ``mp eval`` commands that made
+  them.
 
 Other results files are listed by name only. Usage::
 
@@ -88,6 +91,53 @@ def e2e_table(path: Path, payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def train_command(train_config: dict[str, Any]) -> str:
+    """The ``mp train`` command of a recorded ``TrainConfig`` (fields at their defaults left out)."""
+    from mp_model.training import TrainConfig
+
+    defaults = TrainConfig().to_dict()
+    parts = ["mp train"]
+    for key, value in train_config.items():
+        if key == "device" or value == defaults.get(key):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is None:
+            parts.append(f"{flag} all")
+        elif isinstance(value, list):
+            parts.append(f"{flag} " + " ".join(f"{v:g}" for v in value))
+        else:
+            parts.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+    return " ".join(parts)
+
+
+def _eval_command(meta: dict[str, Any]) -> str:
+    """The recorded evaluation command, as a user types it (``mp eval ...``)."""
+    command = str(meta.get("command", "?"))
+    marker = " eval "
+    return "mp eval " + command.split(marker, 1)[1] if marker in command else command
+
+
+def tau_table(records: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows of accuracy and FLOPs speedup over the tau sweep (FastBERT; MP at its selected scale)."""
+    chosen = {r["method"]: r for r in records if r.get("selected")}
+    if "mp" not in chosen and "fastbert" not in chosen:
+        return []
+    scale = chosen["mp"]["threshold_scale"] if "mp" in chosen else None
+    rows: dict[float, dict[str, dict[str, Any]]] = {}
+    for r in records:
+        if r["method"] == "fastbert" or (r["method"] == "mp" and r["threshold_scale"] == scale):
+            rows.setdefault(r["tau"], {})[r["method"]] = r
+    header = ["tau", "FastBERT only: accuracy", "x FLOPs", f"MP (scale {scale:g}): accuracy", "x FLOPs"]
+    lines = ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for tau in sorted(rows):
+        row = [f"{tau:g}"]
+        for method in ("fastbert", "mp"):
+            r = rows[tau].get(method)
+            row += ["-", "-"] if r is None else [f"{100 * r['accuracy']:.2f}", _speedup(r["flops_speedup"])]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def eval_table(path: Path, payload: dict[str, Any]) -> str:
     """The markdown of one evaluation results file (selected settings only)."""
     meta = payload["provenance"]
@@ -95,6 +145,11 @@ def eval_table(path: Path, payload: dict[str, Any]) -> str:
     lines = [f"#### Accuracy and speedup, {path.stem}", "", _source(path, meta) + "."]
     if meta.get("selection"):
         lines.append(f"Selection: {meta['selection']}.")
+    split = records[0].get("split", "?") if records else "?"
+    lines.append(f"Reported on the {split} split ({records[0].get('examples', '?') if records else '?'} examples).")
+    if meta.get("train_config"):
+        lines += ["", f"Train: `{train_command(meta['train_config'])}`"]
+    lines += ["", f"Evaluate: `{_eval_command(meta)}`"]
     header = ["dataset", "method", "tau", "scale", "accuracy", "GFLOPs", "x FLOPs", "x latency"]
     header += ["x FLOPs short", "x FLOPs middle", "x FLOPs long"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -113,6 +168,9 @@ def eval_table(path: Path, payload: dict[str, Any]) -> str:
         ]
         row += [_speedup(buckets[b]["flops_speedup"]) if b in buckets else "-" for b in ("short", "middle", "long")]
         lines.append("| " + " | ".join(row) + " |")
+    tau_rows = tau_table(payload["records"])
+    if tau_rows:
+        lines += ["", f"Speedup over the tau sweep, {path.stem} (the paper's Table 3):"] + tau_rows
     return "\n".join(lines)
 
 

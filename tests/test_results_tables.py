@@ -1,0 +1,67 @@
+"""Specification of the README results tables (``scripts/results_tables.py``) for ``mp eval --json`` files.
+
+Each table names the ``mp train`` and ``mp eval`` commands that reproduce it, shows each method's selected
+setting, and the tau sweep of FastBERT-only and of MP at its selected threshold scale.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+from mp_model.training import TrainConfig
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "results_tables.py"
+
+
+def tables() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("results_tables", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def record(method: str, tau: float | None, scale: float | None, accuracy: float, speedup: float, **extra) -> dict:
+    return {
+        "dataset": "toy",
+        "split": "test",
+        "examples": 10,
+        "method": method,
+        "tau": tau,
+        "threshold_scale": scale,
+        "accuracy": accuracy,
+        "gflops": 1.0 / speedup,
+        "flops_speedup": speedup,
+        "latency_speedup": None,
+        "buckets": {},
+        "selected": False,
+        **extra,
+    }
+
+
+def test_train_command_lists_only_the_fields_that_differ_from_the_defaults() -> None:
+    config = TrainConfig(dataset="bbc_news", run_dir="runs/bbc", train_size=None, lambdas=(0.1,), lr=1e-4)
+    command = tables().train_command(config.to_dict())
+    assert command == "mp train --dataset bbc_news --run-dir runs/bbc --train-size all --lr 0.0001 --lambdas 0.1"
+
+
+def test_eval_table_names_its_commands_and_sweeps_tau_at_the_selected_scale() -> None:
+    records = [
+        record("dense", None, None, 0.9, 1.0, selected=True),
+        record("fastbert", 0.1, None, 0.9, 1.5, selected=True),
+        record("fastbert", 0.5, None, 0.8, 3.0),
+        record("mp", 0.1, 2.0, 0.9, 2.5, selected=True),
+        record("mp", 0.5, 2.0, 0.85, 4.0),
+        record("mp", 0.5, 1.0, 0.88, 3.5),
+    ]
+    meta = {
+        "command": "/usr/bin/mp eval --run-dir runs/toy --json out.json",
+        "train_config": TrainConfig(dataset="toy.csv").to_dict(),
+    }
+    text = tables().eval_table(Path("toy-cpu.json"), {"provenance": meta, "records": records})
+    assert "Train: `mp train --dataset toy.csv`" in text
+    assert "Evaluate: `mp eval --run-dir runs/toy --json out.json`" in text
+    assert "| toy | MP | 0.1 | 2 | 90.00 | 0.400 | 2.50x |" in text
+    assert "| 0.5 | 80.00 | 3.00x | 85.00 | 4.00x |" in text
+    assert "88.00" not in text, "the tau sweep keeps MP at its selected scale"
