@@ -182,9 +182,11 @@ def _configure_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     parser.add_argument(
         "--latency",
-        default="selected",
-        choices=["selected", "all", "none"],
-        help="which settings to time on the reported split: the selected ones, every one, or none",
+        default="tables",
+        choices=["tables", "selected", "all", "none"],
+        help="which settings to time on the reported split: those the README tables show (default: the selected "
+        "ones and the tau sweeps of FastBERT-only and of MP at its selected scale), the selected ones, every one, "
+        "or none",
     )
     parser.add_argument("--latency-examples", type=int, default=256, help="examples timed (first N of the split)")
     parser.add_argument("--latency-repeats", type=int, default=3, help="timed passes (median) after one warm-up")
@@ -211,7 +213,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from mp_model.data import encode, load_dataset
-    from mp_model.evaluation import evaluate, select, setting_key
+    from mp_model.evaluation import evaluate, select, setting_key, table_settings
 
     _quiet_transformers()
     if args.threads:
@@ -239,7 +241,12 @@ def _run_eval(args: argparse.Namespace) -> int:
         final,
         report,
         split=args.split,
-        latency=None if args.latency == "none" else ("all" if args.latency == "all" else list(by_key)),
+        latency={
+            "none": None,
+            "all": "all",
+            "selected": list(by_key),
+            "tables": table_settings(chosen, args.taus),
+        }[args.latency],
         latency_examples=args.latency_examples,
         latency_repeats=args.latency_repeats,
         **common,

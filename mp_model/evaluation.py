@@ -420,6 +420,15 @@ def setting_key(record: dict[str, Any]) -> SettingKey:
     return record["method"], record["tau"], record["threshold_scale"]
 
 
+def table_settings(chosen: Sequence[dict[str, Any]], taus: Sequence[float]) -> list[SettingKey]:
+    """The settings the README tables show: the ``chosen`` (selected) ones, FastBERT-only at every tau, and MP at
+    every tau at its chosen threshold scale (the paper's Table 3), without repeats."""
+    keys = [setting_key(r) for r in chosen]
+    keys += [("fastbert", float(t), None) for t in taus]
+    keys += [("mp", float(t), r["threshold_scale"]) for r in chosen if r["method"] == "mp" for t in taus]
+    return list(dict.fromkeys(keys))
+
+
 def select(records: Sequence[dict[str, Any]], max_drop: float = 0.01) -> list[dict[str, Any]]:
     """Per dataset and method, the record with the fewest GFLOPs within ``max_drop`` accuracy of dense.
 

@@ -118,7 +118,8 @@ def _eval_command(meta: dict[str, Any]) -> str:
 
 
 def tau_table(records: list[dict[str, Any]]) -> list[str]:
-    """Markdown rows of accuracy and FLOPs speedup over the tau sweep (FastBERT; MP at its selected scale)."""
+    """Markdown rows of accuracy, FLOPs and latency speedups over the tau sweep (FastBERT; MP at its selected
+    scale); ``-`` where a setting was not timed."""
     chosen = {r["method"]: r for r in records if r.get("selected")}
     if "mp" not in chosen and "fastbert" not in chosen:
         return []
@@ -127,13 +128,17 @@ def tau_table(records: list[dict[str, Any]]) -> list[str]:
     for r in records:
         if r["method"] == "fastbert" or (r["method"] == "mp" and r["threshold_scale"] == scale):
             rows.setdefault(r["tau"], {})[r["method"]] = r
-    header = ["tau", "FastBERT only: accuracy", "x FLOPs", f"MP (scale {scale:g}): accuracy", "x FLOPs"]
+    header = ["tau", "FastBERT only: accuracy", "x FLOPs", "x latency"]
+    header += [f"MP (scale {scale:g}): accuracy", "x FLOPs", "x latency"]
     lines = ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for tau in sorted(rows):
         row = [f"{tau:g}"]
         for method in ("fastbert", "mp"):
             r = rows[tau].get(method)
-            row += ["-", "-"] if r is None else [f"{100 * r['accuracy']:.2f}", _speedup(r["flops_speedup"])]
+            if r is None:
+                row += ["-", "-", "-"]
+            else:
+                row += [f"{100 * r['accuracy']:.2f}", _speedup(r["flops_speedup"]), _speedup(r.get("latency_speedup"))]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 

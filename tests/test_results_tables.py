@@ -52,7 +52,7 @@ def test_eval_table_names_its_commands_and_sweeps_tau_at_the_selected_scale() ->
         record("fastbert", 0.1, None, 0.9, 1.5, selected=True),
         record("fastbert", 0.5, None, 0.8, 3.0),
         record("mp", 0.1, 2.0, 0.9, 2.5, selected=True),
-        record("mp", 0.5, 2.0, 0.85, 4.0),
+        record("mp", 0.5, 2.0, 0.85, 4.0, latency_speedup=2.5),
         record("mp", 0.5, 1.0, 0.88, 3.5),
     ]
     meta = {
@@ -63,5 +63,5 @@ def test_eval_table_names_its_commands_and_sweeps_tau_at_the_selected_scale() ->
     assert "Train: `mp train --dataset toy.csv`" in text
     assert "Evaluate: `mp eval --run-dir runs/toy --json out.json`" in text
     assert "| toy | MP | 0.1 | 2 | 90.00 | 0.400 | 2.50x |" in text
-    assert "| 0.5 | 80.00 | 3.00x | 85.00 | 4.00x |" in text
+    assert "| 0.5 | 80.00 | 3.00x | - | 85.00 | 4.00x | 2.50x |" in text
     assert "88.00" not in text, "the tau sweep keeps MP at its selected scale"
