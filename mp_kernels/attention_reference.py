@@ -3,8 +3,12 @@
 Sequences are sorted by length and grouped into buckets whose lengths differ little, each bucket padded only
 to its own longest member. Without importance a bucket runs through ``scaled_dot_product_attention`` with a key
 mask (PyTorch's fused CPU kernel); with importance the bucket's probabilities are formed explicitly, which is
-the n x n work attention needs anyway, and summed over heads and valid query rows. Padding waste stays small
-whatever the mix of lengths, so this is never slower than eager attention on the padded batch.
+the n x n work attention needs anyway, and summed over heads and valid query rows. Those buckets are kept to
+about an L2 cache's worth of scores (``IMPORTANCE_SCORE_BUDGET``): the scores are written, normalised, read by
+the value product and summed, and while they stay in cache these passes cost little more than the fused kernel
+(measured on one CPU thread, 16 sequences of 300-512 tokens, 12 heads: 2.4x faster than 256 MB buckets).
+Padding waste stays small whatever the mix of lengths, so this is never slower than eager attention on the
+padded batch.
 """
 
 from __future__ import annotations
@@ -14,20 +18,22 @@ import torch.nn.functional as F
 
 BUCKET_SLACK = 1.25
 SCORE_BUDGET = 1 << 26
+IMPORTANCE_SCORE_BUDGET = 1 << 17
 
 
-def length_buckets(lengths: list[int], heads: int) -> list[list[int]]:
+def length_buckets(lengths: list[int], heads: int, budget: int = SCORE_BUDGET) -> list[list[int]]:
     """Group sequence indices (non-empty sequences only) into buckets of similar length.
 
     Sequences are taken longest first; a bucket closes when the next length is below its longest divided by
-    ``BUCKET_SLACK``, or when its ``(members, heads, L, L)`` score tensor would exceed ``SCORE_BUDGET``.
+    ``BUCKET_SLACK``, or when its ``(members, heads, L, L)`` score tensor would exceed ``budget`` elements (a
+    bucket holds at least one sequence).
     """
     order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
     buckets: list[list[int]] = []
     for i in order:
         if buckets:
             top = lengths[buckets[-1][0]]
-            fits = lengths[i] * BUCKET_SLACK >= top and (len(buckets[-1]) + 1) * heads * top * top <= SCORE_BUDGET
+            fits = lengths[i] * BUCKET_SLACK >= top and (len(buckets[-1]) + 1) * heads * top * top <= budget
             if fits:
                 buckets[-1].append(i)
                 continue
@@ -54,7 +60,8 @@ def varlen_attention_torch(
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     out = torch.empty((total, heads, head_dim), dtype=compute, device=q.device)
     importance = torch.empty(total, dtype=compute, device=q.device) if return_importance else None
-    for bucket in length_buckets(lengths, heads):
+    budget = IMPORTANCE_SCORE_BUDGET if return_importance else SCORE_BUDGET
+    for bucket in length_buckets(lengths, heads, budget):
         width = lengths[bucket[0]]
         padded = lengths[bucket[-1]] != width
         position = torch.arange(width, device=q.device)

@@ -239,6 +239,20 @@ def test_torch_backend_matches_naive_loop(lengths: list[int], heads: int, head_d
     torch.testing.assert_close(out_only, expected_out, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("budget", [1, 3000, 1 << 30])
+def test_torch_backend_is_exact_whatever_the_bucket_budget(budget: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Buckets split by the score budget (one sequence each, a few, all) give the naive loop's result."""
+    import mp_kernels.attention_reference as reference
+
+    monkeypatch.setattr(reference, "IMPORTANCE_SCORE_BUDGET", budget)
+    lengths = (37, 1, 40, 29, 40, 0, 23, 31)
+    q, k, v, cu_seqlens = packed_inputs(lengths, 16, torch.float64, seed=5, heads=2)
+    expected_out, expected_importance = naive_attention(q, k, v, cu_seqlens, 0.3)
+    out, importance = varlen_attention(q, k, v, cu_seqlens, 40, scale=0.3, return_importance=True, backend="torch")
+    torch.testing.assert_close(out, expected_out, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(importance, expected_importance, atol=1e-12, rtol=1e-10)
+
+
 def test_torch_backend_default_scale_and_half_inputs() -> None:
     q, k, v, cu_seqlens = packed_inputs((9, 0, 30), 64, torch.float16, seed=23)
     out, importance = varlen_attention(q, k, v, cu_seqlens, 30, return_importance=True, backend="torch")
