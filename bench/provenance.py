@@ -45,7 +45,11 @@ def device_name(device: torch.device | str) -> str:
 
 
 def provenance(device: torch.device | str = "cpu", command: str | None = None) -> dict[str, Any]:
-    """A dictionary describing where and how a result was produced."""
+    """A dictionary describing where and how a result was produced.
+
+    ``git_dirty``: tracked files differ from ``git_commit``, other than results files under ``bench/results``
+    (benchmarks run one after another rewrite those, which says nothing of the code that produced this one).
+    """
     device = torch.device(device)
     try:
         import triton
@@ -67,7 +71,9 @@ def provenance(device: torch.device | str = "cpu", command: str | None = None) -
         "cuda": torch.version.cuda,
         "driver": None,
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_dirty": bool(
+            _git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)bench/results")
+        ),
         "command": command or " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
