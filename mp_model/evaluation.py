@@ -303,7 +303,7 @@ def measure_latency(
     device: torch.device | str,
     examples: int,
     repeats: int,
-) -> tuple[float, dict[SettingKey, float]]:
+) -> tuple[float, dict[SettingKey, tuple[float, float]]]:
     """Milliseconds per batch of the HF SDPA baseline, and per setting ``(method, tau, scale)`` its milliseconds
     per batch and its speedup over the baseline (median over rounds of the within-round ratio)."""
     device = torch.device(device)

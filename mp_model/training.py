@@ -204,12 +204,15 @@ def load_data(config: TrainConfig) -> Data:
     if not dataset.train or not dataset.dev:
         raise ValueError(f"{dataset.name}: training needs non-empty train and dev splits")
     tokenizer = AutoTokenizer.from_pretrained(config.model)
+    # Both training sets are prefixes of the train split: tokenise the longer once.
+    exit_count = len(full.subset(train=config.exit_train_size).train)
+    train = encode(tokenizer, full.train[: max(len(dataset.train), exit_count)], config.max_length)
     return Data(
         dataset,
         tokenizer,
-        encode(tokenizer, dataset.train, config.max_length),
+        {key: value[: len(dataset.train)] for key, value in train.items()},
         encode(tokenizer, dataset.dev, config.max_length),
-        encode(tokenizer, full.subset(train=config.exit_train_size).train, config.max_length),
+        {key: value[:exit_count] for key, value in train.items()},
     )
 
 
@@ -467,25 +470,28 @@ def fit_exits(
     model.eval()
     model.exits.train()
     layers = targets.features.shape[1]
+    cached = targets.features.to(device).transpose(0, 1)
+    teacher_logits = targets.teacher.to(device)
+    labels, teacher_labels = targets.labels.to(device), targets.teacher.argmax(dim=-1).to(device)
     step = 0
     bar = tqdm(total=total, desc="stage 4 exits", disable=not progress, leave=False)
     while step < total:
-        order = torch.randperm(count, generator=generator)
-        loss_sum, correct, agree, seen = 0.0, torch.zeros(layers), torch.zeros(layers), 0
+        order = torch.randperm(count, generator=generator).to(device)
+        loss_sum, seen = 0.0, 0
+        correct, agree = torch.zeros(layers, device=device), torch.zeros(layers, device=device)
         for rows in order[: min(count, (total - step) * config.batch_size)].split(config.batch_size):
-            features = targets.features[rows].transpose(0, 1).to(device)
-            teacher = targets.teacher[rows].to(device)
-            logits = apply_exits(model.exits, features, teacher.shape[-1])
+            teacher = teacher_logits[rows]
+            logits = apply_exits(model.exits, cached[:, rows], teacher.shape[-1])
             loss = distillation_loss(logits, teacher)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             step += 1
-            predictions = logits.detach().argmax(dim=-1).cpu()
+            predictions = logits.detach().argmax(dim=-1)
             loss_sum += float(loss.detach()) * rows.numel()
-            correct += (predictions == targets.labels[rows]).sum(dim=1)
-            agree += (predictions == targets.teacher[rows].argmax(dim=-1)).sum(dim=1)
+            correct += (predictions == labels[rows]).sum(dim=1)
+            agree += (predictions == teacher_labels[rows]).sum(dim=1)
             seen += rows.numel()
             bar.update(1)
             bar.set_postfix(
@@ -498,6 +504,7 @@ def fit_exits(
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     seen = max(1, seen)
+    correct, agree = correct.cpu(), agree.cpu()
     return {
         "train_loss": loss_sum / seen,
         "train_accuracy": float(correct.mean()) / seen,
