@@ -1,53 +1,19 @@
-"""Shared test set-up: device, dtypes and tolerances per dtype, and output poisoning.
+"""Test session set-up: the Triton interpreter on machines without CUDA, the ``device`` fixture, the header.
 
 On a machine without CUDA the Triton kernels run under the interpreter (``TRITON_INTERPRET=1``, which must be
 set before triton is imported, hence here, first). The same tests run unchanged on a GPU, where bfloat16 is
-added (the interpreter cannot run it).
+added (the interpreter cannot run it). Shared helpers live in ``tests/utils.py``.
 """
 
 import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
-
-# Property tests: reproducible in CI (fixed seed, no example database), no deadline (the interpreter is slow).
-HYPOTHESIS_SETTINGS = settings(
-    max_examples=25,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-
-# Tolerance (atol, rtol) of a kernel output against a float64 reference computed from the same inputs.
-TOLERANCE = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (1e-3, 1e-3),
-    torch.bfloat16: (1e-2, 1e-2),
-}
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
-    """Compare ``actual`` with a float64 ``expected`` at the tolerance of ``dtype`` (loosened by ``scale``)."""
-    atol, rtol = TOLERANCE[dtype]
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol * scale)
-
-
-def poison_(tensor: torch.Tensor) -> torch.Tensor:
-    """Fill ``tensor`` with NaN (floats) or an extreme value (integers) so that unwritten elements show."""
-    if tensor.is_floating_point():
-        return tensor.fill_(float("nan"))
-    if tensor.dtype == torch.bool:
-        return tensor.fill_(True)
-    return tensor.fill_(torch.iinfo(tensor.dtype).min)
+from tests.utils import DEVICE, KERNEL_DTYPES, ON_GPU  # noqa: E402
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import mp_kernels._triton.attention as triton_attention
 import mp_kernels.attention as attention
 from mp_kernels import MAX_SEQLEN, varlen_attention
 from mp_kernels._triton.attention import varlen_attention_triton
-from tests.conftest import DEVICE, KERNEL_DTYPES, ON_GPU, TOLERANCE, assert_close, poison_
+from tests.utils import DEVICE, KERNEL_DTYPES, ON_GPU, TOLERANCE, assert_close, poison_
 
 LENGTHS = (37, 1, 128, 0, 61, 32, 2, 97, 64, 31)
 HEADS = 2

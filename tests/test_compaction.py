@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 import mp_kernels
 from mp_kernels import compaction
 from mp_kernels._triton import compaction as triton_compaction
-from tests.conftest import DEVICE, KERNEL_DTYPES, ON_GPU, poison_
-from tests.conftest import HYPOTHESIS_SETTINGS as SETTINGS
+from tests.utils import DEVICE, KERNEL_DTYPES, ON_GPU, poison_
+from tests.utils import HYPOTHESIS_SETTINGS as SETTINGS
 
 BACKENDS = ["triton", "torch"]
 # Importance and thresholds on a grid of eighths: exactly representable, so ties with the threshold happen.

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 import mp_kernels
 from mp_kernels import early_exit
 from mp_kernels._triton import early_exit as triton_early_exit
-from tests.conftest import DEVICE, KERNEL_DTYPES, ON_GPU, assert_close, poison_
-from tests.conftest import HYPOTHESIS_SETTINGS as SETTINGS
+from tests.utils import DEVICE, KERNEL_DTYPES, ON_GPU, assert_close, poison_
+from tests.utils import HYPOTHESIS_SETTINGS as SETTINGS
 
 BACKENDS = ["triton", "torch"]
 # Entropy in float32 from the stable softmax: a few units of roundoff on values of order 1.

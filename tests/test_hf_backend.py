@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
 
 import mp_kernels
-from tests.conftest import DEVICE
+from tests.utils import DEVICE
 
 TEXTS = [
     "ok",
