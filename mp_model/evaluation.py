@@ -43,7 +43,7 @@ import torch
 
 from mp_kernels import entropy_exit
 from mp_model.data import LENGTH_BUCKETS, Encoded, batches, length_bucket
-from mp_model.flops import attention_macs, dense_flops, exit_head_macs, feed_forward_macs, main_head_macs
+from mp_model.flops import dense_flops, flops_from_outputs
 from mp_model.modeling import MagicPyramidForSequenceClassification
 from mp_model.packed_inference import segment_mean
 
@@ -168,19 +168,15 @@ def simulate(collected: Collected, tau: float | None) -> tuple[torch.Tensor, tor
         exits = collected.uncertainty <= tau
         exits = torch.cat([exits, torch.ones(count, 1, dtype=torch.bool)], dim=1)
         exit_layer = exits.int().argmax(dim=1).to(torch.int64) + 1
-    before = torch.cat([collected.lengths[:, None], collected.kept_tokens[:, :-1]], dim=1)
-    per_layer = attention_macs(config, before) + feed_forward_macs(config, collected.kept_tokens)
-    ran = torch.arange(1, layers + 1)[None, :] <= exit_layer[:, None]
-    macs = (per_layer * ran).sum(dim=1)
-    if tau is not None:
-        macs = macs + exit_head_macs(config) * exit_layer.clamp(max=layers - 1)
-    macs = macs + main_head_macs(config) * (exit_layer == layers)
+    flops = flops_from_outputs(
+        config, collected.lengths, collected.kept_tokens, exit_layer, early_exit=tau is not None and layers > 1
+    )
     predictions = collected.logits.argmax(dim=1)
     if tau is not None and layers > 1:
         exited = exit_layer < layers
         early = collected.exit_logits.argmax(dim=2).gather(1, (exit_layer.clamp(max=layers - 1) - 1)[:, None])[:, 0]
         predictions = torch.where(exited, early, predictions)
-    return predictions, exit_layer, 2 * macs
+    return predictions, exit_layer, flops
 
 
 def summarize(collected: Collected, *, tau: float | None, early_exit: bool) -> dict[str, Any]:

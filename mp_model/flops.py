@@ -5,7 +5,9 @@ projections ``4 d^2 n_a``, scores and context ``2 d n_a^2``) and the feed-forwar
 ``n_f`` (``2 d d_ff n_f``); an example that reaches a sub-classifier pays its MACs, and the main classifier
 (pooler and output layer) is paid by examples that reach the last layer. Embeddings, layer norms, softmax and
 activations are excluded, as in LTP's and the Magic Pyramid paper's counts. The dense baseline counts every
-layer at the unpadded length. All functions accept Python ints or integer tensors (element-wise).
+layer at the unpadded length. The per-block functions accept Python ints or integer tensors (element-wise);
+``flops_from_outputs`` is the one place that turns a forward pass's outputs into FLOPs per example, for both
+inference paths and for ``mp eval``.
 """
 
 from __future__ import annotations
@@ -45,3 +47,36 @@ def dense_flops(config: BertConfig, n: Count) -> Count:
     """FLOPs of the dense model (every layer at the unpadded length ``n``, main classifier, no sub-classifiers)."""
     per_layer = attention_macs(config, n) + feed_forward_macs(config, n)
     return 2 * (config.num_hidden_layers * per_layer + main_head_macs(config))
+
+
+def flops_from_outputs(
+    config: BertConfig,
+    lengths: torch.Tensor,
+    kept_tokens: torch.Tensor,
+    exit_layer: torch.Tensor,
+    *,
+    early_exit: bool,
+) -> torch.Tensor:
+    """FLOPs per example from what a forward pass reports, on the outputs' device, with no host read.
+
+    Args:
+        lengths: ``(batch,)`` integer, each example's unpadded input length.
+        kept_tokens: ``(batch, layers)`` integer, tokens kept after each layer's pruning (its feed-forward
+            length); the next layer's attention runs at that length.
+        exit_layer: ``(batch,)`` integer, layers run (``layers`` for an example that reached the main classifier).
+        early_exit: whether sub-classifiers ran (after every layer the example ran, but the last).
+
+    Returns:
+        ``(batch,)`` int64 FLOPs: attention and feed-forward of every layer run, ``min(exit_layer, layers - 1)``
+        sub-classifiers when ``early_exit``, the main classifier for examples with ``exit_layer == layers``.
+    """
+    layers = config.num_hidden_layers
+    kept = kept_tokens.long()
+    before = torch.cat([lengths.long()[:, None], kept[:, :-1]], dim=1)
+    ran = torch.arange(1, layers + 1, device=kept.device)[None, :] <= exit_layer[:, None]
+    per_layer = attention_macs(config, before) + feed_forward_macs(config, kept)
+    macs = (per_layer * ran).sum(dim=1)
+    if early_exit:
+        macs = macs + exit_head_macs(config) * exit_layer.long().clamp(max=layers - 1)
+    macs = macs + main_head_macs(config) * (exit_layer == layers)
+    return 2 * macs

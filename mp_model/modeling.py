@@ -8,6 +8,7 @@ from transformers import BertModel, BertPreTrainedModel
 
 from mp_model.config import MagicPyramidConfig
 from mp_model.exit_head import ExitClassifier
+from mp_model.graph_engine import GraphEngine
 from mp_model.masked_training import masked_forward
 from mp_model.outputs import MagicPyramidOutput, MagicPyramidTrainingOutput
 from mp_model.packed_inference import packed_forward
@@ -18,8 +19,13 @@ def _check_inputs(
     input_ids: object,
     attention_mask: object,
     token_type_ids: object,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Validate ``(batch, seq)`` inputs; returns the attention mask (all ones if None) and the longest row."""
+    validate: bool = True,
+) -> tuple[torch.Tensor, int]:
+    """Validate ``(batch, seq)`` inputs; returns the attention mask (all ones if None) and the longest row.
+
+    Shapes, dtypes and devices are always checked; ``validate`` also reads the mask's values (one host read on
+    a GPU). Without it the longest row is taken to be the input's width.
+    """
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
@@ -45,13 +51,17 @@ def _check_inputs(
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, input_ids has {tuple(input_ids.shape)}")
         if tensor.device != input_ids.device:
             raise ValueError(f"{name} is on {tensor.device}, input_ids on {input_ids.device}")
+    if not validate:
+        return attention_mask, input_ids.shape[1]
     lengths = attention_mask.sum(dim=1)
-    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+    bad_values = ((attention_mask != 0) & (attention_mask != 1)).any()
+    bad, empty_rows, longest = torch.stack([bad_values.long(), (lengths == 0).sum(), lengths.max()]).tolist()
+    if bad:
         raise ValueError("attention_mask must hold only 0 and 1")
-    empty = (lengths == 0).nonzero().flatten().tolist()
-    if empty:
+    if empty_rows:
+        empty = (lengths == 0).nonzero().flatten().tolist()
         raise ValueError(f"attention_mask rows {empty} hold no token (all padding)")
-    return attention_mask, int(lengths.max())
+    return attention_mask, int(longest)
 
 
 def _check_knobs(tau: float, threshold_scale: float) -> None:
@@ -71,7 +81,9 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
     ``from_pretrained`` takes a plain BERT-architecture folder (``BertModel`` or ``BertForSequenceClassification``;
     missing heads are initialised) or a folder saved by this class.
 
-    Calling the model runs the packed inference path (``forward``); training uses ``masked_forward``.
+    Calling the model runs inference (``forward``): on CUDA the sync-free graph engine (``graph_engine``,
+    ``mp_model.graph_engine``), elsewhere the packed path (``mp_model.packed_inference``); both compute the same
+    function. Training uses ``masked_forward``.
     """
 
     config_class = MagicPyramidConfig
@@ -85,7 +97,15 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.exits = nn.ModuleList(ExitClassifier(config) for _ in range(config.num_hidden_layers - 1))
         self.thresholds = nn.Parameter(torch.tensor(config.prune_thresholds, dtype=torch.float32))
+        self._graph_engine: GraphEngine | None = None
         self.post_init()
+
+    @property
+    def graph_engine(self) -> GraphEngine:
+        """The model's ``GraphEngine`` (created on first use): ``warm_up``, ``stats``, ``reset``."""
+        if self._graph_engine is None:
+            self._graph_engine = GraphEngine(self)
+        return self._graph_engine
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -119,8 +139,10 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         early_exit: bool | None = None,
         backend: str | None = None,
         exit_schedule: torch.Tensor | None = None,
+        engine: str | None = None,
+        validate: bool = True,
     ) -> MagicPyramidOutput:
-        """Packed inference with real removal of pruned tokens and exited examples.
+        """Inference with real removal of pruned tokens and exited examples.
 
         Args:
             input_ids: ``(batch, seq)`` int64 token ids, padded (any side).
@@ -134,6 +156,10 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
             backend: kernel backend (``None``: Triton on CUDA, PyTorch on CPU).
             exit_schedule: ``(batch,)`` int64 layer after which each example exits, replacing the entropy test
                 (benchmarks replay a measured exit pattern with it); values ``>= num_hidden_layers`` never exit.
+            engine: ``"graph"`` (the sync-free engine, CUDA graphs per bucket on CUDA), ``"packed"`` (host-sized
+                packed path) or ``None``: graph on CUDA, packed elsewhere. Both give the same outputs.
+            validate: read the attention mask's values to check them (one host read on a GPU); ``False`` skips
+                it on hot paths whose inputs are known to be valid.
 
         Returns:
             ``MagicPyramidOutput`` with logits, exit layer, kept tokens per layer and FLOPs per example.
@@ -141,11 +167,27 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         config = self.config
         tau = config.exit_tau if tau is None else float(tau)
         _check_knobs(tau, float(threshold_scale))
-        attention_mask, max_length = _check_inputs(config, input_ids, attention_mask, token_type_ids)
+        attention_mask, max_length = _check_inputs(config, input_ids, attention_mask, token_type_ids, validate)
         if exit_schedule is not None and (
             not isinstance(exit_schedule, torch.Tensor) or exit_schedule.shape != input_ids.shape[:1]
         ):
             raise ValueError(f"exit_schedule must be a ({input_ids.shape[0]},) tensor")
+        if engine not in (None, "graph", "packed"):
+            raise ValueError(f"engine must be 'graph', 'packed' or None, got {engine!r}")
+        prune = config.use_pruning if prune is None else prune
+        early_exit = config.use_early_exit if early_exit is None else early_exit
+        if engine == "graph" or (engine is None and input_ids.is_cuda):
+            return self.graph_engine(
+                input_ids,
+                attention_mask,
+                token_type_ids,
+                tau=tau,
+                threshold_scale=float(threshold_scale),
+                prune=prune,
+                early_exit=early_exit,
+                exit_schedule=exit_schedule,
+                backend=backend,
+            )
         return packed_forward(
             self,
             input_ids,
@@ -154,8 +196,8 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
             max_length=max_length,
             tau=tau,
             threshold_scale=float(threshold_scale),
-            prune=config.use_pruning if prune is None else prune,
-            early_exit=config.use_early_exit if early_exit is None else early_exit,
+            prune=prune,
+            early_exit=early_exit,
             backend=backend,
             exit_schedule=exit_schedule,
         )

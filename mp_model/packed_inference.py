@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from mp_kernels import drop_sequences, entropy_exit, prune_tokens, scatter_rows, varlen_attention
-from mp_model.flops import attention_macs, exit_head_macs, feed_forward_macs, main_head_macs
+from mp_model.flops import flops_from_outputs
 from mp_model.outputs import MagicPyramidOutput
 
 if TYPE_CHECKING:
@@ -77,7 +77,6 @@ def packed_forward(
     logits = torch.empty(batch, config.num_labels, dtype=hidden.dtype, device=device)
     exit_layer = torch.full((batch,), layers, dtype=torch.int64, device=device)
     kept_tokens = torch.zeros(batch, layers, dtype=torch.int64, device=device)
-    flops = torch.zeros(batch, dtype=torch.int64, device=device)
     thresholds = (model.thresholds.detach().double() * threshold_scale).tolist() if prune else [0.0] * layers
 
     for index, layer in enumerate(bert.encoder.layer):
@@ -107,11 +106,8 @@ def packed_forward(
         with record_function("mp.feed_forward"):
             hidden = layer.output(layer.intermediate(attended), attended)
         kept_tokens[seq_index, index] = n_feed_forward
-        macs = attention_macs(config, n_attention) + feed_forward_macs(config, n_feed_forward)
 
         if early_exit and index < layers - 1:
-            macs = macs + exit_head_macs(config)
-            flops.index_add_(0, seq_index, 2 * macs)
             with record_function("mp.exit_head"):
                 exit_logits = model.exits[index](segment_mean(hidden, cu_seqlens))
             with record_function("mp.exit_test"):
@@ -127,12 +123,10 @@ def packed_forward(
                 )
             if seq_index.numel() == 0:
                 break
-        else:
-            flops.index_add_(0, seq_index, 2 * macs)
     else:
         with record_function("mp.classifier"):
             first_tokens = hidden.index_select(0, cu_seqlens[:-1].long())
             pooled = bert.pooler.activation(bert.pooler.dense(first_tokens))
             logits.index_copy_(0, seq_index, model.classifier(pooled))
-        flops.index_add_(0, seq_index, torch.full_like(seq_index, 2 * main_head_macs(config)))
+    flops = flops_from_outputs(config, lengths, kept_tokens, exit_layer, early_exit=early_exit)
     return MagicPyramidOutput(logits=logits, exit_layer=exit_layer, kept_tokens=kept_tokens, flops=flops)

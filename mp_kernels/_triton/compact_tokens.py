@@ -1,0 +1,194 @@
+"""Triton kernels for ``compact_tokens``: one or two launches, nothing read back to the host.
+
+1. ``_count_kernel`` (one program per sequence slot; only when a token-level rule applies: ``keep``,
+   ``importance`` or ``keep_first``): walks the slot's tokens in blocks, decides which stay, stores the inclusive
+   prefix count of kept tokens within the sequence for every token, and the slot's kept count.
+2. ``_move_kernel`` (grid: row blocks of ``max_seqlen`` x feature-column blocks x slots): each program finds its
+   slot's output offset by summing the kept counts of the slots before it (at most a few hundred integers, read
+   from L2; cheaper than a third launch for a scan), writes the slot's ``cu_seqlens_out`` entry and kept count
+   (first program of the slot), and moves its kept rows to ``offset + prefix - 1``. Programs past the slot's
+   length, and slots with nothing kept, return at once.
+
+Without a token-level rule (only ``alive``), a slot keeps all or nothing, so its count is its length or 0 and
+the first launch is skipped. Sizes come from device memory only; the grid is sized by the host-known
+``max_seqlen`` and slot count, so the launches are the same whatever the outcome (CUDA-graph friendly).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mp_kernels._triton.compaction import COPY_ROWS, _copy_cols, _copy_rows
+
+COUNT_BLOCK = 1024
+SCAN = 1024
+
+
+@triton.jit
+def _count_kernel(
+    cu_ptr,
+    keep_ptr,
+    importance_ptr,
+    threshold_ptr,
+    alive_ptr,
+    prefix_ptr,
+    count_ptr,
+    HAS_KEEP: tl.constexpr,
+    HAS_IMPORTANCE: tl.constexpr,
+    KEEP_FIRST: tl.constexpr,
+    HAS_ALIVE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Kept flags of one slot's tokens: in-sequence inclusive prefix ``prefix`` (int32) and the slot's count."""
+    seq = tl.program_id(0)
+    start = tl.load(cu_ptr + seq)
+    n = tl.load(cu_ptr + seq + 1) - start
+    if HAS_ALIVE:
+        n = tl.where(tl.load(alive_ptr + seq) != 0, n, 0)
+    if HAS_IMPORTANCE:
+        threshold = tl.load(threshold_ptr)
+        per_token = tl.math.div_rn(threshold, tl.maximum(n, 1).to(tl.float32))
+    carry = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
+    for offset in range(0, n, BLOCK):
+        idx = offset + tl.arange(0, BLOCK)
+        valid = idx < n
+        rows = start + idx
+        chosen = valid
+        if HAS_KEEP:
+            chosen = chosen & (tl.load(keep_ptr + rows, mask=valid, other=0) != 0)
+        if HAS_IMPORTANCE:
+            importance = tl.load(importance_ptr + rows, mask=valid, other=0.0)
+            keep_all = (tl.zeros([BLOCK], dtype=tl.float32) + threshold) <= 0.0
+            chosen = chosen & (keep_all | (importance > per_token))
+        if KEEP_FIRST:
+            chosen = chosen | (valid & (idx == 0))
+        kept = chosen.to(tl.int32)
+        tl.store(prefix_ptr + rows, tl.cumsum(kept, axis=0) + carry, mask=valid)
+        carry += tl.sum(kept, axis=0)
+    tl.store(count_ptr + seq, carry)
+
+
+@triton.jit
+def _slot_count(cu_ptr, count_ptr, alive_ptr, slots, mask, PER_TOKEN: tl.constexpr, HAS_ALIVE: tl.constexpr):
+    """Kept tokens of each slot in ``slots`` (0 where not ``mask``)."""
+    if PER_TOKEN:
+        count = tl.load(count_ptr + slots, mask=mask, other=0)
+    else:
+        count = tl.load(cu_ptr + slots + 1, mask=mask, other=0) - tl.load(cu_ptr + slots, mask=mask, other=0)
+        if HAS_ALIVE:
+            count = tl.where(tl.load(alive_ptr + slots, mask=mask, other=0) != 0, count, 0)
+    return count
+
+
+@triton.jit
+def _move_kernel(
+    hidden_ptr,
+    cu_ptr,
+    prefix_ptr,
+    count_ptr,
+    alive_ptr,
+    hidden_out_ptr,
+    cu_out_ptr,
+    counts_ptr,
+    width,
+    PER_TOKEN: tl.constexpr,
+    HAS_ALIVE: tl.constexpr,
+    HAS_COUNTS: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
+):
+    """Move one block of one slot's kept rows (columns of program 1) to their place in the output."""
+    block = tl.program_id(0)
+    seq = tl.program_id(2)
+    start = tl.load(cu_ptr + seq)
+    n = tl.load(cu_ptr + seq + 1) - start
+    offset = tl.sum(tl.zeros([SCAN_BLOCK], dtype=tl.int32), axis=0)
+    for first in range(0, seq, SCAN_BLOCK):
+        slots = first + tl.arange(0, SCAN_BLOCK)
+        offset += tl.sum(_slot_count(cu_ptr, count_ptr, alive_ptr, slots, slots < seq, PER_TOKEN, HAS_ALIVE), 0)
+    if PER_TOKEN:
+        own = tl.load(count_ptr + seq)
+    else:
+        own = n
+        if HAS_ALIVE:
+            own = tl.where(tl.load(alive_ptr + seq) != 0, n, 0)
+    if (block == 0) & (tl.program_id(1) == 0):
+        tl.store(cu_out_ptr + seq + 1, offset + own)
+        if seq == 0:
+            tl.store(cu_out_ptr, offset)
+        if HAS_COUNTS:
+            tl.store(counts_ptr + seq, own.to(tl.int64))
+    if (block * ROWS >= n) | (own == 0):
+        return
+    idx = block * ROWS + tl.arange(0, ROWS)
+    valid = idx < n
+    rows = start + idx
+    if PER_TOKEN:
+        inclusive = tl.load(prefix_ptr + rows, mask=valid, other=0)
+        previous = tl.load(prefix_ptr + rows - 1, mask=valid & (idx > 0), other=0)
+        chosen = valid & (inclusive != previous)
+        dest = offset + inclusive - 1
+    else:
+        chosen = valid
+        dest = offset + idx
+    _copy_rows(hidden_ptr, rows, hidden_out_ptr, dest, chosen, width, COLS)
+
+
+def compact_tokens_triton(
+    hidden: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    keep: torch.Tensor | None,
+    importance: torch.Tensor | None,
+    threshold: torch.Tensor | None,
+    keep_first: bool,
+    alive: torch.Tensor | None,
+    counts: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated inputs as in ``compact_tokens``; returns ``(hidden_out, cu_seqlens_out)``, never synchronising."""
+    capacity, width = hidden.shape
+    batch = cu_seqlens.numel() - 1
+    hidden_out = torch.empty_like(hidden)
+    cu_out = torch.empty_like(cu_seqlens)
+    per_token = keep is not None or importance is not None or keep_first
+    unused = cu_seqlens
+    prefix = count = unused
+    if per_token:
+        prefix = torch.empty(capacity, dtype=torch.int32, device=hidden.device)
+        count = torch.empty(batch, dtype=torch.int32, device=hidden.device)
+        _count_kernel[(batch,)](
+            cu_seqlens,
+            keep if keep is not None else unused,
+            importance if importance is not None else unused,
+            threshold if threshold is not None else unused,
+            alive if alive is not None else unused,
+            prefix,
+            count,
+            HAS_KEEP=keep is not None,
+            HAS_IMPORTANCE=importance is not None,
+            KEEP_FIRST=keep_first,
+            HAS_ALIVE=alive is not None,
+            BLOCK=min(max(triton.next_power_of_2(max_seqlen), 16), COUNT_BLOCK),
+        )
+    cols = _copy_cols(width)
+    _move_kernel[(triton.cdiv(max_seqlen, COPY_ROWS), triton.cdiv(width, cols), batch)](
+        hidden,
+        cu_seqlens,
+        prefix,
+        count,
+        alive if alive is not None else unused,
+        hidden_out,
+        cu_out,
+        counts if counts is not None else unused,
+        width,
+        PER_TOKEN=per_token,
+        HAS_ALIVE=alive is not None,
+        HAS_COUNTS=counts is not None,
+        ROWS=COPY_ROWS,
+        COLS=cols,
+        SCAN_BLOCK=min(max(triton.next_power_of_2(batch), 16), SCAN),
+    )
+    return hidden_out, cu_out
