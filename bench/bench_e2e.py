@@ -34,7 +34,7 @@ def setup(request: pytest.FixtureRequest) -> dict[str, Any]:
     argv = ["--models", "minilm", "--device", request.param, "--quiet"]
     args = e2e.parse_args(argv + (["--dtype", "float16"] if device.type == "cuda" else []))
     e2e.transformers_logging.set_verbosity_error()
-    path = e2e.default_model_path()
+    path = e2e.tokenizer_path(None)
     pools = e2e.build_pools(AutoTokenizer.from_pretrained(path), 2 * BATCH_SIZE, args.max_length, args.seed)
     backend = None if device.type == "cuda" else "torch"
     calibration = e2e.calibration_batch(pools, args.calibration_examples, device)
