@@ -1,0 +1,130 @@
+"""``python -m bench.gpu_suite``: the smoke mode end to end, a failing step, time limits and the target arithmetic."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.gpu_suite import E2E_PACKAGES, ROOT, STEPS, TARGETS, attention_targets, e2e_targets, junit_counts, run_step
+from bench.provenance import device_name
+
+STATUSES = ("ok", "failed", "timed out", "skipped")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, Path]:
+    """One smoke run with the attention step made to fail: its summary, its stdout and its folder."""
+    out = tmp_path_factory.mktemp("suite")
+    command = [sys.executable, "-m", "bench.gpu_suite", "--smoke", "--out", str(out), "--fail-step", "attention"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads((out / "summary.json").read_text()), done.stdout, out
+
+
+def test_summary_has_every_key_and_the_device(smoke: tuple[dict, str, Path]) -> None:
+    summary, _, _ = smoke
+    assert {"provenance", "device", "mode", "steps", "targets", "wall_s"} <= set(summary)
+    assert summary["mode"] == "smoke"
+    assert summary["device"] == device_name("cpu")
+    assert summary["provenance"]["git_commit"]
+    assert set(summary["targets"]) == set(TARGETS)
+    for name, target in summary["targets"].items():
+        assert {"value", "target", "met", "definition", "step"} <= set(target), name
+        assert target["value"] is None or isinstance(target["value"], float)
+
+
+def test_each_step_has_a_status_and_a_failing_one_does_not_stop_the_others(smoke: tuple[dict, str, Path]) -> None:
+    summary, stdout, out = smoke
+    steps = summary["steps"]
+    assert list(steps) == list(STEPS)
+    for name, step in steps.items():
+        assert step["status"] in STATUSES and step["wall_s"] >= 0, name
+    failed = steps["attention"]
+    assert failed["status"] == "failed" and failed["returncode"] != 0
+    assert any("deliberate failure" in line for line in failed["stderr_tail"])
+    assert summary["targets"]["attention_vs_best_sdpa"]["value"] is None
+    assert summary["targets"]["importance_overhead"]["value"] is None
+    # the steps after it ran, teeing their output, and their numbers were read
+    assert steps["tests"]["status"] == "ok" and steps["tests"]["counts"]["passed"] > 0
+    for name in ("compaction", "gemm"):
+        assert steps[name]["status"] == "ok", steps[name]
+        assert (out / f"{name}.log").read_text().startswith("$ ")
+    assert summary["targets"]["compaction_exit_share"]["value"] > 0
+    assert summary["targets"]["gemm_fraction_of_peak"]["value"] > 0
+    e2e_ready = all(importlib.util.find_spec(p) for p in E2E_PACKAGES)
+    assert (steps["e2e"]["status"] != "skipped") == e2e_ready
+    assert stdout.rstrip().splitlines()[-1].startswith("gemm_fraction_of_peak")
+
+
+def test_a_step_past_its_limit_is_killed_and_recorded(tmp_path: Path) -> None:
+    begin = time.monotonic()
+    command = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    record = run_step("sleep", command, 2.0, tmp_path, {"PATH": "/usr/bin:/bin"})
+    assert record["status"] == "timed out" and time.monotonic() - begin < 20
+    assert "started" in (tmp_path / "sleep.log").read_text()
+
+
+def test_junit_counts(tmp_path: Path) -> None:
+    xml = tmp_path / "tests.xml"
+    xml.write_text(
+        '<testsuites><testsuite tests="5" failures="1" errors="1" skipped="1">'
+        '<testcase classname="t" name="a"><failure/></testcase><testcase classname="t" name="b"><error/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    counts = junit_counts(xml)
+    assert counts == {"passed": 2, "failed": 1, "skipped": 1, "errors": 1, "failed_tests": ["t::a", "t::b"]}
+    assert junit_counts(tmp_path / "missing.xml") is None
+
+
+def record(model: str, bucket: str, batch: int, method: str, ms: float, flops_speedup: float = 1.0) -> dict:
+    cell = {"model": model, "bucket": bucket, "batch_size": batch}
+    return cell | {"method": method, "median_ms": ms, "flops_speedup": flops_speedup}
+
+
+def test_e2e_targets_fall_back_to_mp_and_hf_sdpa() -> None:
+    records = [
+        # batch 64: graph_mp in one cell, only mp in the other
+        record("a", "short", 64, "hf_sdpa", 10.0),
+        record("a", "short", 64, "graph_mp", 4.0, flops_speedup=2.0),  # 2.5 / 2 = 1.25
+        record("a", "short", 64, "mp", 8.0, flops_speedup=2.0),
+        record("a", "long", 64, "hf_sdpa", 10.0),
+        record("a", "long", 64, "mp", 8.0, flops_speedup=2.5),  # 1.25 / 2.5 = 0.5
+        # batch 1: the faster of hf_compiled and hf_sdpa is the baseline
+        record("a", "short", 1, "hf_sdpa", 3.0),
+        record("a", "short", 1, "hf_compiled", 2.0),
+        record("a", "short", 1, "graph_mp", 1.0),  # 2.0
+        record("a", "long", 1, "hf_sdpa", 3.0),
+        record("a", "long", 1, "mp", 2.0),  # 1.5
+    ]
+    found = e2e_targets({"records": records, "provenance": {"skipped_time_limit": [], "failed": []}})
+    value, details = found["e2e_b64_measured_over_flops_speedup"]
+    assert value == pytest.approx(0.5) and details["batch_size"] == 64
+    assert details["mp_method"] == ["graph_mp", "mp"]
+    value, details = found["e2e_b1_vs_dense"]
+    assert value == pytest.approx(1.5) and details["dense_method"] == ["hf_compiled", "hf_sdpa"]
+
+
+def test_attention_targets_read_bfloat16_only() -> None:
+    def rec(shape: str, lengths: list[int], dtype: str, method: str, ms: float) -> dict:
+        return {"shape": shape, "lengths": lengths, "dtype": dtype, "method": method, "median_ms": ms, "status": "ok"}
+
+    records = []
+    for dtype, scale in (("float16", 100.0), ("bfloat16", 1.0)):
+        records += [
+            rec("n128", [128, 128], dtype, "mp", 2.0 * scale),
+            rec("n128", [128, 128], dtype, "mp+importance", 2.4 * scale),
+            rec("n128", [128, 128], dtype, "sdpa-flash", 1.8 * scale),
+            rec("n128", [128, 128], dtype, "sdpa-math", 5.0 * scale),
+            rec("mixed", [16, 512], dtype, "mp", 1.0 * scale),
+            rec("mixed", [16, 512], dtype, "mp+importance", 1.1 * scale),
+            rec("mixed", [16, 512], dtype, "sdpa-efficient", 3.5 * scale),
+            rec("mixed", [16, 512], dtype, "eager", 0.1 * scale),  # not an SDPA backend
+        ]
+    found = attention_targets(records)
+    assert found["attention_vs_best_sdpa"][0] == pytest.approx(0.9)
+    assert found["attention_mixed_vs_best_sdpa"][0] == pytest.approx(3.5)
+    assert found["importance_overhead"][0] == pytest.approx(1.2)
