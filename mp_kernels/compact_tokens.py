@@ -9,8 +9,8 @@ sequence ``b`` (length ``n_b``) stays iff
     alive[b]  and  (keep_first and j is b's first token   or   keep[j] and importance rule)
 
 where each factor defaults to true when its argument is not given, and the importance rule (with ``importance``
-and ``threshold`` given) is ``threshold <= 0 or importance[j] > threshold / n_b`` in float32 (division correctly
-rounded): LTP's per-sequence threshold on the length-normalised importance, as ``prune_tokens`` applies it. The
+and ``threshold`` given) is ``threshold <= 0 or importance[j] > threshold / n_b`` in the importance's dtype
+(division correctly rounded): LTP's per-sequence threshold on the length-normalised importance, as ``prune_tokens`` applies it. The
 kept rows move to the front of the output, in order; ``cu_seqlens_out`` holds the new prefix sums, one slot per
 input slot. So one function packs a padded batch (``keep`` = the attention mask), prunes tokens (``importance``,
 ``threshold``, ``keep_first``) and removes exited sequences (``alive``), in one or two launches and without
@@ -59,8 +59,10 @@ def compact_tokens(
         max_seqlen: a Python int, an upper bound on every sequence's length (it sizes the Triton grid, so that
             nothing is read back); a length above it is undefined behaviour on the Triton backend.
         keep: bool ``(capacity,)`` per-token flags (a padded batch's attention mask, flattened).
-        importance: float32 ``(capacity,)`` token importance; needs ``threshold``.
-        threshold: float32 ``(1,)`` tensor on the device: the length-normalised threshold (0 or less keeps all).
+        importance: float32 ``(capacity,)`` token importance (float64 allowed with float64 ``hidden``); needs
+            ``threshold``.
+        threshold: ``(1,)`` tensor in ``importance``'s dtype on the device: the length-normalised threshold (0 or
+            less keeps all).
         keep_first: always keep the first token of every live, non-empty sequence.
         alive: bool ``(batch,)``: sequences to keep; the others become empty slots.
         counts: optional int64 ``(batch,)`` contiguous output, receives each slot's kept-token count.
@@ -88,8 +90,9 @@ def compact_tokens(
     if (importance is None) != (threshold is None):
         raise ValueError("importance and threshold go together: give both or neither")
     if importance is not None:
-        _check_per_token("importance", importance, capacity, (torch.float32,), device)
-        check_tensor("threshold", threshold, ndim=1, dtypes=(torch.float32,), device=device)
+        scores = (torch.float32, torch.float64) if hidden.dtype == torch.float64 else (torch.float32,)
+        _check_per_token("importance", importance, capacity, scores, device)
+        check_tensor("threshold", threshold, ndim=1, dtypes=(importance.dtype,), device=device)
         if threshold.shape[0] != 1:
             raise ValueError(f"threshold must be a (1,) tensor, got shape {tuple(threshold.shape)}")
     if not isinstance(keep_first, bool):

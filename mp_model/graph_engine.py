@@ -171,6 +171,7 @@ class GraphEngine:
         device = self.model.thresholds.device
         layers = self.model.config.num_hidden_layers
         shape = (key.batch, key.width)
+        score_dtype = torch.float64 if self.model.dtype == torch.float64 else torch.float32
         plan = Plan(
             key=key,
             input_ids=torch.zeros(shape, dtype=torch.int64, device=device),
@@ -178,7 +179,7 @@ class GraphEngine:
             token_type_ids=torch.zeros(shape, dtype=torch.int64, device=device),
             schedule=torch.zeros(key.batch, dtype=torch.int64, device=device),
             tau=torch.zeros(1, dtype=torch.float32, device=device),
-            thresholds=torch.zeros(layers, dtype=torch.float32, device=device),
+            thresholds=torch.zeros(layers, dtype=score_dtype, device=device),
             padded_cu=torch.arange(0, key.batch * key.width + 1, key.width, dtype=torch.int32, device=device),
         )
         while len(self._plans) >= self.max_graphs:

@@ -1,0 +1,232 @@
+"""Specification of the GPU engine (``mp_model.graph_engine``): same results as the packed path, no host
+synchronisation, the same launches whatever the outcome, buckets and knobs without recapture.
+
+On a CPU the Triton side runs under the interpreter (structure and arithmetic, not speed); on a GPU the same
+tests run the engine on CUDA, where it captures CUDA graphs, and the GPU-only tests check capture and replay.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mp_model.graph_engine import bucket
+from tests.test_model import LENGTHS, TINY, random_batch, tiny_model
+from tests.utils import DEVICE, ON_GPU
+
+THRESHOLDS = [0.97, 1.01, 1.03, 1.05]
+KNOBS = [
+    dict(tau=0.0, threshold_scale=1.0, prune=False, early_exit=False),
+    dict(tau=0.2, threshold_scale=1.0, prune=False, early_exit=True),
+    dict(tau=0.0, threshold_scale=1.0, prune=True, early_exit=False),
+    dict(tau=0.1, threshold_scale=1.0, prune=True, early_exit=True),
+    dict(tau=0.2, threshold_scale=0.5, prune=True, early_exit=True),
+    dict(tau=0.3, threshold_scale=1.5, prune=True, early_exit=True),
+    dict(tau=1.0, threshold_scale=1.0, prune=True, early_exit=True),
+]
+SYNC_OPS = ("_local_scalar_dense", "nonzero", "item", "equal", "is_nonzero")
+HOST_READS = ("tolist", "cpu", "item", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(THRESHOLDS).float().to(DEVICE)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return {name: tensor.to(DEVICE) for name, tensor in random_batch(LENGTHS, TINY["vocab_size"]).items()}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("knobs", KNOBS, ids=[f"knobs{i}" for i in range(len(KNOBS))])
+def test_same_results_as_the_packed_path(model, batch, backend: str, knobs: dict[str, Any]) -> None:
+    expected = model(**batch, **knobs, engine="packed", backend="torch")
+    out = model(**batch, **knobs, engine="graph", backend=backend)
+    assert torch.equal(out.exit_layer, expected.exit_layer)
+    assert torch.equal(out.kept_tokens, expected.kept_tokens)
+    assert torch.equal(out.flops, expected.flops)
+    assert torch.equal(out.logits.argmax(dim=1), expected.logits.argmax(dim=1))
+    torch.testing.assert_close(out.logits, expected.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_the_equivalence_test_sees_pruning_exits_and_padding_slots(model, batch) -> None:
+    out = model(**batch, tau=0.2, engine="graph", backend="torch")
+    lengths = batch["attention_mask"].sum(1)
+    layers = TINY["num_hidden_layers"]
+    assert (out.exit_layer < layers).any() and (out.exit_layer == layers).any()
+    assert (out.kept_tokens[:, 1] < lengths).any()
+    assert bucket(len(LENGTHS), model.graph_engine.batch_buckets) > len(LENGTHS), "the batch bucket pads slots"
+
+
+class SyncRecorder(TorchDispatchMode):
+    """Records the ATen operators that read device data back to the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in SYNC_OPS:
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def host_reads() -> Iterator[list[str]]:
+    """ATen reads (dispatch) and Python-level reads (``.tolist()``, ``.cpu()``, ``bool()``...) of tensors made by
+    our code; the Triton interpreter's own copies of kernel arguments are not counted."""
+    calls: list[str] = []
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def wrap(name, original):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if not caller.startswith(("triton", "torch", "numpy")):
+                calls.append(f"Tensor.{name} from {caller}")
+            return original(self, *args, **kwargs)
+
+        return read
+
+    with pytest.MonkeyPatch.context() as patch, SyncRecorder() as recorder:
+        for name, original in originals.items():
+            patch.setattr(torch.Tensor, name, wrap(name, original))
+        yield calls
+    calls.extend(recorder.calls)
+
+
+def test_no_host_synchronisation_between_the_inputs_and_the_outputs(model, batch) -> None:
+    knobs = dict(tau=0.2, threshold_scale=1.0, prune=True, early_exit=True, exit_schedule=None)
+    engine = model.graph_engine
+    engine(**batch, **knobs, backend="triton")
+    other = random_batch(list(reversed(LENGTHS)), TINY["vocab_size"], seed=5)
+    other = {name: tensor.to(DEVICE) for name, tensor in other.items()}
+    with host_reads() as calls:
+        engine(**other, **knobs, backend="triton")
+    assert calls == []
+    with host_reads() as calls:
+        model(**other, tau=0.2, engine="packed", backend="triton", validate=False)
+    assert calls, "the recorder must see the packed path's read-backs"
+
+
+@contextmanager
+def launches() -> Iterator[list[tuple]]:
+    """Every Triton launch (kernel, grid, argument shapes and values) and every ATen op with its shapes."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    calls: list[tuple] = []
+
+    def describe(value):
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.dtype)
+        return value
+
+    class Shapes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append((str(func), *(describe(a) for a in args if isinstance(a, torch.Tensor))))
+            return func(*args, **(kwargs or {}))
+
+    def wrap(original):
+        def run(self, *args, grid, warmup, **kwargs):
+            calls.append((self.__name__, tuple(grid), *(describe(a) for a in args), *sorted(kwargs.items())))
+            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+        return run
+
+    with pytest.MonkeyPatch.context() as patch:
+        for cls in (JITFunction, InterpretedFunction):
+            patch.setattr(cls, "run", wrap(cls.run))
+        with Shapes():
+            yield calls
+
+
+def test_different_outcomes_run_the_same_launches(model, batch) -> None:
+    engine = model.graph_engine
+    other = random_batch([5, 64, 2, 33, 9, 1, 17, 40, 3, 12], TINY["vocab_size"], seed=9)
+    other = {name: tensor.to(DEVICE) for name, tensor in other.items()}
+    engine.use_graphs = False
+    try:
+        runs = []
+        for inputs, tau, scale in ((batch, 0.0, 0.5), (other, 0.6, 1.5)):
+            with launches() as calls:
+                out = engine(**inputs, tau=tau, threshold_scale=scale, prune=True, early_exit=True, backend="triton")
+            runs.append((calls, out))
+    finally:
+        engine.use_graphs = None
+    (first, a), (second, b) = runs
+    assert not torch.equal(a.exit_layer, b.exit_layer) and not torch.equal(a.kept_tokens, b.kept_tokens)
+    assert any(call[0] == "_move_kernel" for call in first)
+    assert first == second
+
+
+def test_buckets_and_knobs_reuse_one_plan(model) -> None:
+    from mp_model.graph_engine import GraphEngine
+
+    engine = GraphEngine(model, batch_buckets=(4, 16), width_buckets=(16, 32))
+    for lengths, tau, scale in (([3, 9, 16], 0.1, 1.0), ([20, 2, 5, 7], 0.9, 0.5), ([1], 0.5, 2.0)):
+        inputs = {n: t.to(DEVICE) for n, t in random_batch(lengths, TINY["vocab_size"]).items()}
+        engine(**inputs, tau=tau, threshold_scale=scale, prune=True, early_exit=True, backend="torch")
+    assert sorted(engine.stats()["buckets"]) == [[4, 16], [4, 32]]
+    engine(**inputs, tau=0.5, threshold_scale=0.0, prune=True, early_exit=True, backend="torch")
+    assert engine.stats()["plans"] == 3, "no layer prunes at scale 0: another structure, another plan"
+
+
+def test_warm_up_prepares_every_width_bucket_up_to_the_length(model) -> None:
+    from mp_model.graph_engine import GraphEngine
+
+    engine = GraphEngine(model, batch_buckets=(2, 8), width_buckets=(16, 32, 64))
+    stats = engine.warm_up([1, 5], 40, backend="torch")
+    assert sorted(map(tuple, stats["buckets"])) == [(2, 16), (2, 32), (2, 64), (8, 16), (8, 32), (8, 64)]
+    assert stats["graphs"] == 0 or ON_GPU
+
+
+def test_moving_the_model_drops_its_plans() -> None:
+    model = tiny_model(THRESHOLDS).float().to(DEVICE)
+    inputs = {n: t.to(DEVICE) for n, t in random_batch([4, 7], TINY["vocab_size"]).items()}
+    first = model(**inputs, tau=0.3, engine="graph", backend="torch")
+    model.double()
+    second = model(**{**inputs}, tau=0.3, engine="graph", backend="torch")
+    assert second.logits.dtype == torch.float64 and model.graph_engine.stats()["plans"] == 1
+    torch.testing.assert_close(second.logits.float(), first.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_engine_choice_is_checked(model, batch) -> None:
+    with pytest.raises(ValueError, match="engine"):
+        model(**batch, engine="fast")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs and sync debug mode need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_replay_equals_the_eager_static_forward(batch, dtype: torch.dtype) -> None:
+    model = tiny_model(THRESHOLDS).to(DEVICE, dtype)
+    knobs = dict(tau=0.2, threshold_scale=1.0, prune=True, early_exit=True)
+    eager = model.graph_engine
+    eager.use_graphs = False
+    expected = model(**batch, **knobs, engine="graph")
+    eager.use_graphs = True
+    eager.reset()
+    replayed = [model(**batch, **knobs, engine="graph") for _ in range(2)]
+    assert eager.stats()["graphs"] == 1 and eager.stats()["graph_memory_bytes"] > 0
+    for out in replayed:
+        for name in ("logits", "exit_layer", "kept_tokens", "flops"):
+            assert torch.equal(getattr(out, name), getattr(expected, name)), name
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs and sync debug mode need a GPU")
+def test_sync_debug_mode_passes_on_the_hot_path(model, batch) -> None:
+    knobs = dict(tau=0.2, threshold_scale=1.0, prune=True, early_exit=True, engine="graph", validate=False)
+    model(**batch, **knobs)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for tau in (0.0, 0.5):
+            model(**batch, **{**knobs, "tau": tau})
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
