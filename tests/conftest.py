@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tests.utils import DEVICE, KERNEL_DTYPES, ON_GPU  # noqa: E402
+from tests.utils import DEVICE, KERNEL_DTYPES, ON_GPU, tf32_matmuls  # noqa: E402
 
 
 @pytest.fixture
@@ -23,4 +23,5 @@ def device() -> torch.device:
 
 def pytest_report_header(config: pytest.Config) -> str:
     mode = "GPU " + torch.cuda.get_device_name() if ON_GPU else "CPU (Triton interpreter)"
-    return f"magic-pyramid kernels on {mode}; dtypes {[str(d) for d in KERNEL_DTYPES]}"
+    precision = f"; float32 matmuls {'TF32' if tf32_matmuls() else 'IEEE'}" if ON_GPU else ""
+    return f"magic-pyramid kernels on {mode}; dtypes {[str(d) for d in KERNEL_DTYPES]}{precision}"
