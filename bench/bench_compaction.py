@@ -8,6 +8,11 @@ leave). Each is compared with the obvious eager PyTorch code (boolean masks, ``n
 attention, width ``d``, 12 heads, feed-forward ``4 d``) on the same tokens as ``tokens / layer_seqlen`` full
 sequences. Targets on a GPU: each kernel at least 3x faster than eager, all of them under 5% of the layer.
 
+It also times the variant the GPU engine (``mp_model.graph_engine``) runs after a layer, on the same batch in a
+fixed-capacity buffer with sizes in device memory and no read-back: ``compact_tokens`` pruning, ``exit_step``
+(segment mean, a 128-wide sub-classifier, entropy test and exit records, one launch) and ``compact_tokens``
+dropping the exited sequences; their sum is ``engine_total_ms`` and ``engine_share_of_layer``.
+
 Two ways to run it:
 
 * ``pytest bench/bench_compaction.py`` (pytest-benchmark, CUDA only: skipped without a GPU);
@@ -42,6 +47,8 @@ DROP_SHARE = 0.25
 LAYER_SEQLEN = 128
 HEADS = 12
 OPS = ("prune_tokens", "entropy_exit", "scatter_rows", "drop_sequences")
+ENGINE_OPS = ("compact_prune", "exit_step", "compact_drop")
+EXIT_WIDTH = 128
 
 
 @dataclass
@@ -160,6 +167,35 @@ def op_calls(backend: str) -> dict[str, dict[str, Callable[[Batch], object]]]:
     }
 
 
+def engine_calls(batch: Batch, backend: str) -> dict[str, Callable[[Batch], object]]:
+    """The GPU engine's calls after a layer on ``batch`` (threshold, tau and head weights made once here)."""
+    device, dtype = batch.hidden.device, batch.hidden.dtype
+    width = batch.hidden.shape[1]
+    max_seqlen = MAX_LENGTH
+    threshold = torch.ones(1, device=device)
+    tau = torch.full((1,), TAU, device=device)
+    generator = torch.Generator().manual_seed(0)
+    head = [
+        (torch.randn(*shape, generator=generator) * 0.05).to(device=device, dtype=dtype)
+        for shape in ((EXIT_WIDTH, width), (EXIT_WIDTH,), (CLASSES, EXIT_WIDTH), (CLASSES,))
+    ]
+
+    def exit_call(b: Batch) -> None:
+        alive = b.keep.clone()
+        mp_kernels.exit_step(b.hidden, b.cu_seqlens, *head, tau, 3, b.logits_out, b.exit_layer, alive, backend=backend)
+
+    return {
+        "compact_prune": lambda b: mp_kernels.compact_tokens(
+            b.hidden, b.cu_seqlens, max_seqlen, importance=b.importance, threshold=threshold, keep_first=True,
+            backend=backend, validate=False,
+        ),
+        "exit_step": exit_call,
+        "compact_drop": lambda b: mp_kernels.compact_tokens(
+            b.hidden, b.cu_seqlens, max_seqlen, alive=b.keep, backend=backend, validate=False
+        ),
+    }  # fmt: skip
+
+
 def bert_layer(width: int, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """One BERT encoder layer of width ``width`` (BERT-base at 768), SDPA attention, in eval mode."""
     from transformers import BertConfig
@@ -210,9 +246,15 @@ def run(
                 mp_ms, eager_ms = record[f"{op}_mp"]["median_ms"], record[f"{op}_eager"]["median_ms"]
                 record[f"{op}_speedup"] = eager_ms / mp_ms
                 mp_total += mp_ms
+            engine_total = 0.0
+            for op, call in engine_calls(batches[0], backend).items():
+                record[f"{op}_engine"] = median_ms(call, batches, device=device, repeats=repeats)
+                engine_total += record[f"{op}_engine"]["median_ms"]
             record["layer"] = time_layer(tokens, width, dtype, device, layer_seqlen, layer_repeats)
             record["compaction_total_ms"] = mp_total
             record["share_of_layer"] = mp_total / record["layer"]["median_ms"]
+            record["engine_total_ms"] = engine_total
+            record["engine_share_of_layer"] = engine_total / record["layer"]["median_ms"]
             records.append(record)
             print(summary_line(record), flush=True)
     return records
@@ -222,7 +264,8 @@ def summary_line(record: dict[str, Any]) -> str:
     ratios = "  ".join(f"{op} {record[f'{op}_mp']['median_ms']:.3f} ms x{record[f'{op}_speedup']:.2f}" for op in OPS)
     return (
         f"tokens {record['tokens']:>6} d {record['width']}: {ratios}  | layer {record['layer']['median_ms']:.2f} ms,"
-        f" compaction {100 * record['share_of_layer']:.2f}% of it"
+        f" compaction {100 * record['share_of_layer']:.2f}% of it, engine variant"
+        f" {100 * record['engine_share_of_layer']:.2f}%"
     )
 
 

@@ -8,14 +8,14 @@ sequence ``b`` (length ``n_b``) stays iff
 
     alive[b]  and  (keep_first and j is b's first token   or   keep[j] and importance rule)
 
-where each factor defaults to true when its argument is not given, and the importance rule (with ``importance``
-and ``threshold`` given) is ``threshold <= 0 or importance[j] > threshold / n_b`` in the importance's dtype
-(division correctly rounded): LTP's per-sequence threshold on the length-normalised importance, as ``prune_tokens`` applies it. The
-kept rows move to the front of the output, in order; ``cu_seqlens_out`` holds the new prefix sums, one slot per
-input slot. So one function packs a padded batch (``keep`` = the attention mask), prunes tokens (``importance``,
-``threshold``, ``keep_first``) and removes exited sequences (``alive``), in one or two launches and without
-reading anything back: the live row count is ``cu_seqlens_out[-1]``, in device memory, where the next kernels
-read it.
+where each factor defaults to true when its argument is not given, and the importance rule (with ``importance`` and
+``threshold`` given) is ``threshold <= 0 or importance[j] > threshold / n_b`` in the importance's dtype (division
+correctly rounded): LTP's per-sequence threshold on the length-normalised importance, as ``prune_tokens`` applies
+it. The kept rows move to the front of the output, in order; ``cu_seqlens_out`` holds the new prefix sums, one slot
+per input slot. So one function packs a padded batch (``keep`` = the attention mask), prunes tokens
+(``importance``, ``threshold``, ``keep_first``) and removes exited sequences (``alive``), in one or two launches
+and without reading anything back: the live row count is ``cu_seqlens_out[-1]``, in device memory, where the next
+kernels read it.
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ def entropy_exit(
     """Normalised softmax entropy of each row of ``logits`` and whether it is at most ``tau``.
 
     The softmax is computed stably in float32, so logits of +-1e4 give no NaN; the uncertainty is clamped into
-    [0, 1] against rounding. Nothing is read back to the host.
+    [0, 1] against rounding. NaN policy (both backends): a row with a NaN logit, or infinite logits of both
+    signs, has a NaN uncertainty and never exits. Nothing is read back to the host.
 
     Args:
         logits: ``(batch, classes)``, float16, bfloat16 or float32 (float64 on the ``"torch"`` backend),

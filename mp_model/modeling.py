@@ -174,33 +174,17 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
             raise ValueError(f"exit_schedule must be a ({input_ids.shape[0]},) tensor")
         if engine not in (None, "graph", "packed"):
             raise ValueError(f"engine must be 'graph', 'packed' or None, got {engine!r}")
-        prune = config.use_pruning if prune is None else prune
-        early_exit = config.use_early_exit if early_exit is None else early_exit
-        if engine == "graph" or (engine is None and input_ids.is_cuda):
-            return self.graph_engine(
-                input_ids,
-                attention_mask,
-                token_type_ids,
-                tau=tau,
-                threshold_scale=float(threshold_scale),
-                prune=prune,
-                early_exit=early_exit,
-                exit_schedule=exit_schedule,
-                backend=backend,
-            )
-        return packed_forward(
-            self,
-            input_ids,
-            attention_mask,
-            token_type_ids,
-            max_length=max_length,
+        knobs = dict(
             tau=tau,
             threshold_scale=float(threshold_scale),
-            prune=prune,
-            early_exit=early_exit,
-            backend=backend,
+            prune=config.use_pruning if prune is None else prune,
+            early_exit=config.use_early_exit if early_exit is None else early_exit,
             exit_schedule=exit_schedule,
+            backend=backend,
         )
+        if engine == "graph" or (engine is None and input_ids.is_cuda):
+            return self.graph_engine(input_ids, attention_mask, token_type_ids, **knobs)
+        return packed_forward(self, input_ids, attention_mask, token_type_ids, max_length=max_length, **knobs)
 
     def masked_forward(
         self,

@@ -140,6 +140,19 @@ def test_tau_zero_lets_only_certain_examples_exit(backend: str) -> None:
     assert run(logits, 1.0, backend)[0].tolist() == [True, True, True]
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_nan_logits_never_exit(backend: str, dtype: torch.dtype) -> None:
+    """One NaN policy on both backends: a NaN logit, or infinite logits of both signs, give a NaN uncertainty,
+    which fails ``<= tau`` even at ``tau = 1``; the other rows are unaffected."""
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[nan, 1.0, 2.0], [1.0, 2.0, 3.0], [inf, -inf, 0.0], [nan, nan, nan]], device=DEVICE)
+    exit_mask, uncertainty = mp_kernels.entropy_exit(logits.to(dtype), 1.0, backend=backend)
+    assert exit_mask.tolist() == [False, True, False, False]
+    assert uncertainty.isnan().tolist() == [True, False, True, True]
+
+
 def test_float64_on_torch_backend() -> None:
     logits = torch.tensor([[0.0, 1.0, 2.0], [3.0, -1.0, 0.5]], dtype=torch.float64, device=DEVICE)
     _, uncertainty = run(logits, 0.5, "torch")

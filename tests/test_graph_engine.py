@@ -16,20 +16,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.launches import record_launches
 from mp_model.graph_engine import bucket
+from tests.test_model import KNOB_SETTINGS as KNOBS
 from tests.test_model import LENGTHS, TINY, random_batch, tiny_model
 from tests.utils import DEVICE, ON_GPU
 
 THRESHOLDS = [0.97, 1.01, 1.03, 1.05]
-KNOBS = [
-    dict(tau=0.0, threshold_scale=1.0, prune=False, early_exit=False),
-    dict(tau=0.2, threshold_scale=1.0, prune=False, early_exit=True),
-    dict(tau=0.0, threshold_scale=1.0, prune=True, early_exit=False),
-    dict(tau=0.1, threshold_scale=1.0, prune=True, early_exit=True),
-    dict(tau=0.2, threshold_scale=0.5, prune=True, early_exit=True),
-    dict(tau=0.3, threshold_scale=1.5, prune=True, early_exit=True),
-    dict(tau=1.0, threshold_scale=1.0, prune=True, early_exit=True),
-]
 SYNC_OPS = ("_local_scalar_dense", "nonzero", "item", "equal", "is_nonzero")
 HOST_READS = ("tolist", "cpu", "item", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
@@ -115,38 +108,6 @@ def test_no_host_synchronisation_between_the_inputs_and_the_outputs(model, batch
     assert calls, "the recorder must see the packed path's read-backs"
 
 
-@contextmanager
-def launches() -> Iterator[list[tuple]]:
-    """Every Triton launch (kernel, grid, argument shapes and values) and every ATen op with its shapes."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    calls: list[tuple] = []
-
-    def describe(value):
-        if isinstance(value, torch.Tensor):
-            return ("tensor", tuple(value.shape), value.dtype)
-        return value
-
-    class Shapes(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            calls.append((str(func), *(describe(a) for a in args if isinstance(a, torch.Tensor))))
-            return func(*args, **(kwargs or {}))
-
-    def wrap(original):
-        def run(self, *args, grid, warmup, **kwargs):
-            calls.append((self.__name__, tuple(grid), *(describe(a) for a in args), *sorted(kwargs.items())))
-            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
-
-        return run
-
-    with pytest.MonkeyPatch.context() as patch:
-        for cls in (JITFunction, InterpretedFunction):
-            patch.setattr(cls, "run", wrap(cls.run))
-        with Shapes():
-            yield calls
-
-
 def test_different_outcomes_run_the_same_launches(model, batch) -> None:
     engine = model.graph_engine
     other = random_batch([5, 64, 2, 33, 9, 1, 17, 40, 3, 12], TINY["vocab_size"], seed=9)
@@ -155,7 +116,7 @@ def test_different_outcomes_run_the_same_launches(model, batch) -> None:
     try:
         runs = []
         for inputs, tau, scale in ((batch, 0.0, 0.5), (other, 0.6, 1.5)):
-            with launches() as calls:
+            with record_launches() as calls:
                 out = engine(**inputs, tau=tau, threshold_scale=scale, prune=True, early_exit=True, backend="triton")
             runs.append((calls, out))
     finally:

@@ -3,7 +3,9 @@
 Each program takes ``ROWS`` rows and walks their classes in chunks of ``COLS``, keeping per row the running
 maximum ``m``, ``s = sum(exp(x - m))`` and ``t = sum(exp(x - m) * (x - m))``. When the maximum rises to ``m'``
 both are rescaled by ``a = exp(m - m')``: ``s' = a * s`` and ``t' = a * (t + (m - m') * s)``. The entropy is
-``log(s) - t / s``; it is normalised, clamped into [0, 1] and compared with ``tau`` in the same program.
+``log(s) - t / s``; it is normalised, clamped into [0, 1] by comparisons (a NaN stays NaN, as in the PyTorch
+backend, and never passes ``<= tau``; ``tl.minimum``/``tl.maximum`` would turn it into a bound on a GPU) and
+compared with ``tau`` in the same program.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def _entropy_exit_kernel(
         maximum = new_maximum
     total = tl.where(row_valid, total, 1.0)
     entropy = tl.log(total) - weighted / total
-    uncertainty = tl.minimum(tl.maximum(entropy * inv_log_classes, 0.0), 1.0)
+    uncertainty = entropy * inv_log_classes
+    uncertainty = tl.where(uncertainty < 0.0, 0.0, tl.where(uncertainty > 1.0, 1.0, uncertainty))
     tl.store(uncertainty_ptr + rows, uncertainty, mask=row_valid)
     tl.store(exit_ptr + rows, uncertainty <= tau, mask=row_valid)
 
