@@ -80,6 +80,7 @@ class Plan:
     outputs: tuple[torch.Tensor, ...] | None = None
     memory_bytes: int = 0
     capture_s: float = 0.0
+    knobs: tuple[Any, ...] = ()
 
 
 @dataclass
@@ -127,19 +128,26 @@ class GraphEngine:
         self._thresholds_seen: tuple[int, int] = (-1, -1)
         self._host_thresholds: list[float] = []
         self._pool: Any = None
+        self._parameters = list(model.parameters())
+        self._projections = [
+            (a.query, a.key, a.value) for a in (layer.attention.self for layer in model.bert.encoder.layer)
+        ]
+        self._projection_tensors = [p for trio in self._projections for m in trio for p in (m.weight, m.bias)]
 
     # ----------------------------------------------------------------------------------------------- state
     def _sync_weights(self) -> None:
-        """Drop every plan if the model's tensors moved; refresh the fused Q/K/V weights if they changed."""
-        parameters = list(self.model.parameters())
-        pointers = tuple(p.data_ptr() for p in parameters) + (parameters[0].dtype.itemsize,)
+        """Drop every plan if the model's tensors moved; refresh the fused Q/K/V weights if they changed.
+
+        About 20 us per call for BERT-base (cached parameter lists: ``data_ptr`` of every parameter, the
+        version counters of the Q/K/V ones); walking ``model.parameters()`` each call cost 375 us.
+        """
+        pointers = (self._parameters[0].dtype, *map(torch.Tensor.data_ptr, self._parameters))
         if pointers != self._pointers:
             self._plans.clear()
             self._fused = FusedWeights()
             self._pointers = pointers
-        layers = [layer.attention.self for layer in self.model.bert.encoder.layer]
-        projections = [(a.query, a.key, a.value) for a in layers]
-        versions = tuple(p._version for trio in projections for m in trio for p in (m.weight, m.bias))
+        projections = self._projections
+        versions = tuple(p._version for p in self._projection_tensors)
         if versions == self._fused.versions:
             return
         with torch.no_grad():
@@ -340,8 +348,11 @@ class GraphEngine:
                 target[:batch, :width].copy_(source)
         if exit_schedule is not None:
             plan.schedule[:batch].copy_(exit_schedule)
-        plan.tau.fill_(tau)
-        plan.thresholds.copy_(self.model.thresholds.detach().double() * threshold_scale)
+        knobs = (tau, threshold_scale, self._thresholds_seen)
+        if knobs != plan.knobs:
+            plan.tau.fill_(tau)
+            plan.thresholds.copy_(self.model.thresholds.detach().double() * threshold_scale)
+            plan.knobs = knobs
         if plan.graph is not None:
             plan.graph.replay()
             outputs = plan.outputs
