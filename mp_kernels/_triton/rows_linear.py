@@ -24,6 +24,7 @@ import triton.language as tl
 
 from mp_kernels.dispatch import triton_interpreting
 
+SMALL_CAPACITY = 128
 SQRT_HALF = tl.constexpr(0.7071067811865476)
 SQRT_TWO_OVER_PI = tl.constexpr(0.7978845608028654)
 
@@ -39,17 +40,22 @@ class TileConfig(NamedTuple):
     num_stages: int
 
 
-def tile_config(dtype: torch.dtype, k: int, n: int) -> TileConfig:
-    """The fixed tile choice for inputs of ``dtype`` with ``k`` input and ``n`` output features.
+def tile_config(dtype: torch.dtype, k: int, n: int, capacity: int) -> TileConfig:
+    """The fixed tile choice for ``capacity`` rows of ``dtype`` with ``k`` input and ``n`` output features.
 
     Untuned on a GPU: for half precision 128 x 128 x 64 tiles on 8 warps (128 x 64 x 64 on 4 warps for outputs
-    narrower than 512), for float32 64 x 64 x 32, whose IEEE products run on the FMA units. ``k`` is part of the
-    key for future tuning; every tile dimension is at least 16, as ``tl.dot`` requires on a GPU.
+    narrower than 512), for float32 64 x 64 x 32, whose IEEE products run on the FMA units. Buffers of at most
+    ``SMALL_CAPACITY`` rows (batch 1 and small buckets) get 64 x 64 tiles: with one row block the grid is
+    ``n / BLOCK_N`` programs, and narrower column blocks spread the weight read over more SMs (predicted, to be
+    measured by ``bench.gpu_gemm``). ``k`` is part of the key for future tuning; every tile dimension is at least
+    16, as ``tl.dot`` requires on a GPU.
     """
     if triton_interpreting():
         return TileConfig(block_m=32, block_n=64, block_k=32, group_m=2, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return TileConfig(block_m=64, block_n=64, block_k=32, group_m=8, num_warps=4, num_stages=3)
+    if capacity <= SMALL_CAPACITY:
+        return TileConfig(block_m=64, block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=4)
     if n >= 512:
         return TileConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
     return TileConfig(block_m=128, block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=4)
@@ -154,7 +160,7 @@ def rows_linear_triton(
     y = torch.empty((capacity, n), dtype=x.dtype, device=x.device)
     if capacity == 0:
         return y
-    config = tile_config(x.dtype, k, n)
+    config = tile_config(x.dtype, k, n, capacity)
     grid = (triton.cdiv(capacity, config.block_m) * triton.cdiv(n, config.block_n),)
     _rows_linear_kernel[grid](
         x,
