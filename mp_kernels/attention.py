@@ -54,12 +54,18 @@ def varlen_attention(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Bidirectional softmax attention of each packed sequence with itself.
 
+    NaN policy (both backends): values are never inspected; a NaN (or infinity) in a sequence's ``q``, ``k`` or
+    ``v`` spreads only to that sequence's outputs and importances that depend on it, never to another sequence.
+    A NaN importance keeps its token in ``prune_tokens`` and ``compact_tokens`` (a NaN never removes anything).
+
     Args:
         q, k, v: ``(total_tokens, heads, head_dim)``, float16, bfloat16 or float32 (float64 on the ``"torch"``
             backend, for reference computations), on one device, contiguous in ``head_dim``;
             ``head_dim`` in 16, 32, 64, 128.
         cu_seqlens: int32 ``(batch + 1,)``, from 0, non-decreasing, ending at ``total_tokens``.
-        max_seqlen: the longest sequence's length (an upper bound is fine), at most ``MAX_SEQLEN``.
+        max_seqlen: the longest sequence's length, in ``[1, MAX_SEQLEN]``: it sizes the Triton grid (nothing is
+            read back); an upper bound is fine; a smaller value is slower, never wrong (with ``validate`` a
+            longer sequence is reported as an error).
         scale: softmax scale, ``head_dim ** -0.5`` by default.
         return_importance: also return each token's importance (see the module docstring).
         backend: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA or under ``TRITON_INTERPRET=1``).

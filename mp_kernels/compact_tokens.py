@@ -9,13 +9,17 @@ sequence ``b`` (length ``n_b``) stays iff
     alive[b]  and  (keep_first and j is b's first token   or   keep[j] and importance rule)
 
 where each factor defaults to true when its argument is not given, and the importance rule (with ``importance`` and
-``threshold`` given) is ``threshold <= 0 or importance[j] > threshold / n_b`` in the importance's dtype (division
-correctly rounded): LTP's per-sequence threshold on the length-normalised importance, as ``prune_tokens`` applies
-it. The kept rows move to the front of the output, in order; ``cu_seqlens_out`` holds the new prefix sums, one slot
-per input slot. So one function packs a padded batch (``keep`` = the attention mask), prunes tokens
-(``importance``, ``threshold``, ``keep_first``) and removes exited sequences (``alive``), in one or two launches
-and without reading anything back: the live row count is ``cu_seqlens_out[-1]``, in device memory, where the next
-kernels read it.
+``threshold`` given) is ``threshold <= 0 or not importance[j] <= threshold / n_b`` in the importance's dtype
+(division correctly rounded; for numbers, ``importance[j] > threshold / n_b``): LTP's per-sequence threshold on
+the length-normalised importance, as ``prune_tokens`` applies it. The kept rows move to the front of the output,
+in order; ``cu_seqlens_out`` holds the new prefix sums, one slot per input slot. So one function packs a padded
+batch (``keep`` = the attention mask), prunes tokens (``importance``, ``threshold``, ``keep_first``) and removes
+exited sequences (``alive``), in one or two launches and without reading anything back: the live row count is
+``cu_seqlens_out[-1]``, in device memory, where the next kernels read it.
+
+NaN policy (both backends): a NaN never removes anything. A token whose importance is NaN, or any token when
+the threshold is NaN, passes the importance rule (``keep``, ``keep_first`` and ``alive`` still apply); values of
+``hidden`` are moved, never inspected.
 """
 
 from __future__ import annotations
@@ -56,8 +60,9 @@ def compact_tokens(
         hidden: ``(capacity, d)`` float16, bfloat16 or float32 (float64 on the ``"torch"`` backend), contiguous;
             rows at and past ``cu_seqlens[-1]`` are not read.
         cu_seqlens: int32 ``(batch + 1,)``, from 0, non-decreasing, ending at most at ``capacity``.
-        max_seqlen: a Python int, an upper bound on every sequence's length (it sizes the Triton grid, so that
-            nothing is read back); a length above it is undefined behaviour on the Triton backend.
+        max_seqlen: a Python int in ``[1, capacity]``, the longest sequence's length (it sizes the Triton grid,
+            so that nothing is read back): an upper bound is fine; a smaller value is slower, never wrong (with
+            ``validate`` a longer sequence is reported as an error).
         keep: bool ``(capacity,)`` per-token flags (a padded batch's attention mask, flattened).
         importance: float32 ``(capacity,)`` token importance (float64 allowed with float64 ``hidden``); needs
             ``threshold``.

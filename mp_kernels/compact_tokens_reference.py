@@ -34,7 +34,7 @@ def compact_tokens_torch(
         chosen &= keep[:live]
     if importance is not None:
         per_sequence = threshold / lengths.clamp(min=1).to(threshold.dtype)
-        chosen &= (threshold <= 0) | (importance[:live] > per_sequence[sequence])
+        chosen &= (threshold <= 0) | ~(importance[:live] <= per_sequence[sequence])
     if keep_first:
         chosen |= torch.arange(live, device=device) == bounds[sequence]
     if alive is not None:

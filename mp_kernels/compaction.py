@@ -4,7 +4,7 @@ Pruning and early exit only save time if pruned tokens and finished sequences re
 These functions remove them in a few launches with at most one host synchronisation each (the sizes of the
 outputs, all in one copy), so a model can compact its batch after every layer:
 
-* ``prune_tokens`` keeps the tokens whose importance exceeds their sequence's threshold;
+* ``prune_tokens`` keeps the tokens whose importance exceeds their sequence's threshold (a NaN keeps);
 * ``drop_sequences`` removes whole sequences (those that exited) and carries their original positions along;
 * ``scatter_rows`` writes an exiting layer's per-sequence rows (logits, exit layer) into the caller's output at
   those original positions, without synchronising.
@@ -76,8 +76,12 @@ def prune_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """Keep the tokens whose importance exceeds their sequence's threshold, in order.
 
-    Token ``j`` of sequence ``b`` stays iff ``importance[j] > threshold[b]`` (strictly), or, with
-    ``keep_first``, it is the first token of its sequence (CLS), so that no non-empty sequence becomes empty.
+    Token ``j`` of sequence ``b`` stays iff ``not importance[j] <= threshold[b]`` (for numbers: strictly
+    above), or, with ``keep_first``, it is the first token of its sequence (CLS), so that no non-empty sequence
+    becomes empty.
+
+    NaN policy (both backends): a NaN never removes anything. A token whose importance is NaN, or whose
+    sequence's threshold (tensor entry) is NaN, is kept; a Python float threshold that is NaN is rejected.
 
     Args:
         hidden: ``(total_tokens, d)``, float16, bfloat16 or float32 (float64 on the ``"torch"`` backend),
@@ -127,6 +131,8 @@ def drop_sequences(
 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """Remove whole sequences from a packed batch, keeping the order of the others.
 
+    NaN policy (both backends): values are moved, never inspected; NaNs in ``hidden`` pass through unchanged.
+
     Args:
         hidden: ``(total_tokens, d)``, float16, bfloat16 or float32 (float64 on the ``"torch"`` backend),
             contiguous.
@@ -171,7 +177,7 @@ def scatter_rows(
 
     Typically writes an exiting layer's logits ``(batch, classes)`` into a ``(original_batch, classes)`` output
     at ``seq_index``, or the exit layer into a 1-D int64 output. If two selected rows share an index, which one
-    lands is unspecified.
+    lands is unspecified. NaN policy (both backends): values are copied, never inspected; NaNs pass through.
 
     Args:
         out: ``(N,)`` or ``(N, C)``, contiguous; any float, integer or bool dtype.

@@ -22,9 +22,10 @@ def prune_tokens_torch(
     """Validated inputs as in ``prune_tokens``; returns ``(hidden_kept, cu_seqlens_kept, max_seqlen_kept,
     kept_index)``.
 
-    The threshold is compared in ``importance``'s dtype (a Python float is rounded to it, as PyTorch does). The
-    first tokens are marked through ``cu_seqlens[:-1]`` directly: an empty sequence's offset is the next
-    sequence's first token, or the spare slot past the end of the mask.
+    The threshold is compared in ``importance``'s dtype (a Python float is rounded to it, as PyTorch does), as
+    ``not importance <= threshold``, so that a NaN on either side keeps the token. The first tokens are marked
+    through ``cu_seqlens[:-1]`` directly: an empty sequence's offset is the next sequence's first token, or the
+    spare slot past the end of the mask.
     """
     total = hidden.shape[0]
     bounds = cu_seqlens.long()
@@ -32,7 +33,8 @@ def prune_tokens_torch(
         lengths = bounds[1:] - bounds[:-1]
         threshold = torch.repeat_interleave(threshold.to(importance.dtype), lengths, output_size=total)
     keep = torch.zeros(total + 1, dtype=torch.bool, device=hidden.device)
-    torch.gt(importance, threshold, out=keep[:total])
+    torch.le(importance, threshold, out=keep[:total])
+    keep[:total].logical_not_()
     if keep_first:
         keep.index_fill_(0, bounds[:-1], True)
     keep = keep[:total]

@@ -45,6 +45,9 @@ def exit_step(
 ) -> None:
     """Pool, classify and test every live slot; record and retire the slots that exit (in place).
 
+    NaN policy (both backends): a NaN never makes a slot exit. A slot whose uncertainty is NaN stays alive, and
+    a NaN ``tau`` lets no slot exit (``uncertainty <= tau`` is false); ``schedule`` decisions are unaffected.
+
     Args:
         hidden: ``(capacity, d)`` float16, bfloat16 or float32 (float64 on the ``"torch"`` backend), contiguous;
             slot ``b``'s tokens are rows ``cu_seqlens[b]:cu_seqlens[b + 1]``.

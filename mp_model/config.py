@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+
 from transformers import BertConfig
+
+
+def check_thresholds(values: Iterable[float], name: str = "prune_thresholds") -> list[float]:
+    """``values`` as a list of floats; a ``ValueError`` naming ``name`` and the layers if one is NaN or infinite.
+
+    A NaN threshold would silently stop a layer's pruning (NaN compares false), an infinite one would remove
+    every token but the first: both are rejected wherever thresholds enter the model.
+    """
+    values = [float(v) for v in values]
+    bad = [index for index, value in enumerate(values) if not math.isfinite(value)]
+    if bad:
+        raise ValueError(f"{name} must be finite, got {[values[i] for i in bad]} at layers {bad}")
+    return values
 
 
 class MagicPyramidConfig(BertConfig):
@@ -13,6 +29,7 @@ class MagicPyramidConfig(BertConfig):
             importance, mean 1 over a sequence): layer ``l`` keeps token ``j`` iff its normalised importance is
             above ``prune_thresholds[l] * threshold_scale``. ``None`` gives zeros (nothing is pruned). These
             are the initial values of the model's learnable ``thresholds`` parameter, which is what is used.
+            Each must be finite (NaN or infinity raise a ``ValueError``, also when a saved config is loaded).
         use_pruning: default for the ``prune`` call argument.
         use_early_exit: default for the ``early_exit`` call argument.
         exit_tau: default normalised-entropy threshold in [0, 1]; an example exits at the first sub-classifier
@@ -41,7 +58,7 @@ class MagicPyramidConfig(BertConfig):
             raise ValueError(f"prune_thresholds needs one value per layer ({layers}), got {len(prune_thresholds)}")
         if not 0.0 <= exit_tau <= 1.0:
             raise ValueError(f"exit_tau must lie in [0, 1], got {exit_tau}")
-        self.prune_thresholds = [float(t) for t in prune_thresholds]
+        self.prune_thresholds = check_thresholds(prune_thresholds)
         self.use_pruning = use_pruning
         self.use_early_exit = use_early_exit
         self.exit_tau = float(exit_tau)

@@ -35,6 +35,7 @@ import torch
 
 from mp_kernels import add_layer_norm, compact_tokens, exit_step, rows_linear, varlen_attention
 from mp_kernels.dispatch import choose_backend
+from mp_model.config import check_thresholds
 from mp_model.flops import flops_from_outputs
 from mp_model.outputs import MagicPyramidOutput
 
@@ -163,12 +164,17 @@ class GraphEngine:
         self._fused.versions = versions
 
     def _prune_layers(self, prune: bool, threshold_scale: float) -> tuple[bool, ...]:
-        """Which layers prune: ``threshold * scale > 0`` (thresholds read back only when they change)."""
+        """Which layers prune: ``threshold * scale > 0`` (thresholds read back only when they change).
+
+        When pruning, a NaN or infinite learned threshold raises a ``ValueError`` (checked on the host copy).
+        """
         thresholds = self.model.thresholds
         seen = (thresholds.data_ptr(), thresholds._version)
         if seen != self._thresholds_seen:
             self._host_thresholds = thresholds.detach().double().cpu().tolist()
             self._thresholds_seen = seen
+        if prune:
+            check_thresholds(self._host_thresholds, "thresholds")
         return tuple(prune and t * threshold_scale > 0.0 for t in self._host_thresholds)
 
     def _plan(self, key: PlanKey) -> Plan:

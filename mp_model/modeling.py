@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers import BertModel, BertPreTrainedModel
 
-from mp_model.config import MagicPyramidConfig
+from mp_model.config import MagicPyramidConfig, check_thresholds
 from mp_model.exit_head import ExitClassifier
 from mp_model.graph_engine import GraphEngine
 from mp_model.masked_training import masked_forward
 from mp_model.outputs import MagicPyramidOutput, MagicPyramidTrainingOutput
 from mp_model.packed_inference import packed_forward
+
+SCHEDULE_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def _check_inputs(
@@ -20,11 +24,15 @@ def _check_inputs(
     attention_mask: object,
     token_type_ids: object,
     validate: bool = True,
+    exit_schedule: object = None,
 ) -> tuple[torch.Tensor, int]:
-    """Validate ``(batch, seq)`` inputs; returns the attention mask (all ones if None) and the longest row.
+    """Validate ``(batch, seq)`` inputs (and ``exit_schedule``); returns the attention mask (all ones if None)
+    and the longest row.
 
-    Shapes, dtypes and devices are always checked; ``validate`` also reads the mask's values (one host read on
-    a GPU). Without it the longest row is taken to be the input's width.
+    Shapes, dtypes and devices are always checked; ``validate`` also reads the values, all in one host read on
+    a GPU: the mask holds only 0 and 1, one contiguous run of ones per row (padding on either side, no hole);
+    token ids lie in ``[0, vocab_size)``, token type ids in ``[0, type_vocab_size)``; ``exit_schedule`` is
+    non-negative. Without it the longest row is taken to be the input's width.
     """
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
@@ -51,24 +59,81 @@ def _check_inputs(
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, input_ids has {tuple(input_ids.shape)}")
         if tensor.device != input_ids.device:
             raise ValueError(f"{name} is on {tensor.device}, input_ids on {input_ids.device}")
+    if token_type_ids is not None and (token_type_ids.dtype.is_floating_point or token_type_ids.dtype == torch.bool):
+        raise ValueError(f"token_type_ids must be an integer tensor, got {token_type_ids.dtype}")
+    if exit_schedule is not None:
+        if not isinstance(exit_schedule, torch.Tensor) or exit_schedule.shape != input_ids.shape[:1]:
+            raise ValueError(f"exit_schedule must be a ({batch},) tensor")
+        if exit_schedule.dtype not in SCHEDULE_DTYPES:
+            raise ValueError(f"exit_schedule must be an integer (int64) tensor, got {exit_schedule.dtype}")
+        if exit_schedule.device != input_ids.device:
+            raise ValueError(f"exit_schedule is on {exit_schedule.device}, input_ids on {input_ids.device}")
     if not validate:
-        return attention_mask, input_ids.shape[1]
-    lengths = attention_mask.sum(dim=1)
-    bad_values = ((attention_mask != 0) & (attention_mask != 1)).any()
-    bad, empty_rows, longest = torch.stack([bad_values.long(), (lengths == 0).sum(), lengths.max()]).tolist()
+        return attention_mask, width
+    real = attention_mask != 0
+    lengths = real.sum(dim=1)
+    runs = real[:, 0].long() + (real[:, 1:] & ~real[:, :-1]).sum(dim=1)
+    types = token_type_ids if token_type_ids is not None else input_ids.new_zeros(1, 1)
+    schedule = exit_schedule if exit_schedule is not None else input_ids.new_zeros(1)
+    facts = [
+        ((attention_mask != 0) & (attention_mask != 1)).any(),
+        (lengths == 0).sum(),
+        lengths.max(),
+        (runs > 1).sum(),
+        input_ids.min(),
+        input_ids.max(),
+        types.min(),
+        types.max(),
+        schedule.min(),
+    ]
+    bad, empty_rows, longest, holed, ids_low, ids_high, types_low, types_high, schedule_low = torch.stack(
+        [fact.long() for fact in facts]
+    ).tolist()
     if bad:
         raise ValueError("attention_mask must hold only 0 and 1")
     if empty_rows:
         empty = (lengths == 0).nonzero().flatten().tolist()
         raise ValueError(f"attention_mask rows {empty} hold no token (all padding)")
+    if holed:
+        rows = (runs > 1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"attention_mask rows {rows} have padding between real tokens: each row needs one contiguous run of "
+            "ones (padding on the left, the right or both sides)"
+        )
+    for name, low, high, size, field in (
+        ("input_ids", ids_low, ids_high, config.vocab_size, "vocab_size"),
+        ("token_type_ids", types_low, types_high, config.type_vocab_size, "type_vocab_size"),
+    ):
+        if low < 0 or high >= size:
+            raise ValueError(f"{name} must lie in [0, {field}={size}), got values in [{low}, {high}]")
+    if schedule_low < 0:
+        raise ValueError(f"exit_schedule must be non-negative, got {schedule_low}")
     return attention_mask, int(longest)
+
+
+def _shifts(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(batch,)`` int64: the column of each row's first real token (0 for a row without one), on the device."""
+    return (attention_mask != 0).to(torch.int32).argmax(dim=1)
+
+
+def _roll_rows(tensor: torch.Tensor | None, shifts: torch.Tensor) -> torch.Tensor | None:
+    """Each row of ``(..., batch, seq)`` ``tensor`` rotated left by its shift: ``out[b, j] = in[b, (j + s_b) % seq]``.
+
+    A negative shift rotates right (undoes the rotation). One gather, no host read.
+    """
+    if tensor is None:
+        return None
+    width = tensor.shape[-1]
+    columns = torch.arange(width, device=tensor.device)
+    index = torch.remainder(columns[None, :] + shifts[:, None], width)
+    return tensor.gather(-1, index.expand(tensor.shape))
 
 
 def _check_knobs(tau: float, threshold_scale: float) -> None:
     if not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau must lie in [0, 1], got {tau}")
-    if not threshold_scale >= 0.0:
-        raise ValueError(f"threshold_scale must be non-negative, got {threshold_scale}")
+    if not 0.0 <= threshold_scale < math.inf:
+        raise ValueError(f"threshold_scale must be non-negative and finite, got {threshold_scale}")
 
 
 class MagicPyramidForSequenceClassification(BertPreTrainedModel):
@@ -98,6 +163,7 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         self.exits = nn.ModuleList(ExitClassifier(config) for _ in range(config.num_hidden_layers - 1))
         self.thresholds = nn.Parameter(torch.tensor(config.prune_thresholds, dtype=torch.float32))
         self._graph_engine: GraphEngine | None = None
+        self._thresholds_checked: tuple[int, int] = (-1, -1)
         self.post_init()
 
     @property
@@ -114,13 +180,28 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
             module.thresholds.copy_(torch.tensor(self.config.prune_thresholds, dtype=module.thresholds.dtype))
 
     def set_thresholds(self, thresholds: list[float] | torch.Tensor) -> None:
-        """Set the per-layer pruning thresholds (also recorded in the config, so that they are saved)."""
-        values = torch.as_tensor(thresholds, dtype=torch.float32).flatten()
+        """Set the per-layer pruning thresholds (also recorded in the config, so that they are saved).
+
+        Every value must be finite: NaN or infinity raise a ``ValueError`` and leave the thresholds unchanged.
+        """
+        values = torch.as_tensor(thresholds, dtype=torch.float32).flatten().cpu()
         if values.numel() != self.config.num_hidden_layers:
             raise ValueError(f"thresholds needs {self.config.num_hidden_layers} values, got {values.numel()}")
+        host = check_thresholds(values.tolist(), "thresholds")
         with torch.no_grad():
             self.thresholds.copy_(values.to(self.thresholds.device))
-        self.config.prune_thresholds = values.tolist()
+        self.config.prune_thresholds = host
+
+    def _check_learned_thresholds(self) -> None:
+        """Raise if a learned threshold is NaN or infinite (it would silently stop or break that layer's pruning).
+
+        The thresholds are read back only when the parameter changed since the last successful check (its
+        storage or version), so steady-state inference reads nothing.
+        """
+        seen = (self.thresholds.data_ptr(), self.thresholds._version)
+        if seen != self._thresholds_checked:
+            check_thresholds(self.thresholds.detach().double().cpu().tolist(), "thresholds")
+            self._thresholds_checked = seen
 
     def save_pretrained(self, *args: object, **kwargs: object) -> None:
         """Save weights (safetensors) and config; the config records the current thresholds."""
@@ -144,22 +225,35 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
     ) -> MagicPyramidOutput:
         """Inference with real removal of pruned tokens and exited examples.
 
+        Padding may be on either side (or both): each row's real tokens are first moved to the left (one gather
+        with per-row shifts computed on the device, no host read), so every engine sees right padding and the
+        position ids count from each row's first real token. Left-, right- and mixed-padded batches of the same
+        texts give identical outputs.
+
         Args:
-            input_ids: ``(batch, seq)`` int64 token ids, padded (any side).
-            attention_mask: ``(batch, seq)`` 0/1, 1 at real tokens; every row needs one; None: no padding.
-            token_type_ids: ``(batch, seq)`` or None.
+            input_ids: ``(batch, seq)`` int64 (or int32) token ids in ``[0, vocab_size)``, padded (any side).
+            attention_mask: ``(batch, seq)`` 0/1, 1 at real tokens: one contiguous run of ones per row (a row
+                with padding between real tokens is an error); every row needs one; None: no padding.
+            token_type_ids: ``(batch, seq)`` integers in ``[0, type_vocab_size)``, or None.
             tau: exit threshold on the normalised entropy in [0, 1] (default ``config.exit_tau``); larger
                 exits earlier.
             threshold_scale: multiplies every layer's pruning threshold (0 prunes nothing; larger prunes more).
             prune, early_exit: switch token pruning / early exit (defaults from the config). Both off gives
                 the dense model through the packed path.
             backend: kernel backend (``None``: Triton on CUDA, PyTorch on CPU).
-            exit_schedule: ``(batch,)`` int64 layer after which each example exits, replacing the entropy test
-                (benchmarks replay a measured exit pattern with it); values ``>= num_hidden_layers`` never exit.
+            exit_schedule: ``(batch,)`` int64 (or another integer dtype) on the inputs' device: the layer after
+                which each example exits, replacing the entropy test (benchmarks replay a measured exit pattern
+                with it); values must be non-negative; 0 and values ``>= num_hidden_layers`` never exit.
             engine: ``"graph"`` (the sync-free engine, CUDA graphs per bucket on CUDA), ``"packed"`` (host-sized
                 packed path) or ``None``: graph on CUDA, packed elsewhere. Both give the same outputs.
-            validate: read the attention mask's values to check them (one host read on a GPU); ``False`` skips
-                it on hot paths whose inputs are known to be valid.
+            validate: read the inputs' values to check them (the mask's 0/1 values and contiguous runs, the
+                token and type id ranges, the schedule's sign: one host read on a GPU); ``False`` skips it on hot
+                paths whose inputs are known to be valid.
+
+        Raises:
+            ValueError: bad shapes, dtypes, devices or (with ``validate``) values of the inputs, knobs out of
+                range (``tau`` outside [0, 1] or NaN, ``threshold_scale`` negative, NaN or infinite), or NaN or
+                infinite learned thresholds when pruning.
 
         Returns:
             ``MagicPyramidOutput`` with logits, exit layer, kept tokens per layer and FLOPs per example.
@@ -167,13 +261,15 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         config = self.config
         tau = config.exit_tau if tau is None else float(tau)
         _check_knobs(tau, float(threshold_scale))
-        attention_mask, max_length = _check_inputs(config, input_ids, attention_mask, token_type_ids, validate)
-        if exit_schedule is not None and (
-            not isinstance(exit_schedule, torch.Tensor) or exit_schedule.shape != input_ids.shape[:1]
-        ):
-            raise ValueError(f"exit_schedule must be a ({input_ids.shape[0]},) tensor")
+        attention_mask, max_length = _check_inputs(
+            config, input_ids, attention_mask, token_type_ids, validate, exit_schedule
+        )
         if engine not in (None, "graph", "packed"):
             raise ValueError(f"engine must be 'graph', 'packed' or None, got {engine!r}")
+        shifts = _shifts(attention_mask)
+        input_ids, attention_mask, token_type_ids = (
+            _roll_rows(tensor, shifts) for tensor in (input_ids, attention_mask, token_type_ids)
+        )
         knobs = dict(
             tau=tau,
             threshold_scale=float(threshold_scale),
@@ -184,6 +280,8 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         )
         if engine == "graph" or (engine is None and input_ids.is_cuda):
             return self.graph_engine(input_ids, attention_mask, token_type_ids, **knobs)
+        if knobs["prune"]:
+            self._check_learned_thresholds()
         return packed_forward(self, input_ids, attention_mask, token_type_ids, max_length=max_length, **knobs)
 
     def masked_forward(
@@ -199,16 +297,20 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         """Differentiable padded forward pass for training (see ``mp_model.masked_training``).
 
         ``mask_mode`` is ``"none"``, ``"soft"`` or ``"hard"``; ``temperature`` defaults to
-        ``config.soft_mask_temperature``.
+        ``config.soft_mask_temperature``. Inputs are checked and padding handled as in ``forward`` (either side;
+        the real tokens are moved left before the pass), and ``masks`` are returned in the inputs' own columns.
         """
         _check_knobs(0.0, float(threshold_scale))
         attention_mask, _ = _check_inputs(self.config, input_ids, attention_mask, token_type_ids)
-        return masked_forward(
+        if mask_mode != "none":
+            self._check_learned_thresholds()
+        shifts = _shifts(attention_mask)
+        out = masked_forward(
             self,
-            input_ids,
-            attention_mask,
-            token_type_ids,
+            *(_roll_rows(tensor, shifts) for tensor in (input_ids, attention_mask, token_type_ids)),
             mask_mode=mask_mode,
             temperature=self.config.soft_mask_temperature if temperature is None else temperature,
             threshold_scale=float(threshold_scale),
         )
+        out.masks = _roll_rows(out.masks, -shifts)
+        return out

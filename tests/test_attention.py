@@ -208,6 +208,33 @@ def test_large_scores_and_loose_max_seqlen() -> None:
     check_against_reference(q, k, v, cu_seqlens, out, importance, scale=2.0)
 
 
+@pytest.mark.parametrize("max_seqlen", [1, 40])
+def test_max_seqlen_below_the_longest_is_slower_never_wrong(max_seqlen: int) -> None:
+    """Without validation, a ``max_seqlen`` below the real lengths only shrinks the grid: each program loops over
+    the blocks past it, so output and importance equal the reference (they were garbage before)."""
+    q, k, v, cu_seqlens = packed_inputs((128, 0, 37, 1), 16, torch.float32, seed=23)
+    out, importance = varlen_attention(
+        q, k, v, cu_seqlens, max_seqlen, return_importance=True, backend="triton", validate=False
+    )
+    check_against_reference(q, k, v, cu_seqlens, out, importance)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_nan_stays_inside_its_sequence(backend: str) -> None:
+    """NaN policy: a NaN in one sequence's q makes its outputs and importances NaN, the other sequences exact."""
+    q, k, v, cu_seqlens = packed_inputs((20, 33, 1), 16, torch.float32, seed=29)
+    q[25, 1, 3] = float("nan")
+    out, importance = varlen_attention(q, k, v, cu_seqlens, 33, return_importance=True, backend=backend)
+    assert importance[20:53].isnan().all() and out[25, 1].isnan().all() and out[25, 0].isfinite().all()
+    clean = torch.ones(q.shape[0], dtype=torch.bool, device=DEVICE)
+    clean[20:53] = False
+    assert out[clean].isfinite().all() and importance[clean].isfinite().all()
+    expected_out, expected_importance = reference(q, k, v, cu_seqlens)
+    assert_close(importance[clean], expected_importance[clean], torch.float32)
+    assert_close(out[clean], expected_out[clean], torch.float32)
+
+
 def test_head_groups_are_deterministic() -> None:
     """The importance does not depend on how the heads are split between programs, and repeats bit for bit."""
     q, k, v, cu_seqlens = packed_inputs((70, 9, 0, 33), 16, torch.float32, seed=17, heads=3)

@@ -21,7 +21,10 @@ LENGTHS = [37, 1, 0, 61, 2, 31, 64, 13]
 
 
 def loop_oracle(hidden, cu_seqlens, keep, importance, threshold, keep_first, alive):
-    """Kept rows and per-slot counts, one token at a time (float64 arithmetic for the threshold)."""
+    """Kept rows and per-slot counts, one token at a time (float64 arithmetic for the threshold).
+
+    The importance rule is ``not importance <= limit``: a NaN importance or threshold keeps the token.
+    """
     bounds = cu_seqlens.tolist()
     rows, counts = [], []
     for slot in range(len(bounds) - 1):
@@ -34,7 +37,7 @@ def loop_oracle(hidden, cu_seqlens, keep, importance, threshold, keep_first, ali
                 chosen = bool(keep[j])
             if importance is not None:
                 limit = float(torch.tensor(float(threshold[0])) / torch.tensor(float(max(n, 1))))
-                chosen = chosen and (float(threshold[0]) <= 0 or float(importance[j]) > limit)
+                chosen = chosen and (float(threshold[0]) <= 0 or not float(importance[j]) <= limit)
             if keep_first and j == start:
                 chosen = True
             if alive is not None and not bool(alive[slot]):
@@ -121,6 +124,34 @@ def test_packs_a_padded_batch(backend: str) -> None:
     out, cu_out = compact_tokens(hidden, cu, width, keep=mask.view(-1).to(DEVICE), backend=backend)
     assert cu_out.tolist() == [0, *mask.sum(1).cumsum(0).tolist()]
     assert torch.equal(out[: int(mask.sum())].cpu(), hidden.cpu()[mask.view(-1)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_importance_keeps_the_token(backend: str) -> None:
+    """NaN policy: a NaN never removes anything; the NaN tokens stay, the others follow the threshold."""
+    hidden, cu, importance, keep, alive = make_case(LENGTHS, 16, torch.float32, seed=5)
+    importance[::3] = float("nan")
+    check(hidden, cu, max(LENGTHS), backend, importance=importance, threshold=torch.tensor([0.75], device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_threshold_keeps_every_token(backend: str) -> None:
+    hidden, cu, importance, keep, alive = make_case(LENGTHS, 16, torch.float32, seed=6)
+    threshold = torch.tensor([float("nan")], device=DEVICE)
+    counts = torch.zeros(len(LENGTHS), dtype=torch.int64, device=DEVICE)
+    _, cu_out = compact_tokens(
+        hidden, cu, max(LENGTHS), importance=importance, threshold=threshold, counts=counts, backend=backend
+    )
+    assert counts.tolist() == LENGTHS and torch.equal(cu_out.cpu(), cu.cpu())
+    check(hidden, cu, max(LENGTHS), backend, importance=importance, threshold=threshold, alive=alive)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", ["prune-and-drop", "drop"])
+def test_max_seqlen_below_the_longest_is_slower_never_wrong(backend: str, rule: str) -> None:
+    """Without validation ``max_seqlen`` only sizes the grid: lengths up to 64 with ``max_seqlen=1`` still move."""
+    hidden, cu, importance, keep, alive = make_case(LENGTHS, 16, torch.float32, seed=7)
+    check(hidden, cu, 1, backend, validate=False, **RULES[rule](importance, keep, alive))
 
 
 @given(

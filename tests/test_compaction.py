@@ -60,7 +60,10 @@ def float32_value(value: float) -> float:
 def prune_loop(
     importance: torch.Tensor, cu_seqlens: torch.Tensor, threshold: float | torch.Tensor, keep_first: bool
 ) -> tuple[list[int], list[int]]:
-    """Kept rows and the kept prefix sum, one sequence and one token at a time."""
+    """Kept rows and the kept prefix sum, one sequence and one token at a time.
+
+    A token stays iff ``not importance <= threshold``: a NaN on either side keeps it (the NaN policy).
+    """
     scores = importance.tolist()
     cu = cu_seqlens.tolist()
     kept: list[int] = []
@@ -68,7 +71,7 @@ def prune_loop(
     for b in range(len(cu) - 1):
         limit = threshold[b].item() if isinstance(threshold, torch.Tensor) else float32_value(threshold)
         for j in range(cu[b], cu[b + 1]):
-            if scores[j] > limit or (keep_first and j == cu[b]):
+            if not scores[j] <= limit or (keep_first and j == cu[b]):
                 kept.append(j)
         cu_kept.append(len(kept))
     return kept, cu_kept
@@ -177,6 +180,30 @@ def test_triton_matches_reference(dtype: torch.dtype, keep_first: bool) -> None:
     for got, want in pairs:
         for a, b in zip(got, want, strict=True):
             assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_importance_is_kept(backend: str) -> None:
+    """NaN policy: a NaN never removes anything, whatever the threshold (float or per sequence)."""
+    lengths = [5, 0, 9, 1]
+    importance = (torch.arange(15, device=DEVICE) % GRID / GRID).float()
+    importance[[0, 3, 7, 14]] = float("nan")
+    hidden = make_hidden(15, 16, torch.float32, seed=1)
+    check_prune(backend, hidden, importance, make_cu_seqlens(lengths), 2.0, False)
+    check_prune(backend, hidden, importance, make_cu_seqlens(lengths), torch.full((4,), 0.5, device=DEVICE), False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_sequence_threshold_keeps_the_whole_sequence(backend: str) -> None:
+    lengths = [5, 4, 6]
+    importance = (torch.arange(15, device=DEVICE) % GRID / GRID).float()
+    threshold = torch.tensor([2.0, float("nan"), 0.25], device=DEVICE)
+    hidden = make_hidden(15, 16, torch.float32, seed=2)
+    _, cu_kept, _, kept_index = mp_kernels.prune_tokens(
+        hidden, importance, make_cu_seqlens(lengths), threshold, keep_first=False, backend=backend
+    )
+    assert set(range(5, 9)) <= set(kept_index.tolist()) and cu_kept[2] - cu_kept[1] == 4
+    check_prune(backend, hidden, importance, make_cu_seqlens(lengths), threshold, True)
 
 
 def test_prune_tokens_float64_on_torch_backend() -> None:

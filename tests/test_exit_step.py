@@ -120,6 +120,14 @@ def test_nan_never_exits(backend: str) -> None:
     assert exit_layer[2] == 2 and not alive[2]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_tau_lets_nothing_exit(backend: str) -> None:
+    """The same policy from the other side: ``uncertainty <= NaN`` is false, so a NaN ``tau`` exits no slot."""
+    hidden, cu, weights = make_case(torch.float32)
+    logits, exit_layer, alive = run(backend, hidden, cu, weights, math.nan)
+    assert (exit_layer == 99).all() and alive.tolist() == ALIVE and logits.isnan().all()
+
+
 def test_backends_agree_on_the_logits() -> None:
     hidden, cu, weights = make_case(torch.float32, seed=5)
     a, b = (run(backend, hidden, cu, weights, 1.0)[0] for backend in BACKENDS)

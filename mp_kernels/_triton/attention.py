@@ -8,7 +8,9 @@ over all query blocks of the sequence, recomputes ``p_ij = exp2(q_i . k_j * scal
 it over valid query rows and heads. No ``n x n`` matrix is written, no atomics are used, and the summation
 order is fixed, so the result is deterministic. When the heads are split into several groups (to fill the GPU
 when the batch is small), each group writes its partial sums to its own row and the rows are added by a
-fixed-order reduction afterwards.
+fixed-order reduction afterwards. Both grids are sized by the host's ``max_seqlen``; each program loops over its
+blocks ``p, p + grid_size, ...`` up to the real length read from ``cu_seqlens``, so a ``max_seqlen`` below a
+real length is slower, never wrong.
 """
 
 from __future__ import annotations
@@ -115,73 +117,74 @@ def _varlen_forward_kernel(
 ):
     """Attention output (and optionally the base-2 log-sum-exp) of one query block of one head of one sequence.
 
-    Grid ``(cdiv(max_seqlen, BLOCK_M), heads, batch)``. ``q``/``k``/``v`` ``(total, heads, HEAD_DIM)`` fp16, bf16
-    or fp32 with unit stride in ``HEAD_DIM``; ``out`` likewise in the input dtype; ``lse`` ``(heads, total)``
-    float32 with unit token stride (written only if ``STORE_LSE``); ``cu_seqlens`` int32 ``(batch + 1,)``.
-    ``qk_scale`` is ``scale * log2(e)``; ``PRECISION`` as in ``_forward_inner``.
+    Grid ``(cdiv(max_seqlen, BLOCK_M), heads, batch)``: program ``p`` handles query blocks ``p, p + grid_size,
+    ...`` up to the sequence's real length (from ``cu_seqlens``), so ``max_seqlen`` only sizes the grid: once
+    over when it covers the lengths, a loop (slower, same result) when it does not. ``q``/``k``/``v``
+    ``(total, heads, HEAD_DIM)`` fp16, bf16 or fp32 with unit stride in ``HEAD_DIM``; ``out`` likewise in the
+    input dtype; ``lse`` ``(heads, total)`` float32 with unit token stride (written only if ``STORE_LSE``);
+    ``cu_seqlens`` int32 ``(batch + 1,)``. ``qk_scale`` is ``scale * log2(e)``; ``PRECISION`` as in
+    ``_forward_inner``.
     """
-    block = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.program_id(2)
     start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
     n = (tl.load(cu_seqlens_ptr + seq + 1) - start).to(tl.int32)
-    if block * BLOCK_M >= n:
-        return
-    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_valid = offs_m < n
     q_base = q_ptr + start * stride_qt + head * stride_qh
     k_base = k_ptr + start * stride_kt + head * stride_kh
     v_base = v_ptr + start * stride_vt + head * stride_vh
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     full_end = n - n % BLOCK_N
-    acc, m_i, l_i = _forward_inner(
-        acc,
-        m_i,
-        l_i,
-        q,
-        k_base,
-        v_base,
-        stride_kt,
-        stride_vt,
-        offs_n,
-        offs_d,
-        0,
-        full_end,
-        n,
-        qk_scale,
-        False,
-        BLOCK_N,
-        PRECISION,
-    )
-    acc, m_i, l_i = _forward_inner(
-        acc,
-        m_i,
-        l_i,
-        q,
-        k_base,
-        v_base,
-        stride_kt,
-        stride_vt,
-        offs_n,
-        offs_d,
-        full_end,
-        n,
-        n,
-        qk_scale,
-        True,
-        BLOCK_N,
-        PRECISION,
-    )
-    acc = acc / l_i[:, None]
-    out_rows = out_ptr + start * stride_ot + head * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
-    tl.store(out_rows, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
-    if STORE_LSE:
-        tl.store(lse_ptr + head * stride_lh + start + offs_m, m_i + tl.math.log2(l_i), mask=row_valid)
+    for block in range(tl.program_id(0), tl.cdiv(n, BLOCK_M), tl.num_programs(0)):
+        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = offs_m < n
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc, m_i, l_i = _forward_inner(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            offs_n,
+            offs_d,
+            0,
+            full_end,
+            n,
+            qk_scale,
+            False,
+            BLOCK_N,
+            PRECISION,
+        )
+        acc, m_i, l_i = _forward_inner(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            offs_n,
+            offs_d,
+            full_end,
+            n,
+            n,
+            qk_scale,
+            True,
+            BLOCK_N,
+            PRECISION,
+        )
+        acc = acc / l_i[:, None]
+        out_rows = out_ptr + start * stride_ot + head * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+        tl.store(out_rows, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+        if STORE_LSE:
+            tl.store(lse_ptr + head * stride_lh + start + offs_m, m_i + tl.math.log2(l_i), mask=row_valid)
 
 
 @triton.jit
@@ -207,39 +210,38 @@ def _varlen_importance_kernel(
 ):
     """Attention received by one block of keys of one sequence, summed over a group of heads and all queries.
 
-    Grid ``(cdiv(max_seqlen, BLOCK_N), groups, batch)``; group ``g`` covers heads
+    Grid ``(cdiv(max_seqlen, BLOCK_N), groups, batch)``; program ``p`` handles key blocks ``p, p + grid_size, ...``
+    up to the sequence's real length, as in the forward kernel; group ``g`` covers heads
     ``[g * heads_per_group, min((g + 1) * heads_per_group, heads))``. ``q``/``k`` as in the forward kernel,
     ``lse`` ``(heads, total)`` float32 from it, ``importance`` ``(groups, total)`` float32 (row stride
     ``stride_ig``, unit token stride) receives ``sum_h sum_i p_ij / (heads * n)`` for the group's heads.
     """
-    block = tl.program_id(0)
     group = tl.program_id(1)
     seq = tl.program_id(2)
     start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
     n = (tl.load(cu_seqlens_ptr + seq + 1) - start).to(tl.int32)
-    if block * BLOCK_N >= n:
-        return
-    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    key_valid = offs_n < n
-    received = tl.zeros([BLOCK_N], dtype=tl.float32)
     head_lo = group * heads_per_group
     head_hi = tl.minimum(head_lo + heads_per_group, heads)
-    for head in range(head_lo, head_hi):
-        q_base = q_ptr + start * stride_qt + head * stride_qh
-        lse_base = lse_ptr + head * stride_lh + start
-        k_rows = k_ptr + start * stride_kt + head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
-        k = tl.load(k_rows, mask=key_valid[:, None], other=0.0)
-        for start_m in range(0, n, BLOCK_M):
-            rows = start_m + offs_m
-            row_valid = rows < n
-            q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-            lse = tl.load(lse_base + rows, mask=row_valid, other=float("inf"))
-            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-            received += tl.sum(tl.math.exp2(s_t - lse[None, :]), 1)
-    received = received / (heads * n).to(tl.float32)
-    tl.store(importance_ptr + group * stride_ig + start + offs_n, received, mask=key_valid)
+    for block in range(tl.program_id(0), tl.cdiv(n, BLOCK_N), tl.num_programs(0)):
+        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_valid = offs_n < n
+        received = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for head in range(head_lo, head_hi):
+            q_base = q_ptr + start * stride_qt + head * stride_qh
+            lse_base = lse_ptr + head * stride_lh + start
+            k_rows = k_ptr + start * stride_kt + head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+            k = tl.load(k_rows, mask=key_valid[:, None], other=0.0)
+            for start_m in range(0, n, BLOCK_M):
+                rows = start_m + offs_m
+                row_valid = rows < n
+                q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+                lse = tl.load(lse_base + rows, mask=row_valid, other=float("inf"))
+                s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+                received += tl.sum(tl.math.exp2(s_t - lse[None, :]), 1)
+        received = received / (heads * n).to(tl.float32)
+        tl.store(importance_ptr + group * stride_ig + start + offs_n, received, mask=key_valid)
 
 
 def _forward_config(head_dim: int, dtype: torch.dtype, max_seqlen: int) -> _Config:
@@ -307,7 +309,8 @@ def varlen_attention_triton(
         q, k, v: ``(total_tokens, heads, head_dim)`` float16, bfloat16 or float32, unit stride in ``head_dim``
             (token and head strides are free: slices of a fused QKV tensor need no copy).
         cu_seqlens: int32 ``(batch + 1,)`` prefix sum of the lengths (zero-length sequences allowed).
-        max_seqlen: an upper bound on every length; it sizes the grid, so nothing is read back from the device.
+        max_seqlen: the longest length, at least 1; it sizes the grid, so nothing is read back from the device.
+            An upper bound is fine; a smaller value is slower, never wrong (programs loop over the extra blocks).
         scale: softmax scale.
         return_importance: also compute each token's importance.
         out: optional contiguous ``(total_tokens, heads, head_dim)`` buffer in the input dtype for the output.

@@ -6,8 +6,11 @@
 2. ``_move_kernel`` (grid: row blocks of ``max_seqlen`` x feature-column blocks x slots): each program finds its
    slot's output offset by summing the kept counts of the slots before it (at most a few hundred integers, read
    from L2; cheaper than a third launch for a scan), writes the slot's ``cu_seqlens_out`` entry and kept count
-   (first program of the slot), and moves its kept rows to ``offset + prefix - 1``. Programs past the slot's
-   length, and slots with nothing kept, return at once.
+   (first program of the slot), and moves its kept rows to ``offset + prefix - 1``, looping over the row blocks
+   ``block, block + grid_size, ...`` up to the slot's real length (once when ``max_seqlen`` covers it).
+   Programs past the slot's length, and slots with nothing kept, return at once.
+
+The importance rule is ``not importance <= threshold / n`` (a NaN importance or threshold keeps the token).
 
 Without a token-level rule (only ``alive``), a slot keeps all or nothing, so its count is its length or 0 and
 the first launch is skipped. Sizes come from device memory only; the grid is sized by the host-known
@@ -61,7 +64,7 @@ def _count_kernel(
         if HAS_IMPORTANCE:
             importance = tl.load(importance_ptr + rows, mask=valid, other=0.0)
             keep_all = (tl.zeros([BLOCK], dtype=tl.float32) + threshold) <= 0.0
-            chosen = chosen & (keep_all | (importance > per_token))
+            chosen = chosen & (keep_all | ((importance <= per_token) == 0))
         if KEEP_FIRST:
             chosen = chosen | (valid & (idx == 0))
         kept = chosen.to(tl.int32)
@@ -100,7 +103,12 @@ def _move_kernel(
     COLS: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
 ):
-    """Move one block of one slot's kept rows (columns of program 1) to their place in the output."""
+    """Move one slot's kept rows (columns of program 1) to their place in the output.
+
+    Program ``block`` moves row blocks ``block, block + grid_size, ...`` up to the slot's real length (read from
+    ``cu_seqlens``), so the grid's ``cdiv(max_seqlen, ROWS)`` is a size hint: once over when it covers the
+    lengths, a loop when it does not, never a wrong result.
+    """
     block = tl.program_id(0)
     seq = tl.program_id(2)
     start = tl.load(cu_ptr + seq)
@@ -123,18 +131,19 @@ def _move_kernel(
             tl.store(counts_ptr + seq, own.to(tl.int64))
     if (block * ROWS >= n) | (own == 0):
         return
-    idx = block * ROWS + tl.arange(0, ROWS)
-    valid = idx < n
-    rows = start + idx
-    if PER_TOKEN:
-        inclusive = tl.load(prefix_ptr + rows, mask=valid, other=0)
-        previous = tl.load(prefix_ptr + rows - 1, mask=valid & (idx > 0), other=0)
-        chosen = valid & (inclusive != previous)
-        dest = offset + inclusive - 1
-    else:
-        chosen = valid
-        dest = offset + idx
-    _copy_rows(hidden_ptr, rows, hidden_out_ptr, dest, chosen, width, COLS)
+    for first_row in range(block * ROWS, n, tl.num_programs(0) * ROWS):
+        idx = first_row + tl.arange(0, ROWS)
+        valid = idx < n
+        rows = start + idx
+        if PER_TOKEN:
+            inclusive = tl.load(prefix_ptr + rows, mask=valid, other=0)
+            previous = tl.load(prefix_ptr + rows - 1, mask=valid & (idx > 0), other=0)
+            chosen = valid & (inclusive != previous)
+            dest = offset + inclusive - 1
+        else:
+            chosen = valid
+            dest = offset + idx
+        _copy_rows(hidden_ptr, rows, hidden_out_ptr, dest, chosen, width, COLS)
 
 
 def compact_tokens_triton(

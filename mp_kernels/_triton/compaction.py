@@ -3,8 +3,8 @@
 ``prune_tokens_triton`` runs three launches and one device-to-host copy:
 
 1. ``_prune_mask_kernel`` (one program per ``MASK_BLOCK`` tokens): finds each token's sequence by binary search
-   in ``cu_seqlens``, forms the keep mask and stores its inclusive prefix sum within the block, and the block's
-   count of kept tokens.
+   in ``cu_seqlens``, forms the keep mask (``not importance <= threshold``: a NaN on either side keeps the token)
+   and stores its inclusive prefix sum within the block, and the block's count of kept tokens.
 2. ``_prune_scan_kernel`` (one program): scans the block counts into block offsets, derives every sequence's
    kept-token prefix ``cu_seqlens_kept`` from them and the in-block prefixes, and stores the kept total and the
    longest kept sequence side by side, so one copy to the host sizes the outputs.
@@ -87,9 +87,9 @@ def _prune_mask_kernel(
     importance = tl.load(importance_ptr + rows, mask=valid, other=0.0)
     if PER_SEQUENCE:
         threshold = tl.load(threshold_ptr + seq, mask=valid, other=0.0)
-        keep = importance > threshold
     else:
-        keep = importance > threshold_value
+        threshold = threshold_value
+    keep = (importance <= threshold) == 0
     if KEEP_FIRST:
         keep = keep | (rows == tl.load(cu_ptr + seq, mask=valid, other=-1))
     kept = (keep & valid).to(tl.int32)
