@@ -3,6 +3,10 @@
 Subcommands are registered in ``COMMANDS`` (``register_command`` adds one); ``build_parser`` builds the parser
 from it. ``mp quickstart ARGS`` passes ``ARGS`` untouched to ``bench.quickstart.main(argv)``, imported only then
 (``bench`` sits next to ``mp_model`` in a source checkout and is not installed).
+
+Errors. Flags, files and devices are checked before anything is computed. An error is one line on stderr,
+``mp COMMAND: error: ...``, with exit code 2 (1 for an unexpected exception, 130 for an interruption), never a
+traceback unless ``--debug`` is given; warnings are one line each, ``mp COMMAND: warning: ...``.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import sys
+import traceback
 import types
 import typing
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +49,17 @@ COMMANDS: dict[str, Command] = {}
 def register_command(name: str, command: Command) -> None:
     """Add (or replace) subcommand ``name``."""
     COMMANDS[name] = command
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr (exit code 2)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
 
 
 def _quiet_transformers() -> None:
@@ -100,14 +118,19 @@ def train_config_from_args(args: argparse.Namespace) -> Any:
 
     If the run directory holds a run, its saved configuration is the starting point and only the flags given
     override it, so ``mp train --run-dir D`` resumes ``D``.
+    A run that completed no stage (a first attempt that failed) is not a starting point: the flags alone make the
+    configuration, which then replaces the saved one.
     """
-    from mp_model.training import CONFIG_FILE, TrainConfig
+    from mp_model.training import CONFIG_FILE, TrainConfig, completed_stages
 
     given = {field.name: getattr(args, field.name) for field, _ in _train_fields() if hasattr(args, field.name)}
     directory = TrainConfig(**{k: v for k, v in given.items() if k in ("dataset", "run_dir", "model")}).directory
     saved_path = directory / CONFIG_FILE
-    if saved_path.exists():
-        values = json.loads(saved_path.read_text())
+    if saved_path.is_file() and completed_stages(directory):
+        try:
+            values = json.loads(saved_path.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{saved_path} is unreadable ({error}): delete the run directory or fix it") from error
         values.update(given)
         return TrainConfig.from_dict(values)
     return TrainConfig(**given)
@@ -130,21 +153,57 @@ def _run_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- eval
 
 
-def _load_run(run_dir: Path, device: str) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """The stage-1 and final models, the tokenizer and the saved TrainConfig values of a finished run."""
+def _load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
-    from mp_model.modeling import MagicPyramidForSequenceClassification
-    from mp_model.training import CONFIG_FILE, DENSE_DIR, FINAL_DIR
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"{folder}: no usable tokenizer ({_one_line(error)})") from error
 
-    final_dir = run_dir / FINAL_DIR
-    if not final_dir.is_dir() or not (run_dir / DENSE_DIR).is_dir():
-        raise SystemExit(f"mp: {run_dir} has no finished run ({DENSE_DIR}/ and {FINAL_DIR}/): run `mp train` first")
-    dense = MagicPyramidForSequenceClassification.from_pretrained(str(run_dir / DENSE_DIR)).to(device).eval()
-    final = MagicPyramidForSequenceClassification.from_pretrained(str(final_dir)).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(final_dir))
-    saved = json.loads((run_dir / CONFIG_FILE).read_text()) if (run_dir / CONFIG_FILE).exists() else {}
+
+def _load_run(run_dir: Path, device: str) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The stage-1 and final models, the tokenizer and the saved TrainConfig values of a finished run."""
+    from mp_model.training import CONFIG_FILE, DENSE_DIR, FINAL_DIR, finished_run_problem, load_model
+
+    problem = finished_run_problem(run_dir)
+    if problem is not None:
+        raise ValueError(f"--run-dir {run_dir} is not a finished run ({problem}): run `mp train` first")
+    dense = load_model(run_dir / DENSE_DIR, device).eval()
+    final = load_model(run_dir / FINAL_DIR, device).eval()
+    if dense.config.id2label != final.config.id2label:
+        raise ValueError(f"{run_dir}: {DENSE_DIR} and {FINAL_DIR} have different labels")
+    tokenizer = _load_tokenizer(run_dir / FINAL_DIR)
+    try:
+        saved = json.loads((run_dir / CONFIG_FILE).read_text()) if (run_dir / CONFIG_FILE).exists() else {}
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{run_dir / CONFIG_FILE} is unreadable ({error})") from error
     return dense, final, tokenizer, saved
+
+
+def _model_labels(model: Any) -> list[str]:
+    """A model's class names in id order (its ``id2label``)."""
+    return [model.config.id2label.get(i, str(i)) for i in range(model.config.num_labels)]
+
+
+def _check_output(option: str, output: Path | None, inputs: Sequence[Path] = ()) -> None:
+    """Refuse, before any work, an output that is a folder, lies in a missing folder, or is one of ``inputs``."""
+    if output is None:
+        return
+    if output.is_dir():
+        raise ValueError(f"{option} {output} is a directory")
+    if not output.parent.is_dir():
+        raise ValueError(f"{option} {output}: the folder {output.parent} does not exist")
+    for source in inputs:
+        if output.resolve() == source.resolve() or (output.exists() and os.path.samefile(output, source)):
+            raise ValueError(f"{option} {output} is the input file: refusing to overwrite it")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, so an interruption leaves no half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _import_bench(module: str) -> types.ModuleType:
@@ -212,18 +271,38 @@ def _format_table(records: Sequence[dict[str, Any]]) -> str:
 def _run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from mp_model.data import encode, load_dataset
-    from mp_model.evaluation import evaluate, select, setting_key, table_settings
+    from mp_model.data import check_max_length, encode, load_dataset
+    from mp_model.evaluation import check_device, check_float, check_int, evaluate, select, setting_key, table_settings
 
     _quiet_transformers()
+    check_device(args.device)
+    for tau in args.taus:
+        check_float("--taus", tau, 0.0, 1.0)
+    for scale in args.scales:
+        check_float("--scales", scale, 0.0)
+    check_float("--max-drop", args.max_drop, 0.0, 1.0)
+    for name in ("batch_size", "latency_examples", "latency_repeats"):
+        check_int("--" + name.replace("_", "-"), getattr(args, name))
+    if args.threads is not None:
+        check_int("--threads", args.threads)
+    if args.max_length is not None:
+        check_max_length(args.max_length)
+    _check_output("--json", args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.select_split == args.split:
-        print(f"mp: warning: selecting on the reported split ({args.split})", file=sys.stderr)
+        warnings.warn(f"selecting on the reported split ({args.split})", stacklevel=1)
     run_dir = Path(args.run_dir)
     dense, final, tokenizer, saved = _load_run(run_dir, args.device)
-    dataset = load_dataset(args.dataset or saved.get("dataset", "rotten_tomatoes"), seed=saved.get("seed", 0))
-    max_length = args.max_length or saved.get("max_length", 128)
+    labels = _model_labels(final)
+    dataset = load_dataset(
+        args.dataset or saved.get("dataset", "rotten_tomatoes"), seed=saved.get("seed", 0), labels=labels
+    )
+    max_length = args.max_length if args.max_length is not None else saved.get("max_length", 128)
+    check_max_length(max_length, tokenizer, limit=final.config.max_position_embeddings)
+    for split in dict.fromkeys((args.select_split, args.split)):
+        if not dataset.split(split)[: args.size]:
+            raise ValueError(f"{dataset.name}: the {split} split is empty, nothing to evaluate")
     common = dict(
         dataset=dataset.name,
         methods=args.methods,
@@ -283,87 +362,72 @@ def _run_eval(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- predict
 
 
-def read_texts(path: Path, column: str) -> list[str]:
-    """Texts of a ``.txt`` (one per non-empty line), ``.csv``/``.tsv`` (column ``column``) or ``.jsonl`` file."""
-    suffix = path.suffix.lower()
-    content = path.read_text(encoding="utf-8-sig")
-    if suffix in (".csv", ".tsv"):
-        rows = list(csv.DictReader(io.StringIO(content, newline=""), delimiter="\t" if suffix == ".tsv" else ","))
-        if rows and column not in rows[0]:
-            raise SystemExit(f"mp: {path} has no column {column!r}; the columns are {list(rows[0])}")
-        texts = [row[column] for row in rows]
-    elif suffix in (".jsonl", ".json"):
-        texts = []
-        for number, line in enumerate(content.splitlines(), start=1):
-            if line.strip():
-                record = json.loads(line)
-                if not isinstance(record, dict) or column not in record:
-                    raise SystemExit(f"mp: {path}, line {number}: expected an object with key {column!r}")
-                texts.append(str(record[column]))
-    else:
-        texts = [line for line in content.splitlines() if line.strip()]
-    if not texts:
-        raise SystemExit(f"mp: {path} holds no text")
-    return texts
-
-
 def _configure_predict(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", type=Path, help="texts: .txt (one per line), .csv/.tsv or .jsonl (see --column)")
+    parser.add_argument(
+        "input",
+        type=Path,
+        help="texts: .txt (one per line), .csv/.tsv or .jsonl (see --column); one output row per input record, "
+        "in order, with its index and line; a blank line or empty text gets a row with label null",
+    )
     parser.add_argument("--run-dir", default="runs/rotten_tomatoes", help="a finished `mp train` run directory")
     parser.add_argument("--checkpoint", type=Path, help="a saved model folder instead of the run's final model")
     parser.add_argument("--column", default="text", help="CSV column or JSON key holding the text")
-    parser.add_argument("--output", type=Path, help="output file (.jsonl or .csv; default: JSON lines on stdout)")
+    parser.add_argument(
+        "--pair-column",
+        help="CSV column or JSON key holding the second text of a pair, encoded as a BERT pair "
+        "(default: a 'text_pair' column if the file has one)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="output file (.csv, else JSON lines; default: JSON lines on stdout); never the input",
+    )
     parser.add_argument("--tau", type=float, default=0.3, help="exit threshold in [0, 1] (larger exits earlier)")
-    parser.add_argument("--threshold-scale", type=float, default=1.0, help="multiplies the pruning thresholds")
+    parser.add_argument("--threshold-scale", type=float, default=1.0, help="multiplies the pruning thresholds (>= 0)")
     parser.add_argument("--no-prune", action="store_true", help="switch token pruning off")
     parser.add_argument("--no-exit", action="store_true", help="switch early exit off")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per padded batch")
-    parser.add_argument("--max-length", type=int, default=512, help="truncation in tokens")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        help="truncation in tokens, 2 to the model's max_position_embeddings (default: that limit)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoTokenizer
-
-    from mp_model.data import TextExample, batches, encode
-    from mp_model.evaluation import backend_for
-    from mp_model.modeling import MagicPyramidForSequenceClassification
-    from mp_model.training import FINAL_DIR
+    from mp_model.data import check_input_file, check_max_length, read_texts
+    from mp_model.evaluation import check_device, check_float, check_int, predict
+    from mp_model.training import FINAL_DIR, load_model
 
     _quiet_transformers()
+    check_float("--tau", args.tau, 0.0, 1.0)
+    check_float("--threshold-scale", args.threshold_scale, 0.0)
+    check_int("--batch-size", args.batch_size)
+    if args.max_length is not None:
+        check_max_length(args.max_length)
+    check_device(args.device)
+    check_input_file(args.input)
+    _check_output("--output", args.output, [args.input])
     folder = args.checkpoint or Path(args.run_dir) / FINAL_DIR
-    if not folder.is_dir():
-        raise SystemExit(f"mp: no model at {folder}: run `mp train` first or pass --checkpoint")
-    model = MagicPyramidForSequenceClassification.from_pretrained(str(folder)).to(args.device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    texts = read_texts(args.input, args.column)
-    encoded = encode(tokenizer, [TextExample(text, 0) for text in texts], args.max_length)
-    rows: list[dict[str, Any] | None] = [None] * len(texts)
-    with torch.inference_mode():
-        for batch in batches(encoded, args.batch_size, sort_by_length=True):
-            out = model(
-                batch["input_ids"].to(args.device),
-                batch["attention_mask"].to(args.device),
-                batch["token_type_ids"].to(args.device),
-                tau=args.tau,
-                threshold_scale=args.threshold_scale,
-                prune=not args.no_prune,
-                early_exit=not args.no_exit,
-                backend=backend_for(args.device),
-            )
-            probabilities = out.logits.float().softmax(dim=-1).cpu()
-            for row, index in enumerate(batch["index"].tolist()):
-                label_id = int(probabilities[row].argmax())
-                rows[index] = {
-                    "index": index,
-                    "text": texts[index],
-                    "label": model.config.id2label.get(label_id, str(label_id)),
-                    "label_id": label_id,
-                    "confidence": round(float(probabilities[row, label_id]), 6),
-                    "exit_layer": int(out.exit_layer[row]),
-                    "gflops": float(out.flops[row]) / 1e9,
-                }
+    if not folder.exists():
+        where = f"--checkpoint {folder}" if args.checkpoint else f"--run-dir {args.run_dir} ({FINAL_DIR}/)"
+        raise ValueError(f"no model at {where}: run `mp train` first or pass --checkpoint")
+    model = load_model(folder, args.device).eval()
+    tokenizer = _load_tokenizer(folder)
+    texts = read_texts(args.input, args.column, args.pair_column)
+    rows = predict(
+        model,
+        tokenizer,
+        texts,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        tau=args.tau,
+        threshold_scale=args.threshold_scale,
+        prune=not args.no_prune,
+        early_exit=not args.no_exit,
+        device=args.device,
+    )
     output_format = "csv" if args.output is not None and args.output.suffix.lower() == ".csv" else "jsonl"
     buffer = io.StringIO()
     if output_format == "csv":
@@ -371,11 +435,12 @@ def _run_predict(args: argparse.Namespace) -> int:
         writer.writeheader()
         writer.writerows(rows)
     else:
+        # ASCII escapes keep U+2028 and the like out of the output, so that no reader splits a row in two.
         buffer.writelines(json.dumps(row) + "\n" for row in rows)
     if args.output is None:
         sys.stdout.write(buffer.getvalue())
     else:
-        args.output.write_text(buffer.getvalue())
+        _write_atomically(args.output, buffer.getvalue())
     return 0
 
 
@@ -429,7 +494,7 @@ register_command(
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mp`` parser with one subparser per entry of ``COMMANDS``."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mp",
         description="Magic Pyramid: BERT classifiers with learned token pruning and early exit. "
         "Defaults train and evaluate the embedded all-MiniLM-L6-v2 on rotten_tomatoes on the CPU.",
@@ -446,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
             else argparse.HelpFormatter,
         )
         command.configure(sub)
+        if not command.passthrough:
+            sub.add_argument("--debug", action="store_true", help="on an error, show the full Python traceback")
         sub.set_defaults(handler=command.handler)
     return parser
 
@@ -457,12 +524,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = COMMANDS.get(argv[0]) if argv else None
     if command is not None and command.passthrough:
         return command.handler(argparse.Namespace(command=argv[0], argv=argv[1:]))
-    args = parser.parse_args(argv)
     try:
-        return args.handler(args)
-    except ValueError as error:
-        print(f"mp {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error already printed as one line
+        return exit_.code if isinstance(exit_.code, int) else 2
+    prefix = f"mp {args.command}"
+
+    def show_warning(message: Warning | str, category: type[Warning], *_rest: object, **_kwargs: object) -> None:
+        print(f"{prefix}: warning: {_one_line(message)}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        try:
+            return args.handler(args)
+        except KeyboardInterrupt:
+            print(f"{prefix}: interrupted (mp train resumes when rerun)", file=sys.stderr)
+            return 130
+        except Exception as error:  # noqa: BLE001 - every failure becomes one line; --debug shows the traceback
+            if args.debug:
+                traceback.print_exc()
+            expected = isinstance(error, ValueError | OSError)
+            shown = _one_line(error) if expected else f"{type(error).__name__}: {_one_line(error)}"
+            hint = "" if args.debug else " (--debug shows the traceback)"
+            print(f"{prefix}: error: {shown}{'' if expected else hint}", file=sys.stderr)
+            return 2 if expected else 1
 
 
 if __name__ == "__main__":

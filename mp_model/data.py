@@ -11,7 +11,10 @@ Two built-in datasets are read from files that Python packages ship (nothing is 
 
 Both are split 80/10/10 into train/dev/test with a ``random.Random(seed)`` shuffle, which gives the same split
 on every machine and Python version; ``bbc_news`` is split within each topic (stratified). ``load_file`` reads a
-user's own CSV, TSV or JSON-lines file.
+user's own CSV, TSV or JSON-lines file; given a model's labels it matches the file's labels to them by name (or by
+id). ``read_texts`` reads the texts to label (``mp predict``): exactly one record per input record, in order, blank
+ones included. Lines end only at ``\n`` or ``\r\n`` (never at the other Unicode line breaks), CSV quoting is strict.
+``split_overlap`` counts dev and test examples that repeat a training example.
 
 ``encode`` tokenises examples into unpadded lists; ``batches`` pads them into ``int64`` tensors for the model.
 ``length_bucket`` names the short/middle/long token-count groups of the paper's Figure 1.
@@ -22,11 +25,11 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
-import io
 import json
 import os
 import random
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,6 +57,52 @@ MIDDLE_MAX_TOKENS = 70
 LENGTH_BUCKETS = ("short", "middle", "long")
 
 _INTEGER = re.compile(r"[+-]?\d+")
+# The second segment of a sentence pair is read from this column when a file has it (``load_file``, ``read_texts``).
+PAIR_COLUMN = "text_pair"
+# Dev/test examples equal to a training example after ``near_duplicate_key`` are reported above this share of a split
+# (natural corpora hold a few: one in each of rotten_tomatoes' and bbc_news' dev and test splits).
+NEAR_DUPLICATE_SHARE = 0.01
+
+
+class DataWarning(UserWarning):
+    """A dataset problem that does not stop a run (dev or test examples repeating training ones)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record of an input file, in file order.
+
+    Attributes:
+        line: the 1-based line where the record starts (``None`` for an element of a JSON array).
+        where: how messages name it: ``"line 3"``, or ``"record 2"`` in a JSON array.
+        values: ``{column: value}``; ``None`` for a blank line.
+    """
+
+    line: int | None
+    where: str
+    values: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class InputText:
+    """One text to label, as ``read_texts`` gives it.
+
+    Attributes:
+        index: 0-based position among the file's records (blank ones counted).
+        line: the 1-based line where the record starts (``None`` in a JSON array).
+        text: the text as written; ``""`` for a blank line or an empty or whitespace-only text.
+        text_pair: the second segment of a pair, ``None`` for a single text.
+    """
+
+    index: int
+    line: int | None
+    text: str
+    text_pair: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        """Whether there is nothing to classify (blank or whitespace-only text)."""
+        return not self.text.strip()
 
 
 @dataclass(frozen=True)
@@ -252,58 +301,107 @@ def load_bbc_news(seed: int = 0) -> TextDataset:
     return TextDataset("bbc_news", topics, train, dev, test)
 
 
-def _read_rows(path: Path) -> tuple[list[str] | None, list[tuple[str, dict[str, Any]]]]:
-    """The records of a CSV/TSV/JSON-lines file as ``(where, {column: value})``, ``where`` like ``"line 3"``.
+def split_lines(content: str) -> list[str]:
+    """The lines of ``content``, split at ``\\n`` and ``\\r\\n`` only; a final line break ends the last line.
 
-    Also gives the CSV header (``None`` for JSON, whose keys may differ between lines). A ``.json`` file may hold
-    one JSON array of objects instead of one object per line; its records are then numbered from 1.
+    Unlike ``str.splitlines``, form feeds, NEL (U+0085), U+2028/U+2029 and lone ``\\r`` stay inside their line.
+    """
+    lines = content.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def check_input_file(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a ``Path`` if it names an existing regular file; a ``ValueError`` naming it otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a file")
+    if not path.exists():
+        raise ValueError(f"{path}: no such file")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file")
+    return path
+
+
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of ``path`` (a byte-order mark is dropped); a ``ValueError`` naming the line of a bad byte."""
+    data = check_input_file(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path} is not UTF-8 text: line {line}: {error}") from error
+
+
+def _read_records(path: Path) -> tuple[list[str] | None, list[Record]]:
+    """The records of a CSV/TSV/JSON-lines file, one per record of the file, blank lines included (as ``None``).
+
+    Also gives the CSV header (``None`` for JSON, whose keys may differ between records). A ``.json`` file may hold
+    one JSON array of objects instead of one object per line; its records are then numbered from 1. CSV quoting is
+    strict: a quote that is never closed, or closed inside a field, is an error at the line of the record it
+    opened in. Every CSV record must have as many fields as the header.
     """
     suffix = path.suffix.lower()
     if suffix not in FILE_FORMATS:
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_FORMATS)}")
-    try:
-        content = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 text: {error}") from error
+    content = _read_text(path)
     if not content.strip():
         raise ValueError(f"{path} is empty")
 
     if suffix in (".csv", ".tsv"):
-        delimiter = "\t" if suffix == ".tsv" else ","
-        reader = csv.reader(io.StringIO(content, newline=""), delimiter=delimiter, strict=True)
-        rows = []
+        kind = suffix[1:].upper()
+        lines = [line + "\n" for line in content.split("\n")]
+        reader = csv.reader(lines, delimiter="\t" if suffix == ".tsv" else ",", strict=True)
+        header: list[str] | None = None
+        records: list[Record] = []
+        start = 1
         try:
-            header = next(reader)
             for fields in reader:
-                if not fields:
-                    continue
-                if len(fields) != len(header):
-                    raise ValueError(
-                        f"{path}, line {reader.line_num}: {len(fields)} fields where the header has {len(header)}"
-                    )
-                rows.append((f"line {reader.line_num}", dict(zip(header, fields, strict=True))))
+                if header is None:
+                    header = fields
+                    repeated = sorted({name for name in header if header.count(name) > 1})
+                    if not header or repeated:
+                        raise ValueError(f"{path}, line 1: a header of distinct column names is needed, got {header}")
+                elif not fields:
+                    if reader.line_num < len(lines):  # not the empty string after the final line break
+                        records.append(Record(start, f"line {start}", None))
+                elif len(fields) != len(header):
+                    raise ValueError(f"{path}, line {start}: {len(fields)} fields where the header has {len(header)}")
+                else:
+                    records.append(Record(start, f"line {start}", dict(zip(header, fields, strict=True))))
+                start = reader.line_num + 1
         except csv.Error as error:
-            raise ValueError(f"{path}, line {reader.line_num}: malformed {suffix[1:].upper()}: {error}") from error
-        return header, rows
+            spans = f" (the record starting there runs to line {reader.line_num}: an unbalanced quote?)"
+            raise ValueError(
+                f"{path}, line {start}: malformed {kind}: {error}" + (spans if reader.line_num > start else "")
+            ) from error
+        return header, records
 
     if suffix == ".json" and content.lstrip().startswith("["):
         try:
-            records = json.loads(content)
+            values = json.loads(content)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}, line {error.lineno}: invalid JSON: {error.msg}") from error
-        numbered = [(f"record {number}", record) for number, record in enumerate(records, start=1)]
+        if not isinstance(values, list):
+            raise ValueError(f"{path}: expected a JSON array of objects")
+        records = [Record(None, f"record {number}", value) for number, value in enumerate(values, start=1)]
     else:
-        numbered = []
-        for number, line in enumerate(content.splitlines(), start=1):
+        records = []
+        for number, line in enumerate(split_lines(content), start=1):
+            value = None
             if line.strip():
                 try:
-                    numbered.append((f"line {number}", json.loads(line)))
+                    value = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{path}, line {number}: invalid JSON: {error.msg}") from error
-    for where, record in numbered:
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}, {where}: expected a JSON object, got {type(record).__name__}")
-    return None, numbered
+                if value is None:
+                    raise ValueError(f"{path}, line {number}: expected a JSON object, got null")
+            records.append(Record(number, f"line {number}", value))
+    for record in records:
+        if record.values is not None and not isinstance(record.values, dict):
+            raise ValueError(f"{path}, {record.where}: expected a JSON object, got {type(record.values).__name__}")
+    return None, records
 
 
 def _label_key(value: Any) -> str:
@@ -331,24 +429,48 @@ def _label_ids(keys: list[str]) -> tuple[list[str], list[int]]:
     return names, [index[key] for key in keys]
 
 
+def _matched_ids(path: Path, keys: list[str], wheres: list[str], labels: Sequence[str]) -> list[int]:
+    """The id of each key among ``labels`` (a model's class names in id order): by name if every key is one,
+    else by integer id if every key is one in ``0 .. len(labels) - 1``; a ``ValueError`` otherwise, naming the
+    first record whose label is neither."""
+    index = {name: i for i, name in enumerate(labels)}
+    if all(key in index for key in keys):
+        return [index[key] for key in keys]
+    as_ids = all(_INTEGER.fullmatch(key) for key in keys)
+    if as_ids and all(0 <= int(key) < len(labels) for key in keys):
+        return [int(key) for key in keys]
+    for key, where in zip(keys, wheres, strict=True):
+        if key not in index and not (as_ids and 0 <= int(key) < len(labels)):
+            also = f" nor an id 0..{len(labels) - 1}" if as_ids else ""
+            raise ValueError(f"{path}, {where}: label {key!r} is not one of the model's labels {list(labels)}{also}")
+    raise AssertionError("unreachable: some key is unknown")
+
+
 def load_file(
     path: str | os.PathLike[str],
     *,
     text_column: str = "text",
     label_column: str = "label",
     text_pair_column: str | None = None,
+    labels: Sequence[str] | None = None,
     seed: int = 0,
     dev_fraction: float = DEV_FRACTION,
     test_fraction: float = TEST_FRACTION,
 ) -> TextDataset:
     """A dataset from a user's CSV (``.csv``), TSV (``.tsv``) or JSON-lines (``.jsonl``, ``.json``) file.
 
-    Each row (a CSV line under a header, or a JSON object) gives one example: the text from ``text_column``, the
-    second segment of a pair from ``text_pair_column`` if given, and the label from ``label_column``. Texts are
-    kept as written (no whitespace normalisation, no de-duplication) and must be non-empty strings. Labels may be
-    strings or integers: integer labels (written as digits in a CSV) are ordered numerically, so labels that are
-    already 0..N-1 keep their ids; other labels are ordered as sorted strings. ``labels[i]`` of the result names
-    id ``i``; the file needs at least two distinct labels. Files are read as UTF-8 (a byte-order mark is allowed).
+    Each record (a CSV line under a header, or a JSON object) gives one example: the text from ``text_column``, the
+    second segment of a pair from ``text_pair_column`` (by default from a ``text_pair`` column when the file has
+    one; an empty second segment makes a single text), and the label from ``label_column``. Blank lines are
+    skipped. Texts are kept as written (no whitespace normalisation, no de-duplication) and must be non-empty
+    strings. Labels may be strings or integers.
+
+    Without ``labels``, integer labels (written as digits in a CSV) are ordered numerically, so labels that are
+    already 0..N-1 keep their ids; other labels are ordered as sorted strings; ``labels[i]`` of the result names
+    id ``i`` and the file needs at least two distinct labels. With ``labels`` (a trained model's class names in id
+    order, its ``id2label``), the file's labels are matched to them by name, or by integer id when the file's
+    labels are all ids and not all names; a label that is neither is an error, and the result's labels are
+    ``labels``. Files are read as UTF-8 (a byte-order mark is allowed).
 
     If a ``split`` column exists, its values (``train``, ``dev`` or ``validation``, ``test``; any case) place the
     rows, which keep the file's order, and the fractions are not used; dev and test may then be empty. Otherwise
@@ -356,16 +478,20 @@ def load_file(
     giving ``round(n_label * fraction)`` rows to dev and to test. The result is named after the file's stem.
 
     Raises:
-        ValueError: naming the file (and line) for an unsupported extension, an empty file, a missing column, a
-            malformed line, an empty text, a bad label or split value, fewer than two labels, or too few rows to
-            fill every split that the fractions ask for.
+        ValueError: naming the file (and line) for a missing file, an unsupported extension, an empty file, a
+            missing column, a malformed line, an empty text, a bad label or split value, a label the model does not
+            know, fewer than two labels, or too few rows to fill every split that the fractions ask for.
     """
     path = Path(path)
-    header, rows = _read_rows(path)
+    header, records = _read_records(path)
+    rows = [(record.where, record.values) for record in records if record.values is not None]
     if not rows:
         raise ValueError(f"{path} has no examples")
-    text_columns = [text_column] + ([text_pair_column] if text_pair_column is not None else [])
-    columns = text_columns + [label_column]
+    pair_column = text_pair_column
+    if pair_column is None:
+        present = PAIR_COLUMN in header if header is not None else any(PAIR_COLUMN in row for _, row in rows)
+        pair_column = PAIR_COLUMN if present and PAIR_COLUMN not in (text_column, label_column) else None
+    columns = [text_column, label_column] + ([text_pair_column] if text_pair_column is not None else [])
     has_split = SPLIT_COLUMN in header if header is not None else any(SPLIT_COLUMN in row for _, row in rows)
     if has_split:
         columns.append(SPLIT_COLUMN)
@@ -374,24 +500,28 @@ def load_file(
         if missing:
             raise ValueError(f"{path}: no column {', '.join(map(repr, missing))}; the columns are {header}")
 
-    texts: list[list[str]] = []
+    texts: list[tuple[str, str | None]] = []
     keys: list[str] = []
+    wheres: list[str] = []
     splits: list[str] = []
     for where, row in rows:
         place = f"{path}, {where}"
         missing = [column for column in columns if column not in row]
         if missing:
             raise ValueError(f"{place}: no {', '.join(map(repr, missing))}")
-        for column in text_columns:
-            if not isinstance(row[column], str) or not row[column].strip():
-                raise ValueError(f"{place}: {column!r} must be a non-empty string, got {row[column]!r}")
-        texts.append([row[column] for column in text_columns])
+        if not isinstance(row[text_column], str) or not row[text_column].strip():
+            raise ValueError(f"{place}: {text_column!r} must be a non-empty string, got {row[text_column]!r}")
+        pair = row.get(pair_column) if pair_column is not None else None
+        if pair is not None and not isinstance(pair, str):
+            raise ValueError(f"{place}: {pair_column!r} must be a string, got {pair!r}")
+        texts.append((row[text_column], pair if pair and pair.strip() else None))
         try:
             keys.append(_label_key(row[label_column]))
         except TypeError as error:
             raise ValueError(f"{place}: {error}") from error
         if not keys[-1]:
             raise ValueError(f"{place}: empty label")
+        wheres.append(where)
         if has_split:
             value = row[SPLIT_COLUMN]
             split = SPLIT_VALUES.get(value.strip().lower()) if isinstance(value, str) else None
@@ -399,13 +529,13 @@ def load_file(
                 raise ValueError(f"{place}: split {value!r} is not one of {', '.join(SPLIT_VALUES)}")
             splits.append(split)
 
-    names, ids = _label_ids(keys)
-    if len(names) < 2:
-        raise ValueError(f"{path}: a classifier needs at least two labels, found only {names[0]!r}")
-    examples = [
-        TextExample(segments[0], label, segments[1] if text_pair_column is not None else None)
-        for segments, label in zip(texts, ids, strict=True)
-    ]
+    if labels is None:
+        names, ids = _label_ids(keys)
+        if len(names) < 2:
+            raise ValueError(f"{path}: a classifier needs at least two labels, found only {names[0]!r}")
+    else:
+        names, ids = list(labels), _matched_ids(path, keys, wheres, labels)
+    examples = [TextExample(text, label, pair) for (text, pair), label in zip(texts, ids, strict=True)]
 
     if has_split:
         parts = {name: [e for e, split in zip(examples, splits, strict=True) if split == name] for name in SPLITS}
@@ -424,26 +554,146 @@ def load_file(
     return TextDataset(path.stem, names, train, dev, test)
 
 
-def load_dataset(name_or_path: str | os.PathLike[str], seed: int = 0) -> TextDataset:
-    """A built-in dataset by name (one of ``DATASETS``) or a user's file by path (see ``load_file``)."""
-    if name_or_path == "rotten_tomatoes":
-        return load_rotten_tomatoes(seed)
-    if name_or_path == "bbc_news":
-        return load_bbc_news(seed)
-    if Path(name_or_path).is_file():
-        return load_file(name_or_path, seed=seed)
+def _relabelled(dataset: TextDataset, labels: Sequence[str]) -> TextDataset:
+    """``dataset`` with its labels matched by name to ``labels`` (a model's, in id order)."""
+    unknown = [name for name in dataset.labels if name not in labels]
+    if unknown:
+        raise ValueError(
+            f"{dataset.name} has labels {unknown} that the model does not know; the model's labels are {list(labels)}"
+        )
+    ids = [list(labels).index(name) for name in dataset.labels]
+    return TextDataset(
+        dataset.name,
+        list(labels),
+        *([replace(e, label=ids[e.label]) for e in dataset.split(split)] for split in SPLITS),
+    )
+
+
+def load_dataset(
+    name_or_path: str | os.PathLike[str], seed: int = 0, *, labels: Sequence[str] | None = None
+) -> TextDataset:
+    """A built-in dataset by name (one of ``DATASETS``) or a user's file by path (see ``load_file``).
+
+    With ``labels`` (a trained model's class names in id order) the dataset's labels are matched to them by name
+    (a file's also by id, see ``load_file``), and a label the model does not know is an error.
+    """
+    if name_or_path in DATASETS:
+        dataset = load_rotten_tomatoes(seed) if name_or_path == "rotten_tomatoes" else load_bbc_news(seed)
+        return dataset if labels is None else _relabelled(dataset, labels)
+    path = Path(name_or_path)
+    if path.is_file():
+        return load_file(path, seed=seed, labels=labels)
+    reason = "is a directory" if path.is_dir() else "is not a built-in dataset nor an existing file"
     raise ValueError(
-        f"unknown dataset {str(name_or_path)!r}: choose one of {', '.join(DATASETS)}, "
+        f"unknown dataset {str(name_or_path)!r} ({reason}): choose one of {', '.join(DATASETS)}, "
         f"or give the path of an existing {'/'.join(FILE_FORMATS)} file"
     )
+
+
+def read_texts(path: str | os.PathLike[str], column: str = "text", pair_column: str | None = None) -> list[InputText]:
+    """The texts to label in a ``.txt``, ``.csv``/``.tsv`` or ``.jsonl``/``.json`` file: one per input record.
+
+    A ``.txt`` file (any other extension too) holds one text per line; lines end at ``\\n`` or ``\\r\\n`` only. A
+    CSV/TSV file has a header and the text in column ``column``; a JSON-lines file one object per line with the
+    text under key ``column`` (a ``.json`` file may hold one array of objects). Every record gives exactly one
+    ``InputText``, in file order, with its position and line: a blank line, or an empty or whitespace-only text,
+    gives an empty one (``InputText.empty``), so ``result[i].index == i`` and, in a text or JSON-lines file,
+    ``result[i].line == i + 1``. The second segment of a pair comes from ``pair_column`` (which must then exist),
+    or from a ``text_pair`` column if the file has one; an empty or absent one makes a single text.
+
+    Raises:
+        ValueError: naming the file and line for a missing or unreadable file, a missing column or key, a JSON
+            value that is not a string (``null``, a number, a list...), malformed CSV or JSON, or a file that holds
+            no text at all.
+    """
+    path = check_input_file(path)
+    suffix = path.suffix.lower()
+    if suffix not in FILE_FORMATS:
+        if pair_column is not None:
+            raise ValueError(f"{path}: a text file holds single texts; pairs ({pair_column!r}) need CSV/TSV/JSON")
+        lines = split_lines(_read_text(path))
+        texts = [InputText(i, i + 1, line if line.strip() else "") for i, line in enumerate(lines)]
+    else:
+        header, records = _read_records(path)
+        if header is not None:
+            for name in (column, pair_column):
+                if name is not None and name not in header:
+                    raise ValueError(f"{path}: no column {name!r}; the columns are {header}")
+        pairs = pair_column
+        if pairs is None and PAIR_COLUMN != column:
+            present = header is not None and PAIR_COLUMN in header
+            if present or any(PAIR_COLUMN in (r.values or {}) for r in records):
+                pairs = PAIR_COLUMN
+        texts = []
+        for index, record in enumerate(records):
+            values = record.values or {}
+            if record.values is not None and column not in values:
+                raise ValueError(f"{path}, {record.where}: expected an object with key {column!r}")
+            segments = []
+            for name in (column, pairs):
+                value = values.get(name, "") if name is not None else ""
+                if not isinstance(value, str):
+                    raise ValueError(
+                        f"{path}, {record.where}: {name!r} must be a string, got {type(value).__name__} {value!r}"
+                    )
+                segments.append(value if value.strip() else "")
+            text, pair = segments
+            texts.append(InputText(index, record.line, text, pair if text and pair else None))
+    if all(text.empty for text in texts):
+        raise ValueError(f"{path} holds no text")
+    return texts
+
+
+def _near_key(text: str | None) -> str | None:
+    """``text`` case-folded, with punctuation dropped and spaces collapsed (``None`` stays ``None``)."""
+    return None if text is None else " ".join(re.sub(r"[\W_]+", " ", text.casefold()).split())
+
+
+def split_overlap(dataset: TextDataset) -> dict[str, dict[str, int]]:
+    """For ``dev`` and ``test``: how many examples repeat a training example.
+
+    ``{split: {"examples": n, "exact": e, "near": m}}``: ``exact`` examples have the text (and second segment) of
+    a training example; ``near`` more do once case, punctuation and spaces are ignored.
+    """
+    exact = {(e.text, e.text_pair) for e in dataset.train}
+    near = {(_near_key(e.text), _near_key(e.text_pair)) for e in dataset.train}
+    counts = {}
+    for split in ("dev", "test"):
+        examples = dataset.split(split)
+        same = [(e.text, e.text_pair) in exact for e in examples]
+        alike = [(_near_key(e.text), _near_key(e.text_pair)) in near for e in examples]
+        counts[split] = {
+            "examples": len(examples),
+            "exact": sum(same),
+            "near": sum(a and not s for a, s in zip(alike, same, strict=True)),
+        }
+    return counts
+
+
+def warn_overlap(dataset: TextDataset) -> dict[str, dict[str, int]]:
+    """``split_overlap(dataset)``, warned about (one ``DataWarning`` line with the counts) when any dev or test
+    example repeats a training one exactly, or more than ``NEAR_DUPLICATE_SHARE`` of a split nearly does."""
+    counts = split_overlap(dataset)
+    if any(c["exact"] or c["near"] > NEAR_DUPLICATE_SHARE * c["examples"] for c in counts.values()):
+        shown = " and ".join(
+            f"{c['exact']} of {c['examples']} {split} examples repeat a training example exactly"
+            f" ({c['near']} more nearly: same words ignoring case and punctuation)"
+            for split, c in counts.items()
+        )
+        warnings.warn(
+            f"{dataset.name}: {shown}; accuracy on them overstates accuracy on new texts", DataWarning, stacklevel=2
+        )
+    return counts
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, examples: Sequence[TextExample], max_length: int = 512) -> Encoded:
     """Tokenise ``examples`` (special tokens added, truncated to ``max_length`` tokens, not padded).
 
     Pairs are truncated longest segment first. Single texts and pairs may be mixed. Returns an ``Encoded`` whose
-    entry ``i`` belongs to ``examples[i]``.
+    entry ``i`` belongs to ``examples[i]``. ``max_length`` must hold the special tokens (2 for a single text with
+    BERT's ``[CLS] ... [SEP]``, 3 for a pair): below that the tokenizer would silently not truncate at all.
     """
+    check_max_length(max_length, tokenizer, pairs=any(example.text_pair is not None for example in examples))
     encoded: Encoded = {
         "input_ids": [[] for _ in examples],
         "attention_mask": [[] for _ in examples],
@@ -467,6 +717,23 @@ def encode(tokenizer: PreTrainedTokenizerBase, examples: Sequence[TextExample], 
             for i, values in zip(positions, output[key], strict=True):
                 encoded[key][i] = list(values)
     return encoded
+
+
+def check_max_length(
+    max_length: int, tokenizer: PreTrainedTokenizerBase | None = None, *, pairs: bool = False, limit: int | None = None
+) -> int:
+    """``max_length`` if it is an integer that holds the special tokens (2 without a tokenizer; with one, what it
+    adds to a single text or, with ``pairs``, to a pair) and is at most ``limit`` (a model's
+    ``max_position_embeddings``); a ``ValueError`` naming ``max_length`` otherwise."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int):
+        raise ValueError(f"max_length must be an integer, got {max_length!r}")
+    least = 2 if tokenizer is None else max(2, tokenizer.num_special_tokens_to_add(pair=pairs))
+    if max_length < least:
+        what = "a pair's" if pairs else "the"
+        raise ValueError(f"max_length must be >= {least} to hold {what} special tokens, got {max_length}")
+    if limit is not None and max_length > limit:
+        raise ValueError(f"max_length must be <= {limit}, the model's max_position_embeddings, got {max_length}")
+    return max_length
 
 
 def batches(

@@ -27,12 +27,18 @@ batch, ``latency_speedup`` the median over rounds of the baseline's pass time ov
 Selection (``select``): per method, the setting with the fewest GFLOPs whose accuracy is at most ``max_drop``
 (absolute) below dense on the same split; the CLI selects on dev and reports those settings on test.
 
+Checks. ``check_device`` refuses an unknown device or CUDA on a machine without it; ``collect`` refuses labels the
+model does not have and sequences longer than its position embeddings; ``evaluate``, ``select`` and ``predict``
+refuse knobs out of range (a NaN included) before computing anything. ``predict`` labels ``mp_model.data.read_texts``
+records: one row per record, in order, empty ones unlabelled.
+
 Length buckets (``short`` 1-35, ``middle`` 36-70, ``long`` > 70 tokens, special tokens included, as
 ``mp_model.data.length_bucket``) report accuracy, GFLOPs and FLOPs speedup over dense per bucket.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -42,7 +48,16 @@ from typing import Any
 import torch
 
 from mp_kernels import entropy_exit
-from mp_model.data import LENGTH_BUCKETS, Encoded, batches, length_bucket
+from mp_model.data import (
+    LENGTH_BUCKETS,
+    Encoded,
+    InputText,
+    TextExample,
+    batches,
+    check_max_length,
+    encode,
+    length_bucket,
+)
 from mp_model.flops import dense_flops, flops_from_outputs
 from mp_model.modeling import MagicPyramidForSequenceClassification
 from mp_model.packed_inference import segment_mean
@@ -52,6 +67,67 @@ DEFAULT_TAUS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 
 SettingKey = tuple[str, float | None, float | None]
+
+
+def check_int(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` if it is an integer (not a bool) >= ``minimum``; a ``ValueError`` naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_float(
+    name: str, value: object, minimum: float | None = None, maximum: float | None = None, *, positive: bool = False
+) -> float:
+    """``float(value)`` if it is a finite number within ``[minimum, maximum]`` (and > 0 with ``positive``); a
+    ``ValueError`` naming ``name`` otherwise (NaN and infinities included)."""
+    number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    limits = ["> 0"] if positive else []
+    limits += [f">= {minimum}"] if minimum is not None else []
+    limits += [f"<= {maximum}"] if maximum is not None else []
+    inside = (minimum is None or number >= minimum) and (maximum is None or number <= maximum)
+    if not math.isfinite(number) or not inside or (positive and number <= 0):
+        raise ValueError(f"{name} must be a finite number {', '.join(limits)}".rstrip() + f", got {value!r}")
+    return number
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """``device`` as a ``torch.device`` if this machine has it: ``cpu``, or ``cuda``/``cuda:N`` with CUDA present.
+
+    Raises:
+        ValueError: naming the device, for a string torch does not parse, another device type, or CUDA (or a CUDA
+            index) that this machine lacks.
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device {str(device)!r} is not a torch device: use cpu, cuda or cuda:N") from error
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type != "cuda":
+        raise ValueError(f"device {str(device)!r} is not supported: use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine; use cpu")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return parsed
+
+
+def check_encoded(model: MagicPyramidForSequenceClassification, encoded: Encoded) -> None:
+    """A ``ValueError`` if ``encoded`` holds a label outside the model's ``0 .. num_labels - 1`` or a sequence
+    longer than its ``max_position_embeddings``."""
+    config = model.config
+    bad = [label for label in encoded["labels"] if not 0 <= label < config.num_labels]
+    if bad:
+        raise ValueError(
+            f"label {bad[0]} is outside the model's {config.num_labels} labels {list(config.id2label.values())}"
+        )
+    longest = max((len(ids) for ids in encoded["input_ids"]), default=0)
+    if longest > config.max_position_embeddings:
+        raise ValueError(
+            f"a sequence of {longest} tokens exceeds the model's max_position_embeddings "
+            f"({config.max_position_embeddings}): lower max_length"
+        )
 
 
 def backend_for(device: torch.device | str) -> str | None:
@@ -96,13 +172,15 @@ def collect(
     threshold_scale: float = 1.0,
 ) -> Collected:
     """Run ``encoded`` through the packed path (exit off) and capture every sub-classifier's logits."""
-    device = torch.device(device)
+    device = check_device(device)
     model.eval().to(device)
     config = model.config
     layers = config.num_hidden_layers
     count = len(encoded["labels"])
     if count == 0:
         raise ValueError("nothing to evaluate: the split is empty")
+    check_int("batch_size", batch_size)
+    check_encoded(model, encoded)
     logits = torch.zeros(count, config.num_labels)
     exit_logits = torch.zeros(count, max(layers - 1, 0), config.num_labels)
     kept = torch.zeros(count, layers, dtype=torch.int64)
@@ -354,7 +432,14 @@ def evaluate(
     flops_speedup, latency_ms, hf_latency_ms, latency_speedup, device, examples, mean_exit_layer, kept_ratio,
     buckets`` (``{bucket: {examples, accuracy, gflops, dense_gflops, flops_speedup}}``).
     """
-    device = torch.device(device)
+    device = check_device(device)
+    for tau in taus:
+        check_float("tau", tau, 0.0, 1.0)
+    for scale in scales:
+        check_float("threshold_scale", scale, 0.0)
+    check_int("batch_size", batch_size)
+    check_int("latency_examples", latency_examples)
+    check_int("latency_repeats", latency_repeats)
     sweep = settings(methods, taus, scales)
     passes: dict[tuple[str, float | None], Collected] = {}
 
@@ -432,6 +517,7 @@ def select(records: Sequence[dict[str, Any]], max_drop: float = 0.01) -> list[di
     setting. A method with no setting within the limit contributes its most accurate record (check
     ``accuracy`` against dense's). Returned in the order of ``METHODS``.
     """
+    check_float("max_drop", max_drop, 0.0)
     chosen = []
     for dataset in dict.fromkeys(r["dataset"] for r in records):
         rows = [r for r in records if r["dataset"] == dataset]
@@ -449,3 +535,82 @@ def select(records: Sequence[dict[str, Any]], max_drop: float = 0.01) -> list[di
             else:
                 chosen.append(max(candidates, key=lambda r: (r["accuracy"], -r["gflops"])))
     return chosen
+
+
+@torch.inference_mode()
+def predict(
+    model: MagicPyramidForSequenceClassification,
+    tokenizer: Any,
+    texts: Sequence[InputText],
+    *,
+    max_length: int | None = None,
+    batch_size: int = 32,
+    tau: float = 0.3,
+    threshold_scale: float = 1.0,
+    prune: bool = True,
+    early_exit: bool = True,
+    device: torch.device | str = "cpu",
+) -> list[dict[str, Any]]:
+    """Label ``texts`` (from ``mp_model.data.read_texts``) with the packed path: one row per text, in order.
+
+    Each row holds ``index`` and ``line`` (the record's place in its file), ``text`` (and ``text_pair`` if any
+    text has one), ``label`` (the model's name for it), ``label_id``, ``confidence`` (its softmax probability),
+    ``exit_layer`` and ``gflops``. ``max_length`` (tokens after truncation) defaults to the model's
+    ``max_position_embeddings``. An empty text (``InputText.empty``) is not classified: its label fields are
+    ``None``. Pairs are encoded as BERT pairs (segment ids 0 and 1), which needs ``type_vocab_size >= 2``.
+
+    Raises:
+        ValueError: before computing, for a knob out of range (``tau`` in [0, 1], ``threshold_scale`` >= 0,
+            ``batch_size`` >= 1, ``max_length`` between the special tokens and the model's position embeddings),
+            a missing device, or pairs for a model without a second segment; after, if the model gives a
+            non-finite logit (naming the records), rather than a label that means nothing.
+    """
+    tau = check_float("tau", tau, 0.0, 1.0)
+    threshold_scale = check_float("threshold_scale", threshold_scale, 0.0)
+    check_int("batch_size", batch_size)
+    device = check_device(device)
+    pairs = any(text.text_pair is not None for text in texts)
+    limit = model.config.max_position_embeddings
+    max_length = check_max_length(limit if max_length is None else max_length, tokenizer, pairs=pairs, limit=limit)
+    if pairs and getattr(model.config, "type_vocab_size", 2) < 2:
+        raise ValueError("the texts hold pairs but the model has a single segment type (type_vocab_size 1)")
+    model.eval().to(device)
+    rows: list[dict[str, Any]] = []
+    for text in texts:
+        row: dict[str, Any] = {"index": text.index, "line": text.line, "text": text.text}
+        if pairs:
+            row["text_pair"] = text.text_pair
+        rows.append(row | dict.fromkeys(("label", "label_id", "confidence", "exit_layer", "gflops")))
+    todo = [position for position, text in enumerate(texts) if not text.empty]
+    examples = [TextExample(texts[p].text, 0, texts[p].text_pair) for p in todo]
+    encoded = encode(tokenizer, examples, max_length)
+    broken: list[str] = []
+    for batch in batches(encoded, batch_size, sort_by_length=True):
+        out = model(
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            batch["token_type_ids"].to(device),
+            tau=tau,
+            threshold_scale=threshold_scale,
+            prune=prune,
+            early_exit=early_exit,
+            backend=backend_for(device),
+        )
+        logits = out.logits.float().cpu()
+        probabilities = logits.softmax(dim=-1)
+        for row, index in enumerate(batch["index"].tolist()):
+            text = texts[todo[index]]
+            if not bool(torch.isfinite(logits[row]).all()):
+                broken.append(f"line {text.line}" if text.line is not None else f"record {text.index + 1}")
+                continue
+            label_id = int(probabilities[row].argmax())
+            rows[todo[index]] |= {
+                "label": model.config.id2label.get(label_id, str(label_id)),
+                "label_id": label_id,
+                "confidence": round(float(probabilities[row, label_id]), 6),
+                "exit_layer": int(out.exit_layer[row]),
+                "gflops": float(out.flops[row]) / 1e9,
+            }
+    if broken:
+        raise ValueError(f"the model gave non-finite logits for {len(broken)} text(s) ({', '.join(broken[:5])})")
+    return rows

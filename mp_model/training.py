@@ -37,15 +37,26 @@ Rerunning the same command resumes: completed stages are skipped, an interrupted
 checkpoint (every ``checkpoint_every`` steps) with its RNG state, so the result equals an uninterrupted run's;
 an interrupted search candidate, and an interrupted stage 4 (one forward pass and seconds of head training),
 restart from their start.
+
+Damage is repaired, never trusted. Every file is written atomically (a temporary file, then ``os.replace``);
+``state.json`` records the SHA-256 of each stage's weights and ``partial/progress.json`` that of ``trainer.pt``.
+On resuming, a partial checkpoint that is missing its checksum, does not match it or does not load is discarded
+with a ``TrainingWarning`` and its stage restarts from its start (the previous stage's folder); a stage that
+``state.json`` calls done but whose folder is gone, does not match its checksum or does not load is dropped with a
+warning, and it and the later stages are trained again. An unreadable ``state.json`` starts the run over. A
+``train_config.json`` whose run never completed a stage is replaced by a corrected configuration (with a warning)
+instead of refusing it. ``TrainConfig`` checks every field when it is made.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -55,8 +66,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mp_model.data import Encoded, TextDataset, batches, encode, load_dataset
-from mp_model.evaluation import collect, summarize
+from mp_model.data import Encoded, TextDataset, batches, check_max_length, encode, load_dataset, warn_overlap
+from mp_model.evaluation import check_device, check_float, check_int, collect, summarize
 from mp_model.exit_head import apply_exits
 from mp_model.modeling import MagicPyramidForSequenceClassification
 
@@ -66,10 +77,17 @@ FINAL_DIR = "stage4_exits"
 STATE_FILE = "state.json"
 CONFIG_FILE = "train_config.json"
 PARTIAL_DIR = "partial"
+CHECKPOINT_FILE = "trainer.pt"
+PROGRESS_FILE = "progress.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 # TrainConfig fields that may differ when a run is resumed.
 RESUMABLE_CHANGES = ("device", "run_dir")
 
 Callback = Callable[[str, dict[str, Any]], None]
+
+
+class TrainingWarning(UserWarning):
+    """A damaged run directory was repaired (a checkpoint discarded, a stage to train again, a config replaced)."""
 
 
 def default_model_path() -> str:
@@ -129,21 +147,41 @@ class TrainConfig:
     max_drop: float = field(
         default=0.01, metadata={"help": "search: largest dev accuracy drop from stage 1 allowed (absolute)"}
     )
-    checkpoint_every: int = field(
-        default=50, metadata={"help": "steps between mid-stage checkpoints (0: only at the end of a stage)"}
-    )
+    checkpoint_every: int = field(default=50, metadata={"help": "steps between mid-stage checkpoints (>= 1)"})
 
     def __post_init__(self) -> None:
-        self.final_thresholds = tuple(float(v) for v in self.final_thresholds)
-        self.lambdas = tuple(float(v) for v in self.lambdas)
-        if not self.final_thresholds or min(self.final_thresholds) <= 0:
-            raise ValueError(f"final_thresholds needs positive values, got {self.final_thresholds}")
-        if not self.lambdas or min(self.lambdas) < 0:
-            raise ValueError(f"lambdas needs non-negative values, got {self.lambdas}")
-        if self.batch_size < 1 or self.eval_batch_size < 1 or self.max_length < 2:
-            raise ValueError("batch sizes must be >= 1 and max_length >= 2")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        """Check every field: a ``ValueError`` naming the first one out of range (NaN and infinities included)."""
+        for name in ("model", "dataset"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if not isinstance(self.run_dir, str):
+            raise ValueError(f"run_dir must be a string, got {self.run_dir!r}")
+        check_device(self.device)
+        check_int("seed", self.seed, 0)
+        check_max_length(self.max_length)
+        check_int("batch_size", self.batch_size)
+        check_int("eval_batch_size", self.eval_batch_size)
+        for name in ("train_size", "exit_train_size", "dev_size"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 0 if name == "exit_train_size" else 1)
+        for name in ("lr", "threshold_lr", "exit_lr", "temperature"):
+            check_float(name, getattr(self, name), positive=True)
+        for name in ("epochs_finetune", "epochs_soft", "epochs_hard", "epochs_exits"):
+            check_float(name, getattr(self, name), 0.0)
+        for name in ("search_epochs_soft", "search_epochs_hard"):
+            check_float(name, getattr(self, name), 0.0)
+        check_float("weight_decay", self.weight_decay, 0.0)
+        check_float("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        check_float("max_drop", self.max_drop, 0.0, 1.0)
+        check_int("checkpoint_every", self.checkpoint_every, 1)
+        for name in ("final_thresholds", "lambdas"):
+            values = getattr(self, name)
+            if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:
+                raise ValueError(f"{name} must be a non-empty list of numbers, got {values!r}")
+            positive = name == "final_thresholds"
+            setattr(
+                self, name, tuple(check_float(name, v, None if positive else 0.0, positive=positive) for v in values)
+            )
 
     @property
     def directory(self) -> Path:
@@ -195,15 +233,85 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_folder_problem(folder: Path, checksum: str | None = None) -> str | None:
+    """Why ``folder`` cannot be a saved model, or ``None`` if it looks whole.
+
+    It must hold a ``config.json`` object and weights (``model.safetensors``, sharded safetensors or
+    ``pytorch_model.bin``); a ``model.safetensors`` must have a whole header covering the file and, if
+    ``checksum`` is given, that SHA-256.
+    """
+    if not folder.is_dir():
+        return "no such folder" if not folder.exists() else "not a folder"
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "no config.json"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"config.json is unreadable ({error})"
+    if not isinstance(config, dict):
+        return "config.json does not hold an object"
+    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    if weights is None:
+        return f"no weights ({', '.join(WEIGHT_FILES)})"
+    if weights.name == "model.safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(weights), "pt") as file:
+                file.keys()
+        except (SafetensorError, OSError) as error:
+            return f"model.safetensors is damaged ({error})"
+        if checksum is not None and sha256(weights) != checksum:
+            return "model.safetensors does not match its recorded SHA-256"
+    return None
+
+
+def load_model(folder: str | Path, device: torch.device | str = "cpu") -> MagicPyramidForSequenceClassification:
+    """The model saved in ``folder``, on ``device``; a ``ValueError`` naming the folder if it is missing, has no
+    weights or a damaged file (checked before loading, and any loading error is reported the same way)."""
+    folder = Path(folder)
+    device = check_device(device)
+    problem = model_folder_problem(folder)
+    if problem is not None:
+        raise ValueError(f"{folder} is not a saved model: {problem}")
+    try:
+        model = MagicPyramidForSequenceClassification.from_pretrained(str(folder))
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
+        raise ValueError(f"{folder}: the model does not load ({type(error).__name__}: {error})") from error
+    return model.to(device)
+
+
 def load_data(config: TrainConfig) -> Data:
-    """Load, subset and tokenise the run's dataset with the tokenizer of ``config.model``."""
+    """Load, subset and tokenise the run's dataset with the tokenizer of ``config.model``.
+
+    Warns (``mp_model.data.warn_overlap``) when dev or test examples repeat training ones; refuses a
+    ``max_length`` above the model's ``max_position_embeddings``.
+    """
     from transformers import AutoTokenizer
 
     full = load_dataset(config.dataset, seed=config.seed)
     dataset = full.subset(train=config.train_size, dev=config.dev_size)
     if not dataset.train or not dataset.dev:
         raise ValueError(f"{dataset.name}: training needs non-empty train and dev splits")
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    warn_overlap(full)
+    problem = model_folder_problem(Path(config.model))
+    if problem is not None:
+        raise ValueError(f"model {config.model!r} is not a saved model: {problem}")
+    try:
+        limit = json.loads((Path(config.model) / "config.json").read_text()).get("max_position_embeddings")
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"model {config.model!r}: no usable tokenizer ({error})") from error
+    check_max_length(config.max_length, tokenizer, limit=limit)
     # Both training sets are prefixes of the train split: tokenise the longer once.
     exit_count = len(full.subset(train=config.exit_train_size).train)
     train = encode(tokenizer, full.train[: max(len(dataset.train), exit_count)], config.max_length)
@@ -277,6 +385,43 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {key: value.to(device) for key, value in batch.items()}
 
 
+def _load_checkpoint(partial: Path, device: torch.device) -> dict[str, Any] | None:
+    """The partial checkpoint in ``partial`` if it is whole; ``None`` if there is none.
+
+    A checkpoint without a recorded SHA-256, not matching it, or not loading is deleted with a
+    ``TrainingWarning`` (its stage then restarts from its start), as is a leftover temporary file.
+    """
+    checkpoint = partial / CHECKPOINT_FILE
+    checkpoint.with_suffix(".tmp").unlink(missing_ok=True)
+    if not checkpoint.exists():
+        return None
+    problem = None
+    try:
+        recorded = json.loads((partial / PROGRESS_FILE).read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded is None:
+        problem = f"no readable {PROGRESS_FILE} with its SHA-256"
+    elif sha256(checkpoint) != recorded:
+        problem = "its SHA-256 does not match the recorded one"
+    else:
+        try:
+            saved = torch.load(checkpoint, map_location=device, weights_only=False)
+            if not isinstance(saved, dict) or not {"stage", "seed", "step", "model", "rng"} <= set(saved):
+                problem = "it lacks the trainer's state"
+        except Exception as error:  # noqa: BLE001 - any unpickling failure means a damaged file
+            problem = f"it does not load ({type(error).__name__}: {error})"
+    if problem is None:
+        return saved
+    warnings.warn(
+        f"discarding the partial checkpoint {checkpoint} ({problem}); the stage restarts from its start",
+        TrainingWarning,
+        stacklevel=3,
+    )
+    shutil.rmtree(partial, ignore_errors=True)
+    return None
+
+
 def fit(
     model: MagicPyramidForSequenceClassification,
     stage: StageSpec,
@@ -307,9 +452,9 @@ def fit(
     )
     torch.manual_seed(seed)
     step = 0
-    checkpoint = partial / "trainer.pt" if partial is not None else None
-    if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+    checkpoint = partial / CHECKPOINT_FILE if partial is not None else None
+    saved = _load_checkpoint(partial, device) if partial is not None else None
+    if saved is not None:
         if saved["stage"] == stage.number and saved["seed"] == seed:
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
@@ -379,7 +524,8 @@ def fit(
                     }
                     torch.save(payload, checkpoint.with_suffix(".tmp"))
                     os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
-                    _write_json(partial / "progress.json", {"stage": stage.number, "step": step, "total": total})
+                    progress_info = {"stage": stage.number, "step": step, "total": total, "sha256": sha256(checkpoint)}
+                    _write_json(partial / PROGRESS_FILE, progress_info)
                     if callback is not None:
                         callback("checkpoint", {"stage": stage.number, "step": step, "total": total})
     bar.close()
@@ -537,31 +683,68 @@ class Trainer:
         self.directory = config.directory
         self.callback = callback
         self.progress = progress
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(f"run_dir {self.directory} is a file, not a folder")
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.state: dict[str, Any] = read_state(self.directory)
         self._check_config()
-        state_path = self.directory / STATE_FILE
-        self.state: dict[str, Any] = (
-            json.loads(state_path.read_text()) if state_path.exists() else {"stages_done": [], "search": {}}
-        )
+        self._check_stages()
         self._data: Data | None = None
 
     def _check_config(self) -> None:
+        """Refuse a configuration that differs from the saved one of a run with completed stages; a run that
+        completed none takes the new configuration (its partial checkpoint and search results are dropped)."""
         path = self.directory / CONFIG_FILE
         current = self.config.to_dict()
-        if path.exists():
-            saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text()) if path.exists() else None
+        except (OSError, ValueError):
+            saved = {"unreadable": True}
+        if saved == current:
+            return
+        if saved is not None:
             changed = sorted(
                 key
                 for key in set(saved) | set(current)
                 if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)
             )
-            if changed:
+            if not changed:
+                return
+            if self.state["stages_done"]:
                 raise ValueError(
                     f"{self.directory} holds a run with a different configuration ({', '.join(changed)} differ): "
                     "choose another --run-dir or delete it"
                 )
-        else:
-            _write_json(path, current)
+            warnings.warn(
+                f"{path} belongs to a run that completed no stage: replacing it ({', '.join(changed)} changed)",
+                TrainingWarning,
+                stacklevel=3,
+            )
+            shutil.rmtree(self.directory / PARTIAL_DIR, ignore_errors=True)
+            self.state = {"stages_done": [], "search": {}}
+            self._save_state()
+        _write_json(path, current)
+
+    def _check_stages(self) -> None:
+        """Cross-check ``state.json`` against the stage folders: a done stage whose folder is missing or damaged is
+        dropped, with the later ones, and trained again (with a ``TrainingWarning``)."""
+        checksums = self.state.setdefault("checksums", {})
+        for number in sorted(self.state["stages_done"]):
+            problem = model_folder_problem(self.stage_dir(number), checksums.get(str(number)))
+            if problem is None:
+                continue
+            dropped = [n for n in self.state["stages_done"] if n >= number]
+            warnings.warn(
+                f"{self.stage_dir(number)}: {problem}; stage(s) {', '.join(map(str, dropped))} will be trained again",
+                TrainingWarning,
+                stacklevel=3,
+            )
+            self.state["stages_done"] = [n for n in self.state["stages_done"] if n < number]
+            for n in dropped:
+                self.state.pop(f"stage{n}", None)
+                checksums.pop(str(n), None)
+            self._save_state()
+            break
 
     @property
     def data(self) -> Data:
@@ -577,16 +760,22 @@ class Trainer:
         return self.directory / f"stage{number}_{STAGES[number]}"
 
     def _load(self, path: str | Path) -> MagicPyramidForSequenceClassification:
-        return MagicPyramidForSequenceClassification.from_pretrained(str(path)).to(self.config.device)
+        return load_model(path, self.config.device)
 
     def _save(self, model: MagicPyramidForSequenceClassification, number: int) -> None:
+        """Save stage ``number``'s model and tokenizer: into a temporary folder, checked, then renamed."""
         target = self.stage_dir(number)
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         self.data.tokenizer.save_pretrained(tmp)
+        problem = model_folder_problem(tmp)
+        if problem is not None:
+            raise RuntimeError(f"saving stage {number} to {tmp} failed: {problem}")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
+        if (target / "model.safetensors").is_file():
+            self.state.setdefault("checksums", {})[str(number)] = sha256(target / "model.safetensors")
 
     def _finish(self, number: int, model: MagicPyramidForSequenceClassification, metrics: dict[str, Any]) -> None:
         self._save(model, number)
@@ -694,6 +883,51 @@ class Trainer:
         metrics["dev_exit_accuracy"] = (predictions.argmax(dim=-1) == dev.labels).double().mean(dim=1).tolist()
         metrics["dev_accuracy"] = float((dev.teacher.argmax(dim=-1) == dev.labels).double().mean())
         self._finish(4, model, metrics)
+
+
+def read_state(directory: str | Path) -> dict[str, Any]:
+    """The ``state.json`` of a run directory (empty state if there is none); an unreadable one starts the run over
+    with a ``TrainingWarning``."""
+    path = Path(directory) / STATE_FILE
+    fresh: dict[str, Any] = {"stages_done": [], "search": {}}
+    if not path.exists():
+        return fresh
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not all(n in STAGES for n in state.get("stages_done", [])):
+            raise ValueError("not a run state")
+    except (OSError, ValueError) as error:
+        warnings.warn(f"{path} is unreadable ({error}): the run starts over", TrainingWarning, stacklevel=3)
+        return fresh
+    return fresh | state
+
+
+def finished_run_problem(directory: str | Path) -> str | None:
+    """Why ``directory`` is not a finished run (every stage done by ``state.json``, its stage-1 and final folders
+    whole and matching their checksums), or ``None`` if it is one. Reads only; repairs nothing."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return f"{directory} is not a folder"
+    if not (directory / STATE_FILE).is_file():
+        return f"{directory} holds no {STATE_FILE}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        state = read_state(directory)
+    missing = [n for n in STAGES if n not in state["stages_done"]]
+    if missing:
+        return f"{directory}: stage(s) {', '.join(map(str, missing))} not done"
+    for number, name in ((1, DENSE_DIR), (4, FINAL_DIR)):
+        problem = model_folder_problem(directory / name, state.get("checksums", {}).get(str(number)))
+        if problem is not None:
+            return f"{directory / name}: {problem}"
+    return None
+
+
+def completed_stages(directory: str | Path) -> list[int]:
+    """The stages that ``state.json`` of ``directory`` records as done (none if it is missing or unreadable)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        return sorted(read_state(directory)["stages_done"])
 
 
 def select_candidate(candidates: list[dict[str, Any]], baseline: float, max_drop: float) -> dict[str, Any]:

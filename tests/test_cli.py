@@ -1,4 +1,6 @@
-"""Specification of the ``mp`` command: help texts, train/eval/predict on a tiny run, quickstart pass-through."""
+"""Specification of the ``mp`` command: help texts, train/eval/predict on a tiny run, quickstart pass-through, and
+its reliability: one output row per input record, every error one line naming the argument or file, before any
+work."""
 
 from __future__ import annotations
 
@@ -6,13 +8,16 @@ import argparse
 import csv
 import dataclasses
 import json
+import re
+import shutil
 import sys
 import types
 from pathlib import Path
 
 import pytest
+import torch
 
-from mp_model.cli import COMMANDS, build_parser, main
+from mp_model.cli import COMMANDS, build_parser, main, train_config_from_args
 from mp_model.evaluation import METHODS
 from mp_model.training import FINAL_DIR, STATE_FILE, TrainConfig
 from tests.test_training import write_tiny_model, write_toy_dataset
@@ -183,5 +188,121 @@ def test_predict_labels_every_text_with_its_exit_layer(
 def test_predict_without_a_model_fails_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     source = tmp_path / "texts.txt"
     source.write_text("hello\n")
-    code, _ = run_main(["predict", str(source), "--run-dir", str(tmp_path / "missing")], capsys)
-    assert isinstance(code, str) and FINAL_DIR in code and "mp train" in code
+    code = main(["predict", str(source), "--run-dir", str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert FINAL_DIR in err and "mp train" in err
+
+
+# Reliability: one row per record, errors as one line before any work (issue 15)
+
+
+def run_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """``main(argv)``'s stderr, checked to be one error line (exit code 2) without a traceback."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "error:" in err and "Traceback" not in err, err
+    return err
+
+
+def test_predict_gives_one_row_per_input_line_in_order_blank_lines_included(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = ["great superb lovely", "", "awful\u2028dull poor", "   ", "the movie\x0cwas a film"]
+    source = tmp_path / "texts.txt"
+    source.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    code, out = run_main(["predict", str(source), "--run-dir", str(run_dir)], capsys)
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(row["index"], row["line"]) for row in rows] == [(i, i + 1) for i in range(len(lines))]
+    assert [row["text"] for row in rows] == [line if line.strip() else "" for line in lines]
+    assert [row["label"] is None for row in rows] == [not line.strip() for line in lines]
+
+
+def test_predict_encodes_a_text_pair_column_as_bert_pairs(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "pairs.jsonl"
+    records = [{"text": "great superb", "text_pair": "awful dull"}, {"text": "great superb"}]
+    source.write_text("".join(json.dumps(record) + "\n" for record in records))
+    code, out = run_main(["predict", str(source), "--run-dir", str(run_dir), "--no-exit", "--no-prune"], capsys)
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [row["text_pair"] for row in rows] == ["awful dull", None]
+    assert rows[0]["confidence"] != rows[1]["confidence"]
+
+
+PREDICT_ERRORS = [
+    pytest.param(["{missing}"], "missing.txt: no such file", id="missing-input"),
+    pytest.param(["{tmp}"], "is a directory", id="directory-input"),
+    pytest.param(["{input}", "--output", "{input}"], "is the input file", id="output-is-input"),
+    pytest.param(["{input}", "--output", "{tmp}/no/out.jsonl"], "does not exist", id="output-folder-missing"),
+    pytest.param(["{input}", "--output", "{tmp}"], "--output .* is a directory", id="output-directory"),
+    pytest.param(["{input}", "--device", "gpu"], "device 'gpu'", id="unknown-device"),
+    pytest.param(["{input}", "--max-length", "1"], "max_length must be >= 2", id="max-length-1"),
+    pytest.param(["{input}", "--max-length", "1000"], "max_position_embeddings", id="max-length-too-long"),
+    pytest.param(["{input}", "--tau", "nan"], "--tau must be a finite number", id="tau-nan"),
+    pytest.param(["{input}", "--batch-size", "abc"], "invalid int value", id="argparse"),
+    pytest.param(["{null}"], r"null.jsonl, line 2: 'text' must be a string, got NoneType", id="json-null"),
+    pytest.param(["{quote}"], r"quote.csv, line 3: malformed CSV", id="csv-quote"),
+    pytest.param(["{input}", "--checkpoint", "{tmp}/empty"], r"is not a saved model: no config.json", id="no-weights"),
+]
+if not torch.cuda.is_available():
+    PREDICT_ERRORS.append(pytest.param(["{input}", "--device", "cuda"], "CUDA is not available", id="cuda"))
+
+
+@pytest.mark.parametrize(("argv", "message"), PREDICT_ERRORS)
+def test_predict_errors_are_one_line_naming_the_argument_or_file(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    paths = {"tmp": tmp_path, "missing": tmp_path / "missing.txt", "input": tmp_path / "in.txt"}
+    paths |= {"null": tmp_path / "null.jsonl", "quote": tmp_path / "quote.csv"}
+    paths["input"].write_text("fine text\n")
+    paths["null"].write_text('{"text": "fine"}\n{"text": null}\n')
+    paths["quote"].write_text('text\nfine\n"open\nmore\n')
+    (tmp_path / "empty").mkdir()
+    argv = ["predict", *[arg.format(**paths) for arg in argv], "--run-dir", str(run_dir)]
+    assert re.search(message, run_error(argv, capsys))
+    assert paths["input"].read_text() == "fine text\n"
+
+
+def test_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", str(tmp_path / "missing.txt"), "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_dataset_whose_labels_the_model_does_not_know(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "bbc.csv"
+    data.write_text("text,label\n" + "".join(f"text {i},{['business', 'tech'][i % 2]}\n" for i in range(40)))
+    err = run_error(["eval", "--run-dir", str(run_dir), "--dataset", str(data), "--latency", "none"], capsys)
+    assert "bbc.csv, line 2: label 'business' is not one of the model's labels ['0', '1']" in err
+
+
+def test_eval_refuses_a_run_whose_stage_folder_is_gone(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "run"
+    shutil.copytree(run_dir, broken)
+    shutil.rmtree(broken / FINAL_DIR)
+    assert "not a finished run" in run_error(["eval", "--run-dir", str(broken)], capsys)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--lr", "-1"), ("--epochs-finetune", "-2"), ("--max-drop", "nan")])
+def test_train_refuses_a_bad_flag_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    err = run_error(["train", "--run-dir", str(tmp_path / "run"), flag, value], capsys)
+    assert flag[2:].replace("-", "_") in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_first_train_leaves_no_configuration_for_the_rerun(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--run-dir", str(run), "--dataset", str(tmp_path / "missing.csv"), "--lr", "0.5"]
+    assert main([*argv, "--no-progress"]) == 2
+    assert json.loads((run / "train_config.json").read_text())["lr"] == 0.5
+    args = build_parser().parse_args(["train", "--run-dir", str(run), "--dataset", "bbc_news"])
+    assert train_config_from_args(args) == TrainConfig(run_dir=str(run), dataset="bbc_news")

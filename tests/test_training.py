@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from mp_model.training import (
     STATE_FILE,
     TrainConfig,
     Trainer,
+    TrainingWarning,
     distillation_loss,
     exit_targets,
     initial_thresholds,
@@ -365,3 +368,65 @@ def test_select_picks_fewest_gflops_within_the_drop() -> None:
     assert chosen["ltp"]["gflops"] == 2.0
     assert chosen["mp"]["accuracy"] == 0.80
     assert "fastbert" not in chosen
+
+
+# Reliability: TrainConfig's checks, damaged run directories repaired, a failed first run not blocking a rerun
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("epochs_finetune", -1.0), ("lr", -1e-3), ("lr", 0.0), ("exit_lr", math.inf), ("checkpoint_every", 0)]
+    + [("max_drop", math.nan), ("warmup_ratio", 1.5), ("max_length", 1), ("batch_size", 0), ("train_size", 0)]
+    + [("temperature", 0.0), ("final_thresholds", (1.0, math.nan)), ("lambdas", ()), ("device", "gpu")]
+    + [("weight_decay", -0.1), ("seed", 1.5), ("search_epochs_soft", math.nan)],
+)
+def test_train_config_refuses_a_bad_field_naming_it(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field if field != "device" else "device 'gpu'"):
+        TrainConfig(model="m", **{field: value})
+
+
+def test_a_damaged_partial_checkpoint_is_discarded_and_its_stage_restarts(root: Path, finished: TrainConfig) -> None:
+    config = tiny_config(root, "damaged_partial")
+    callback, _ = crash_at("checkpoint", stage=1, step=10)
+    with pytest.raises(Crash):
+        train(config, [1], callback=callback, progress=False)
+    checkpoint = config.directory / PARTIAL_DIR / "trainer.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    with pytest.warns(TrainingWarning, match="discarding the partial checkpoint"):
+        train(config, [1], progress=False)
+    assert_same_weights(load(stage_dir(config, 1)), load(stage_dir(finished, 1)))
+
+
+@pytest.mark.parametrize("damage", ["bytes", "gone", "config"])
+def test_a_done_stage_whose_folder_is_damaged_or_gone_is_trained_again(
+    root: Path, finished: TrainConfig, damage: str
+) -> None:
+    config = tiny_config(root, f"damaged_{damage}", epochs_finetune=1)
+    train(config, [1], progress=False)
+    folder = stage_dir(config, 1)
+    before = {key: value.clone() for key, value in load(folder).state_dict().items()}  # weights may be memory-mapped
+    if damage == "bytes":
+        weights = folder / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-100:] = bytes(100)
+        weights.write_bytes(bytes(data))
+    elif damage == "gone":
+        shutil.rmtree(folder)
+    else:
+        (folder / "config.json").write_text('{"hidden_size": 3')
+    with pytest.warns(TrainingWarning, match="will be trained again"):
+        state = train(config, [1], progress=False)
+    assert state["stages_done"] == [1]
+    after = load(folder).state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[key], before[key]) for key in before)
+
+
+def test_a_failed_first_run_does_not_block_a_corrected_rerun(root: Path, tmp_path: Path) -> None:
+    bad = tiny_config(root, "failed_first", dataset=str(tmp_path / "missing.csv"), lr=0.5)
+    with pytest.raises(ValueError, match="missing.csv"):
+        train(bad, progress=False)
+    assert (bad.directory / CONFIG_FILE).exists()
+    good = tiny_config(root, "failed_first")
+    with pytest.warns(TrainingWarning, match="completed no stage"):
+        Trainer(good, progress=False)
+    assert json.loads((good.directory / CONFIG_FILE).read_text()) == good.to_dict()
