@@ -13,6 +13,11 @@ Methods (one set of weights per model; ``bench/e2e_measure.py``):
 * ``graph_dense``, ``graph_ltp``, ``graph_fastbert``, ``graph_mp``: the same four on ``engine="graph"`` (CUDA
   graphs captured by ``model.graph_engine.warm_up`` before timing; ``compile_s`` and ``graph_stats``).
 
+* ``ort`` (CPU, opt-in through ``--methods``): the HF twin exported to ONNX and run by ONNX Runtime after its
+  transformer optimizer, with ``--threads`` intra-op threads (``bench/e2e_ort.py``), the strongest dense baseline
+  on a CPU and the reference of ``speedup_vs_ort``; without ``magic-pyramid[onnx]`` it is listed in
+  ``provenance.skipped_methods`` with the install hint.
+
 ``hf_compiled`` and the graph methods run by default on CUDA only (on CPU through ``--methods``); where they fail
 (no compiler, no graph engine) the error goes to ``provenance.failed`` and the method is dropped for that model.
 
@@ -44,7 +49,9 @@ tokens) and ``middle`` (36 to 70) from rotten_tomatoes, ``long`` from bbc_news a
 reviews, 14 % articles), so that batches mix lengths as a service would see them. Each cell holds several distinct
 batches (at least ``--rotate-examples`` examples, at least two batches); after ``--warmup`` passes through them,
 ``--repeats`` timed passes give the median latency per batch (``bench.timing.median_ms`` of a pass over the
-number of batches, see ``time_passes``).
+number of batches, see ``time_passes``). The methods of a cell are timed interleaved, one pass of each per round
+in a rotated order, so that a busy machine slows them alike (``time_interleaved``). ``--threads 1,2`` sweeps
+thread counts (records carry ``threads`` and the machine's ``load_average``).
 
 Per cell and method: median latency, throughput, speedup over ``hf_sdpa`` (``latency_speedup``) and over
 ``hf_compiled`` (``speedup_vs_compiled``), speedup in FLOPs (dense FLOPs of the unpadded inputs over the FLOPs
@@ -81,6 +88,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -95,6 +103,7 @@ from bench.e2e_inputs import BUCKETS, batch_count, build_pools, calibration_batc
 from bench.e2e_measure import (
     ALL_METHODS,
     BASELINE,
+    CHOICES,
     CUDA_METHODS,
     METHODS,
     PACKED_METHODS,
@@ -104,11 +113,12 @@ from bench.e2e_measure import (
     runner,
 )
 from bench.e2e_models import DEFAULT_MODELS, MODELS, Subject, tokenizer_path
+from bench.e2e_ort import INSTALL_HINT, ORT_METHOD, OrtUnavailable
 from bench.e2e_profile import STAGES
 from bench.e2e_schedule import DEFAULT_SCHEDULE, Schedule, find_threshold, read_schedule
 from bench.provenance import RESULTS_DIR, provenance, write_results
 from mp_model.flops import dense_flops
-from mp_model.training import FINAL_DIR
+from mp_model.recipe.runs import FINAL_DIR
 
 # Names other modules read through ``bench.e2e`` (quickstart, bench_e2e, tests).
 __all__ = [
@@ -168,14 +178,19 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     skipped: list[dict[str, Any]] = []
     late: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
+    skipped_methods: list[dict[str, Any]] = []
     dropped: dict[str, set[str]] = {}
     cell_seconds: list[dict[str, Any]] = []
     prepare_seconds: dict[str, float] = {}
     subjects: dict[str, Subject] = {}
-    cells = [(m, k, b) for m in args.models for b in args.batch_sizes for k in args.buckets]
+    default_threads = torch.get_num_threads()
+    cells = [(m, t, k, b) for m in args.models for t in args.threads for b in args.batch_sizes for k in args.buckets]
     bar = tqdm(cells, desc="e2e", disable=args.quiet)
-    for model_name, bucket, batch_size in bar:
+    for model_name, threads, bucket, batch_size in bar:
         cell = {"model": model_name, "bucket": bucket, "batch_size": batch_size}
+        if len(args.threads) > 1:
+            cell["threads"] = threads
+        torch.set_num_threads(threads if threads > 0 else default_threads)
         if args.time_limit > 0 and time.perf_counter() - started > args.time_limit:
             late.append(cell)
             continue
@@ -204,9 +219,11 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         cell_records, cell_failed = measure_cell(
             subject, bucket, batch_size, inputs, methods, profile=args.profile, **knobs
         )
-        records += cell_records
+        load = {"load_average": _load_average(), "threads": torch.get_num_threads()}
+        records += [record | load for record in cell_records]
         for method, error in cell_failed.items():
-            failed.append(cell | {"method": method, "error": error})
+            unavailable = error.startswith(OrtUnavailable.__name__)
+            (skipped_methods if unavailable else failed).append(cell | {"method": method, "error": error})
             dropped.setdefault(model_name, set()).add(method)
         cell_seconds.append(cell | {"seconds": time.perf_counter() - begin})
     bar.close()
@@ -223,6 +240,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         "skipped": skipped,
         "skipped_time_limit": late,
         "failed": failed,
+        "skipped_methods": skipped_methods,
         "prepare_seconds": prepare_seconds,
         "cell_seconds": cell_seconds,
         "total_seconds": time.perf_counter() - started,
@@ -233,6 +251,11 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     return records, meta
 
 
+def _load_average() -> list[float] | None:
+    """``os.getloadavg()`` (1, 5 and 15 minutes) where the platform has it: how busy the machine was."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
 def _fmt(value: float | None, spec: str) -> str:
     """``value`` formatted with ``spec`` (``"6.2f"``), or ``-`` right-aligned to its width."""
     return format("-", ">" + spec.split(".")[0]) if value is None else format(value, spec)
@@ -241,20 +264,23 @@ def _fmt(value: float | None, spec: str) -> str:
 def table(records: list[dict[str, Any]]) -> str:
     """A compact text table: one block per (model, bucket, batch size), one row per method.
 
-    ``x time``: speedup over ``hf_sdpa``; ``x comp``: over ``hf_compiled``; ``ratio``: ``x time / x flops``;
-    ``comp s``: compilation / capture seconds of the cell.
+    ``x time``: speedup over ``hf_sdpa``; ``x comp``: over ``hf_compiled``; ``x ort``: over ``ort``; ``ratio``:
+    ``x time / x flops``; ``comp s``: compilation / capture / export seconds of the cell.
     """
     lines = [
-        f"{'model':9} {'bucket':6} {'b':>3} {'method':14} {'ms':>9} {'ex/s':>9} {'x time':>6} {'x comp':>6} "
+        f"{'model':9} {'bucket':6} {'b':>3} {'t':>2} {'method':14} {'ms':>9} {'ex/s':>9} {'x time':>6} {'x comp':>6} "
+        f"{'x ort':>6} "
         f"{'x flops':>7} {'ratio':>5} {'comp s':>6}  split (attn imp cmp exit ff qkv+other, % of profiled time)"
     ]
     for r in records:
         share = r.get("stage_share")
         split = " ".join(f"{100 * share[s]:3.0f}" for s in STAGES) if share else ""
         lines.append(
-            f"{r['model']:9} {r['bucket']:6} {r['batch_size']:3d} {r['method']:14} {r['median_ms']:9.2f} "
+            f"{r['model']:9} {r['bucket']:6} {r['batch_size']:3d} {r.get('threads', 0):2d} {r['method']:14} "
+            f"{r['median_ms']:9.2f} "
             f"{r['throughput_per_s']:9.1f} {_fmt(r['latency_speedup'], '6.2f')} "
-            f"{_fmt(r.get('speedup_vs_compiled'), '6.2f')} {r['flops_speedup']:7.2f} "
+            f"{_fmt(r.get('speedup_vs_compiled'), '6.2f')} {_fmt(r.get('speedup_vs_ort'), '6.2f')} "
+            f"{r['flops_speedup']:7.2f} "
             f"{_fmt(r['measured_over_flops'], '5.2f')} {_fmt(r.get('compile_s'), '6.1f')}  {split}"
         )
     return "\n".join(lines)
@@ -287,9 +313,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--buckets", type=_csv(str, BUCKETS), default=list(BUCKETS), help="comma-separated")
     parser.add_argument(
         "--methods",
-        type=_csv(str, ALL_METHODS),
+        type=_csv(str, CHOICES),
         default=None,
-        help=f"comma-separated (default {','.join(METHODS)}; on CUDA also {','.join(CUDA_METHODS)})",
+        help=f"comma-separated (default {','.join(METHODS)}; on CUDA also {','.join(CUDA_METHODS)}; "
+        f"{ORT_METHOD}: ONNX Runtime on CPU, needs {INSTALL_HINT})",
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed passes per method (default 5 CPU, 10 GPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed passes first (default 1)")
@@ -320,10 +347,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default 1: on a shared machine several threads mostly time their waits for each "
-        "other; 0: torch's choice)",
+        type=_csv(int),
+        default=[1],
+        help="torch CPU threads and ONNX Runtime's intra-op threads; comma-separated to sweep them (records get "
+        "'threads'). Default 1: on a shared machine several threads mostly time their waits for each other; 0: "
+        "torch's choice (every core)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/e2e-<device>.json)")
@@ -349,8 +377,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Command line: run the sweep, print the table and write ``{"provenance", "records"}`` JSON."""
     args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    if args.threads[0] > 0:
+        torch.set_num_threads(args.threads[0])
     records, meta = run(args)
     if meta["schedule_source"] is not None:
         print(f"schedule: {meta['schedule_source']}")
@@ -360,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"skipped {skip['model']} {skip['bucket']} b{skip['batch_size']}: past --time-limit {args.time_limit:g} s"
         )
+    for skip in meta["skipped_methods"]:
+        print(f"skipped {skip['method']} for {skip['model']}: {skip['error']}")
     for fail in meta["failed"]:
         cell = f"{fail['model']} {fail['bucket']} b{fail['batch_size']}"
         print(f"failed {fail['method']} on {cell}, dropped for {fail['model']}: {fail['error'].splitlines()[0]}")

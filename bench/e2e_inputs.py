@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from mp_model.data import Encoded, TextExample, batches, encode, length_bucket, load_dataset
+from mp_model.recipe.data import Encoded, TextExample, batches, encode, length_bucket
+from mp_model.recipe.datasets import load_dataset
 
 BUCKETS = ("short", "middle", "long", "mixed")
 # Padded widths of the compiled HF baseline (one compiled graph per batch size and width).

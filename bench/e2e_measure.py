@@ -12,28 +12,36 @@ Methods (one set of weights per model):
 * ``graph_dense``, ``graph_ltp``, ``graph_fastbert``, ``graph_mp``: the same knobs on ``engine="graph"``
   (``mp_model/graph_engine.py``), whose CUDA graphs ``model.graph_engine.warm_up`` captures before the timed
   passes (``compile_s``, ``graph_stats``).
+* ``ort`` (CPU, opt-in through ``--methods``): the HF twin exported to ONNX, optimised by ORT's transformer
+  optimizer and run by ONNX Runtime on the padded batch with ``torch.get_num_threads()`` intra-op threads
+  (``bench/e2e_ort.py``), built once per model and thread count (``compile_s`` of its first cell); the reference of
+  ``speedup_vs_ort``. Without ``onnx`` and ``onnxruntime`` it is skipped with the install hint.
 
-``hf_compiled`` and the graph methods may fail where their machinery is missing (no compiler, no graph engine):
-``measure_cell`` then reports the error instead of a record, and the sweep goes on.
+``hf_compiled``, the graph methods and ``ort`` may fail where their machinery is missing (no compiler, no graph
+engine, no onnxruntime): ``measure_cell`` then reports the error instead of a record, and the sweep goes on.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import statistics
 import time
 import types
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from bench.e2e_inputs import pad_to_buckets
-from bench.e2e_models import MethodUnavailable, Subject, build_model, engine_knobs, hf_twin
+from bench.e2e_models import MethodUnavailable, Subject, build_model, engine_knobs
+from bench.e2e_ort import ORT_METHOD, build_ort
 from bench.e2e_profile import importance_overhead, profile_ranges, stage_split
 from bench.e2e_schedule import Schedule, calibrate_thresholds
 from bench.timing import median_ms
 from mp_model.flops import dense_flops
+from mp_model.hf_twin import hf_twin
 
 # (prune, early_exit) of each packed method.
 PACKED_METHODS = {"dense": (False, False), "ltp": (True, False), "fastbert": (False, True), "mp": (True, True)}
@@ -45,6 +53,10 @@ BASELINE = "hf_sdpa"
 METHODS = ("hf_eager", "hf_sdpa", *PACKED_METHODS)
 CUDA_METHODS = (COMPILED, *GRAPH_METHODS)
 ALL_METHODS = (*METHODS, *CUDA_METHODS)
+# Methods ``--methods`` accepts: all of the above and the ONNX Runtime baseline (CPU, opt-in).
+CHOICES = (*ALL_METHODS, ORT_METHOD)
+# Methods whose failure is recorded (and the method dropped for the model) instead of stopping the run.
+OPTIONAL_METHODS = (*CUDA_METHODS, ORT_METHOD)
 # Untimed calls per distinct batch before timing ``hf_compiled``: compile (or eager warm-up), graph recording,
 # first replay (the steps of torch's CUDA graph trees).
 COMPILE_CALLS = 3
@@ -81,6 +93,7 @@ def make_subject(
     native = bool((model.thresholds > 0).any())
     tau = model.config.exit_tau if args.tau is None else args.tau
     subject = Subject(name, path, model, {a: hf_twin(model, a) for a in ("eager", "sdpa")}, native, tau)
+    subject.check_batch = calibration
     if native:
         subject.threshold_scale = args.threshold_scale
     else:
@@ -116,6 +129,8 @@ def runner(subject: Subject, method: str, backend: str | None) -> Callable[[Batc
             ).logits
 
         return call
+    if method == ORT_METHOD:
+        return subject.ort[torch.get_num_threads()]
     if method.startswith("hf_"):
         hf = subject.hf[method.removeprefix("hf_")]
         return lambda x: (
@@ -162,7 +177,7 @@ def output_stats(subject: Subject, method: str, inputs: list[Batch], outputs: li
         "dense_gflops": float(dense.mean()) / 1e9,
         "padded_gflops": float(dense_flops(config, widths).double().mean()) / 1e9,
     }
-    if method.startswith("hf_"):
+    if method.startswith("hf_") or method == ORT_METHOD:
         return stats | {"gflops": stats["dense_gflops"], "flops_speedup": 1.0, "mean_exit_layer": float(layers)}
     flops = torch.cat([out.flops.cpu() for out in outputs]).double()
     kept = torch.cat([out.kept_tokens.cpu() for out in outputs]).double()
@@ -261,34 +276,83 @@ def prepare(
     return time.perf_counter() - begin, outputs, extra
 
 
-def measure_method(
+@dataclass
+class Prepared:
+    """A method ready to time on a cell: its runner, the batches it runs, its record so far and any outputs."""
+
+    method: str
+    fn: Callable[[Batch], object]
+    inputs: list[Batch]
+    record: dict[str, Any]
+    outputs: list[object] = field(default_factory=list)
+
+
+def prepare_method(
+    subject: Subject, method: str, inputs: list[Batch], *, backend: str | None, device: torch.device
+) -> Prepared:
+    """Untimed set-up of one method on a cell: ``ort``'s session (once per model and thread count), compilation
+    or graph capture (``prepare``)."""
+    inputs = method_inputs(subject, method, inputs)
+    record: dict[str, Any] = {"method": method, "compile_s": None}
+    if method == ORT_METHOD:
+        threads = torch.get_num_threads()
+        built = threads not in subject.ort
+        if built:
+            subject.ort[threads] = build_ort(subject.model, subject.check_batch or inputs[0], threads)
+        record["compile_s"] = subject.ort[threads].prepare_s if built else 0.0
+    fn = runner(subject, method, backend)
+    outputs: list[object] = []
+    if method == COMPILED or method in GRAPH_METHODS:
+        with torch.inference_mode():
+            record["compile_s"], outputs, extra = prepare(subject, method, fn, inputs, backend=backend, device=device)
+        record |= extra
+    return Prepared(method, fn, inputs, record, outputs)
+
+
+def time_interleaved(
+    prepared: list[Prepared], *, device: torch.device, warmup: int, repeats: int
+) -> dict[str, dict[str, float]]:
+    """Milliseconds per batch of every method: ``warmup + repeats`` rounds, each one pass per method (``time_passes``
+    of one repeat), the methods' order rotated every round; median, minimum and IQR over the timed rounds.
+
+    Interleaving puts every method under the same load, so that their ratios stay meaningful on a shared machine.
+    """
+    times: dict[str, list[float]] = {p.method: [] for p in prepared}
+    with torch.inference_mode():
+        for round_index in range(warmup + repeats):
+            shift = round_index % max(len(prepared), 1)
+            for item in prepared[shift:] + prepared[:shift]:
+                timing = time_passes(item.fn, item.inputs, device=device, warmup=0, repeats=1)
+                if round_index >= warmup:
+                    times[item.method].append(timing["median_ms"])
+    result = {}
+    for method, values in times.items():
+        quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        result[method] = {
+            "median_ms": statistics.median(values),
+            "min_ms": min(values),
+            "iqr_ms": quartiles[2] - quartiles[0],
+        }
+    return result
+
+
+def finish_method(
     subject: Subject,
-    method: str,
-    inputs: list[Batch],
+    item: Prepared,
     *,
     backend: str | None,
     device: torch.device,
-    warmup: int,
-    repeats: int,
     profile: bool,
     shares: dict[str, float],
 ) -> dict[str, Any]:
-    """Prepare, time, profile (packed methods, when ``profile``) and count one method on a cell's batches.
+    """Profile (packed methods, when ``profile``) and count one timed method; returns its record.
 
     ``shares`` caches the cell's importance share of attention (``importance_overhead``) across methods.
     """
+    method, fn, inputs, record, outputs = item.method, item.fn, item.inputs, item.record, item.outputs
     dtype = next(subject.model.parameters()).dtype
-    inputs = method_inputs(subject, method, inputs)
-    fn = runner(subject, method, backend)
-    record: dict[str, Any] = {"method": method, "compile_s": None}
+    record["stages_ms"] = None
     with torch.inference_mode():
-        outputs: list[object] = []
-        if method == COMPILED or method in GRAPH_METHODS:
-            record["compile_s"], outputs, extra = prepare(subject, method, fn, inputs, backend=backend, device=device)
-            record |= extra
-        timing = time_passes(fn, inputs, device=device, warmup=warmup, repeats=repeats)
-        record |= timing
-        record["stages_ms"] = None
         if method in PACKED_METHODS and profile:
             ranges, outputs = profile_ranges(fn, inputs, device)
             thresholds = subject.model.thresholds
@@ -308,15 +372,17 @@ def measure_method(
 
 
 def add_ratios(records: list[dict[str, Any]]) -> None:
-    """Set each record's ``latency_speedup`` (over ``hf_sdpa``), ``measured_over_flops`` and
-    ``speedup_vs_compiled`` (over ``hf_compiled``) from the cell's records; ``None`` without the reference."""
+    """Set each record's ``latency_speedup`` (over ``hf_sdpa``), ``measured_over_flops``, ``speedup_vs_compiled``
+    (over ``hf_compiled``) and ``speedup_vs_ort`` (over ``ort``) from the cell's records; ``None`` without the
+    reference."""
     medians = {r["method"]: r["median_ms"] for r in records}
     for record in records:
-        baseline, compiled = medians.get(BASELINE), medians.get(COMPILED)
+        baseline, compiled, ort = medians.get(BASELINE), medians.get(COMPILED), medians.get(ORT_METHOD)
         speedup = None if baseline is None else baseline / record["median_ms"]
         record["latency_speedup"] = speedup
         record["measured_over_flops"] = None if speedup is None else speedup / record["flops_speedup"]
         record["speedup_vs_compiled"] = None if compiled is None else compiled / record["median_ms"]
+        record["speedup_vs_ort"] = None if ort is None else ort / record["median_ms"]
 
 
 def measure_cell(
@@ -332,23 +398,27 @@ def measure_cell(
     repeats: int,
     profile: bool = True,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Time, profile and count every method on one cell's inputs.
+    """Prepare every method, time them interleaved (``time_interleaved``), then profile and count each, on one
+    cell's inputs.
 
-    Returns one record per method that ran and ``{method: error}`` for the ``CUDA_METHODS`` that failed (an
+    Returns one record per method that ran and ``{method: error}`` for the ``OPTIONAL_METHODS`` that failed (an
     error of any other method propagates).
     """
-    records = []
     failed: dict[str, str] = {}
-    shares: dict[str, float] = {}
+    prepared: list[Prepared] = []
     for method in methods:
-        knobs = {"backend": backend, "device": device, "warmup": warmup, "repeats": repeats, "profile": profile}
         try:
-            record = measure_method(subject, method, inputs, shares=shares, **knobs)
+            prepared.append(prepare_method(subject, method, inputs, backend=backend, device=device))
         except Exception as error:
-            if method not in CUDA_METHODS:
+            if method not in OPTIONAL_METHODS:
                 raise
             failed[method] = f"{type(error).__name__}: {error}"[:ERROR_CHARS]
-            continue
+    timings = time_interleaved(prepared, device=device, warmup=warmup, repeats=repeats)
+    records = []
+    shares: dict[str, float] = {}
+    for item in prepared:
+        item.record |= timings[item.method]
+        record = finish_method(subject, item, backend=backend, device=device, profile=profile, shares=shares)
         batch = {"model": subject.name, "bucket": bucket, "batch_size": batch_size}
         record = batch | record
         record["throughput_per_s"] = batch_size / record["median_ms"] * 1e3

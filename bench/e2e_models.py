@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 from mp_model.config import MagicPyramidConfig
 from mp_model.modeling import MagicPyramidForSequenceClassification
-from mp_model.training import FINAL_DIR, default_model_path
+from mp_model.recipe.runs import FINAL_DIR
+from mp_model.recipe.train_config import default_model_path
 
 if TYPE_CHECKING:
     from bench.e2e_schedule import Schedule
@@ -64,6 +64,9 @@ class Subject:
         threshold_scale: the pruning thresholds' scale of native runs (1 when replaying a schedule).
         schedule: the replayed schedule, resampled to the model's depth (``None`` when native).
         calibration: thresholds and realised kept shares of the calibration (empty when native).
+        check_batch: a padded batch of real texts (the calibration batch) on which baselines are checked.
+        ort: the ONNX Runtime baselines (``bench.e2e_ort.OrtBaseline``) the ``ort`` method built, by intra-op
+            thread count.
     """
 
     name: str
@@ -75,6 +78,8 @@ class Subject:
     threshold_scale: float = 1.0
     schedule: Schedule | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
+    check_batch: dict[str, torch.Tensor] | None = None
+    ort: dict[int, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready description for the results' metadata."""
@@ -91,6 +96,7 @@ class Subject:
             "thresholds": self.model.thresholds.detach().double().cpu().tolist(),
             "schedule": self.schedule.to_dict() if self.schedule is not None else None,
             "calibration": self.calibration,
+            "ort": {str(threads): baseline.describe() for threads, baseline in self.ort.items()} or None,
         }
 
 
@@ -151,17 +157,6 @@ def build_model(
         sizes = ", ".join(f"{key} {value}" for key, value in TINY_CONFIG.items())
         return MagicPyramidForSequenceClassification(config), f"tiny random BERT ({sizes}; torch.manual_seed(seed))"
     raise ValueError(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
-
-
-def hf_twin(model: MagicPyramidForSequenceClassification, attention: str) -> BertForSequenceClassification:
-    """``BertForSequenceClassification`` with ``model``'s backbone, pooler and classifier weights."""
-    config = BertConfig.from_dict(model.config.to_dict())
-    twin = BertForSequenceClassification._from_config(config, attn_implementation=attention)
-    missing, _ = twin.load_state_dict(model.state_dict(), strict=False)
-    if missing:
-        raise RuntimeError(f"weights missing for the HF twin: {missing}")
-    parameter = next(model.parameters())
-    return twin.to(device=parameter.device, dtype=parameter.dtype).eval()
 
 
 def engine_knobs(model: MagicPyramidForSequenceClassification, engine: str) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig
 
@@ -31,6 +32,15 @@ class ExitClassifier(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(torch.tanh(self.dense(pooled))))
+
+
+def exit_logits(head: ExitClassifier, pooled: torch.Tensor) -> torch.Tensor:
+    """``head(pooled)`` at inference (dropout off) as three functional calls, without the modules' call overhead.
+
+    ``pooled`` ``(sequences, hidden)``; returns ``(sequences, labels)`` in its dtype.
+    """
+    hidden = torch.tanh(F.linear(pooled, head.dense.weight, head.dense.bias))
+    return F.linear(hidden, head.classifier.weight, head.classifier.bias)
 
 
 def apply_exits(exits: nn.ModuleList, features: torch.Tensor, num_labels: int) -> torch.Tensor:

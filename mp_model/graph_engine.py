@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,6 +37,7 @@ from mp_kernels import add_layer_norm, compact_tokens, exit_step, rows_linear, v
 from mp_kernels.dispatch import choose_backend
 from mp_model.config import check_thresholds
 from mp_model.flops import flops_from_outputs
+from mp_model.fused_weights import FusedWeights, refresh_fused_qkv
 from mp_model.outputs import MagicPyramidOutput
 
 if TYPE_CHECKING:
@@ -82,15 +83,6 @@ class Plan:
     memory_bytes: int = 0
     capture_s: float = 0.0
     knobs: tuple[Any, ...] = ()
-
-
-@dataclass
-class FusedWeights:
-    """Per-layer Q, K, V projections fused into one ``(3d, d)`` matrix, refreshed in place when they change."""
-
-    weight: list[torch.Tensor] = field(default_factory=list)
-    bias: list[torch.Tensor] = field(default_factory=list)
-    versions: tuple[int, ...] = ()
 
 
 class GraphEngine:
@@ -147,21 +139,8 @@ class GraphEngine:
             self._plans.clear()
             self._fused = FusedWeights()
             self._pointers = pointers
-        projections = self._projections
         versions = tuple(p._version for p in self._projection_tensors)
-        if versions == self._fused.versions:
-            return
-        with torch.no_grad():
-            for index, trio in enumerate(projections):
-                weight = torch.cat([m.weight for m in trio])
-                bias = torch.cat([m.bias for m in trio])
-                if index < len(self._fused.weight):
-                    self._fused.weight[index].copy_(weight)
-                    self._fused.bias[index].copy_(bias)
-                else:
-                    self._fused.weight.append(weight)
-                    self._fused.bias.append(bias)
-        self._fused.versions = versions
+        refresh_fused_qkv(self._fused, self._projections, versions)
 
     def _prune_layers(self, prune: bool, threshold_scale: float) -> tuple[bool, ...]:
         """Which layers prune: ``threshold * scale > 0`` (thresholds read back only when they change).

@@ -222,6 +222,7 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         exit_schedule: torch.Tensor | None = None,
         engine: str | None = None,
         validate: bool = True,
+        return_exit_logits: bool = False,
     ) -> MagicPyramidOutput:
         """Inference with real removal of pruned tokens and exited examples.
 
@@ -249,6 +250,9 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
             validate: read the inputs' values to check them (the mask's 0/1 values and contiguous runs, the
                 token and type id ranges, the schedule's sign: one host read on a GPU); ``False`` skips it on hot
                 paths whose inputs are known to be valid.
+            return_exit_logits: also run every sub-classifier on every example still present and return their
+                logits (``exit_logits``, for evaluations that simulate early exit offline); runs on the packed
+                path whatever ``engine`` says.
 
         Raises:
             ValueError: bad shapes, dtypes, devices or (with ``validate``) values of the inputs, knobs out of
@@ -278,11 +282,19 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
             exit_schedule=exit_schedule,
             backend=backend,
         )
-        if engine == "graph" or (engine is None and input_ids.is_cuda):
+        if not return_exit_logits and (engine == "graph" or (engine is None and input_ids.is_cuda)):
             return self.graph_engine(input_ids, attention_mask, token_type_ids, **knobs)
         if knobs["prune"]:
             self._check_learned_thresholds()
-        return packed_forward(self, input_ids, attention_mask, token_type_ids, max_length=max_length, **knobs)
+        return packed_forward(
+            self,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            max_length=max_length,
+            return_exit_logits=return_exit_logits,
+            **knobs,
+        )
 
     def masked_forward(
         self,

@@ -19,12 +19,16 @@ class MagicPyramidOutput(ModelOutput):
         kept_tokens: ``(batch, layers)`` int64, the tokens the example kept after each layer's pruning (its
             feed-forward length); 0 for the layers after its exit.
         flops: ``(batch,)`` int64, FLOPs executed for the example (see ``mp_model.flops``).
+        exit_logits: ``(batch, layers - 1, labels)``, every sub-classifier's logits on the example, only when
+            asked for (``return_exit_logits=True``, for evaluation); NaN after the example's exit. Not counted
+            in ``flops`` unless early exit ran those heads anyway.
     """
 
     logits: torch.Tensor | None = None
     exit_layer: torch.Tensor | None = None
     kept_tokens: torch.Tensor | None = None
     flops: torch.Tensor | None = None
+    exit_logits: torch.Tensor | None = None
 
 
 @dataclass

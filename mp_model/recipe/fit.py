@@ -1,0 +1,373 @@
+"""The optimisation loops of the recipe: ``fit`` (stages 1-3, resumable from a partial checkpoint) and stage 4's
+``exit_targets`` cache and ``fit_exits`` (sub-classifier self-distillation on it). See ``mp_model.recipe.training``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mp_model.exit_head import apply_exits
+from mp_model.modeling import MagicPyramidForSequenceClassification
+from mp_model.recipe.data import Encoded, batches
+from mp_model.recipe.runs import CHECKPOINT_FILE, PROGRESS_FILE, TrainingWarning, sha256, write_json
+from mp_model.recipe.train_config import TrainConfig
+
+Callback = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One training stage: which parameters learn, with which masks and objective, for how long."""
+
+    number: int
+    name: str
+    epochs: float
+    mask_mode: str
+    objective: str
+    lambda_: float = 0.0
+
+
+def _steps(epochs: float, examples: int, batch_size: int) -> tuple[int, int]:
+    """``(steps per epoch, total steps)`` of ``epochs`` (fractions allowed; at least one step if positive)."""
+    per_epoch = math.ceil(examples / batch_size)
+    total = math.ceil(epochs * per_epoch) if epochs > 0 else 0
+    return per_epoch, total
+
+
+def _linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _weight_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices, none on biases and LayerNorm weights."""
+    no_decay = [p for name, p in named if name.endswith("bias") or "LayerNorm" in name]
+    decay = [p for name, p in named if not (name.endswith("bias") or "LayerNorm" in name)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _set_trainable(
+    model: MagicPyramidForSequenceClassification, objective: str
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """Switch ``requires_grad`` for ``objective`` and return the weights the AdamW optimizer trains.
+
+    ``ce``/``soft``: everything but the sub-classifiers and thresholds (``soft`` also switches the thresholds on,
+    trained by their own optimizer); ``distill``: the sub-classifiers only.
+    """
+    for name, parameter in model.named_parameters():
+        if objective == "distill":
+            parameter.requires_grad_(name.startswith("exits."))
+        else:
+            parameter.requires_grad_(not name.startswith("exits.") and name != "thresholds")
+    model.thresholds.requires_grad_(objective == "soft")
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad and name != "thresholds"]
+
+
+def distillation_loss(exit_logits: torch.Tensor, main_logits: torch.Tensor) -> torch.Tensor:
+    """``sum_l KL(p_l || p_main)`` averaged over the batch; ``p_main`` is detached.
+
+    ``exit_logits`` ``(layers - 1, batch, labels)``, ``main_logits`` ``(batch, labels)``.
+    """
+    student = exit_logits.float().log_softmax(dim=-1)
+    teacher = main_logits.detach().float().log_softmax(dim=-1)
+    return (student.exp() * (student - teacher.unsqueeze(0))).sum(dim=-1).sum(dim=0).mean()
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def _load_checkpoint(partial: Path, device: torch.device) -> dict[str, Any] | None:
+    """The partial checkpoint in ``partial`` if it is whole; ``None`` if there is none.
+
+    A checkpoint without a recorded SHA-256, not matching it, or not loading is deleted with a
+    ``TrainingWarning`` (its stage then restarts from its start), as is a leftover temporary file.
+    """
+    checkpoint = partial / CHECKPOINT_FILE
+    checkpoint.with_suffix(".tmp").unlink(missing_ok=True)
+    if not checkpoint.exists():
+        return None
+    problem = None
+    try:
+        recorded = json.loads((partial / PROGRESS_FILE).read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded is None:
+        problem = f"no readable {PROGRESS_FILE} with its SHA-256"
+    elif sha256(checkpoint) != recorded:
+        problem = "its SHA-256 does not match the recorded one"
+    else:
+        try:
+            saved = torch.load(checkpoint, map_location=device, weights_only=False)
+            if not isinstance(saved, dict) or not {"stage", "seed", "step", "model", "rng"} <= set(saved):
+                problem = "it lacks the trainer's state"
+        except Exception as error:  # noqa: BLE001 - any unpickling failure means a damaged file
+            problem = f"it does not load ({type(error).__name__}: {error})"
+    if problem is None:
+        return saved
+    warnings.warn(
+        f"discarding the partial checkpoint {checkpoint} ({problem}); the stage restarts from its start",
+        TrainingWarning,
+        stacklevel=3,
+    )
+    shutil.rmtree(partial, ignore_errors=True)
+    return None
+
+
+def fit(
+    model: MagicPyramidForSequenceClassification,
+    stage: StageSpec,
+    train: Encoded,
+    config: TrainConfig,
+    *,
+    seed: int,
+    partial: Path | None = None,
+    callback: Callback | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train ``model`` in place through stage 1, 2 or 3; returns the last epoch's running loss, accuracy, kept ratio.
+
+    With ``partial`` (a folder), a checkpoint is written there every ``config.checkpoint_every`` steps and one
+    found there for the same stage is resumed; ``callback("checkpoint", info)`` follows each write.
+    """
+    device = torch.device(config.device)
+    model.to(device)
+    named = _set_trainable(model, stage.objective)
+    optimizer = torch.optim.AdamW(_weight_groups(named, config.weight_decay), lr=config.lr)
+    examples = len(train["labels"])
+    per_epoch, total = _steps(stage.epochs, examples, config.batch_size)
+    scheduler = _linear_schedule(optimizer, math.ceil(config.warmup_ratio * total), total)
+    threshold_optimizer = (
+        torch.optim.Adam([model.thresholds], lr=config.threshold_lr, weight_decay=0.0)
+        if stage.objective == "soft"
+        else None
+    )
+    torch.manual_seed(seed)
+    step = 0
+    checkpoint = partial / CHECKPOINT_FILE if partial is not None else None
+    saved = _load_checkpoint(partial, device) if partial is not None else None
+    if saved is not None:
+        if saved["stage"] == stage.number and saved["seed"] == seed:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            if threshold_optimizer is not None:
+                threshold_optimizer.load_state_dict(saved["threshold_optimizer"])
+            torch.set_rng_state(saved["rng"])
+            step = saved["step"]
+
+    model.train()
+    totals = {"loss": 0.0, "correct": 0.0, "kept": 0.0, "examples": 0, "batches": 0}
+    bar = tqdm(total=total, initial=step, desc=f"stage {stage.number} {stage.name}", disable=not progress, leave=False)
+    while step < total:
+        epoch, skip = divmod(step, per_epoch)
+        if skip == 0:
+            totals = {"loss": 0.0, "correct": 0.0, "kept": 0.0, "examples": 0, "batches": 0}
+        epoch_batches = batches(train, config.batch_size, shuffle=True, seed=seed * 1000 + epoch, sort_by_length=True)
+        for batch in itertools.islice(epoch_batches, skip, None):
+            if step >= total:
+                break
+            batch = _to_device(batch, device)
+            out = model.masked_forward(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["token_type_ids"],
+                mask_mode=stage.mask_mode,
+                temperature=config.temperature,
+            )
+            loss = F.cross_entropy(out.logits, batch["labels"])
+            if stage.objective == "soft":
+                loss = loss + stage.lambda_ * out.mask_mean
+            correct = (out.logits.argmax(dim=-1) == batch["labels"]).sum()
+            optimizer.zero_grad(set_to_none=True)
+            if threshold_optimizer is not None:
+                threshold_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if threshold_optimizer is not None:
+                threshold_optimizer.step()
+            step += 1
+            size = batch["labels"].numel()
+            totals["loss"] += float(loss.detach()) * size
+            totals["correct"] += float(correct)
+            totals["kept"] += float(out.kept_ratio.mean())
+            totals["examples"] += size
+            totals["batches"] += 1
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{totals['loss'] / totals['examples']:.4f}",
+                acc=f"{totals['correct'] / totals['examples']:.3f}",
+                kept=f"{totals['kept'] / totals['batches']:.3f}",
+            )
+            if checkpoint is not None and config.checkpoint_every > 0 and step % config.checkpoint_every == 0:
+                if step < total:
+                    partial.mkdir(parents=True, exist_ok=True)
+                    payload = {
+                        "stage": stage.number,
+                        "seed": seed,
+                        "step": step,
+                        "epoch": step // per_epoch,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "threshold_optimizer": threshold_optimizer.state_dict() if threshold_optimizer else None,
+                        "rng": torch.get_rng_state(),
+                    }
+                    torch.save(payload, checkpoint.with_suffix(".tmp"))
+                    os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
+                    progress_info = {"stage": stage.number, "step": step, "total": total, "sha256": sha256(checkpoint)}
+                    write_json(partial / PROGRESS_FILE, progress_info)
+                    if callback is not None:
+                        callback("checkpoint", {"stage": stage.number, "step": step, "total": total})
+    bar.close()
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    count = max(1, totals["examples"])
+    return {
+        "train_loss": totals["loss"] / count,
+        "train_accuracy": totals["correct"] / count,
+        "train_kept_ratio": totals["kept"] / max(1, totals["batches"]),
+        "steps": total,
+    }
+
+
+@dataclass
+class ExitTargets:
+    """Stage 4's cache: what the frozen backbone gives each distillation example.
+
+    Attributes:
+        features: ``(N, layers - 1, hidden)`` float32, each sub-classifier's input (mean of the live tokens).
+        teacher: ``(N, labels)`` float32 main-classifier logits.
+        labels: ``(N,)`` int64 gold labels (reported, never trained on).
+        kept_ratio: mean share of real tokens kept over layers (hard masks).
+    """
+
+    features: torch.Tensor
+    teacher: torch.Tensor
+    labels: torch.Tensor
+    kept_ratio: float
+
+
+@torch.inference_mode()
+def exit_targets(
+    model: MagicPyramidForSequenceClassification, encoded: Encoded, config: TrainConfig, *, progress: bool = True
+) -> ExitTargets:
+    """Run ``encoded`` once through the hard-masked backbone (eval mode) and cache the sub-classifiers' inputs."""
+    device = torch.device(config.device)
+    model.eval().to(device)
+    count, layers = len(encoded["labels"]), model.config.num_hidden_layers
+    features = torch.zeros(count, layers - 1, model.config.hidden_size)
+    teacher = torch.zeros(count, model.config.num_labels)
+    kept, total = 0.0, 0
+    steps = math.ceil(count / config.eval_batch_size)
+    for batch in tqdm(
+        batches(encoded, config.eval_batch_size, sort_by_length=True),
+        total=steps,
+        desc="stage 4 features",
+        disable=not progress,
+        leave=False,
+    ):
+        out = model.masked_forward(
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            batch["token_type_ids"].to(device),
+            mask_mode="hard",
+            temperature=config.temperature,
+        )
+        features[batch["index"]] = out.exit_features.transpose(0, 1).float().cpu()
+        teacher[batch["index"]] = out.logits.float().cpu()
+        kept += float(out.kept_ratio.mean()) * len(batch["index"])
+        total += len(batch["index"])
+    return ExitTargets(features, teacher, torch.tensor(encoded["labels"], dtype=torch.int64), kept / max(1, total))
+
+
+def fit_exits(
+    model: MagicPyramidForSequenceClassification,
+    targets: ExitTargets,
+    config: TrainConfig,
+    *,
+    seed: int,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Stage 4 on the cache: train ``model.exits`` in place by ``distillation_loss`` for ``config.epochs_exits``.
+
+    Returns the last epoch's running loss, the sub-classifiers' mean accuracy (gold labels) and agreement with
+    the main classifier, per layer, and the kept ratio of the cached pass.
+    """
+    device = torch.device(config.device)
+    model.to(device)
+    named = _set_trainable(model, "distill")
+    optimizer = torch.optim.AdamW(_weight_groups(named, config.weight_decay), lr=config.exit_lr)
+    count = targets.labels.numel()
+    per_epoch, total = _steps(config.epochs_exits, count, config.batch_size)
+    scheduler = _linear_schedule(optimizer, math.ceil(config.warmup_ratio * total), total)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model.eval()
+    model.exits.train()
+    layers = targets.features.shape[1]
+    cached = targets.features.to(device).transpose(0, 1)
+    teacher_logits = targets.teacher.to(device)
+    labels, teacher_labels = targets.labels.to(device), targets.teacher.argmax(dim=-1).to(device)
+    step = 0
+    bar = tqdm(total=total, desc="stage 4 exits", disable=not progress, leave=False)
+    while step < total:
+        order = torch.randperm(count, generator=generator).to(device)
+        loss_sum, seen = 0.0, 0
+        correct, agree = torch.zeros(layers, device=device), torch.zeros(layers, device=device)
+        for rows in order[: min(count, (total - step) * config.batch_size)].split(config.batch_size):
+            teacher = teacher_logits[rows]
+            logits = apply_exits(model.exits, cached[:, rows], teacher.shape[-1])
+            loss = distillation_loss(logits, teacher)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            predictions = logits.detach().argmax(dim=-1)
+            loss_sum += float(loss.detach()) * rows.numel()
+            correct += (predictions == labels[rows]).sum(dim=1)
+            agree += (predictions == teacher_labels[rows]).sum(dim=1)
+            seen += rows.numel()
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.4f}",
+                acc=f"{float(correct.mean()) / seen:.3f}",
+                kept=f"{targets.kept_ratio:.3f}",
+            )
+    bar.close()
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    seen = max(1, seen)
+    correct, agree = correct.cpu(), agree.cpu()
+    return {
+        "train_loss": loss_sum / seen,
+        "train_accuracy": float(correct.mean()) / seen,
+        "train_exit_accuracy": (correct / seen).tolist(),
+        "train_exit_agreement": (agree / seen).tolist(),
+        "train_kept_ratio": targets.kept_ratio,
+        "distillation_examples": count,
+        "steps": total,
+    }

