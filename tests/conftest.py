@@ -6,6 +6,8 @@ added (the interpreter cannot run it). Shared helpers live in ``tests/utils.py``
 """
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tests.utils import DEVICE, KERNEL_DTYPES, ON_GPU, tf32_matmuls  # noqa: E402
+from tests.utils import DEVICE, KERNEL_DTYPES, ON_GPU, tf32_matmuls, write_toy_bert  # noqa: E402
 
 
 @pytest.fixture
@@ -25,3 +27,20 @@ def pytest_report_header(config: pytest.Config) -> str:
     mode = "GPU " + torch.cuda.get_device_name() if ON_GPU else "CPU (Triton interpreter)"
     precision = f"; float32 matmuls {'TF32' if tf32_matmuls() else 'IEEE'}" if ON_GPU else ""
     return f"magic-pyramid kernels on {mode}; dtypes {[str(d) for d in KERNEL_DTYPES]}{precision}"
+
+
+@pytest.fixture(scope="module")
+def toy_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer BERT folder with the MiniLM tokenizer files."""
+    return write_toy_bert(tmp_path_factory.mktemp("toy-bert"))
+
+
+@pytest.fixture
+def cpu_user_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Default backends pick the PyTorch reference on CPU, as for a user (this file turns the interpreter on), and
+    one thread: toy-sized operations only wait on each other's threads on a busy machine."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

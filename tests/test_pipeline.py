@@ -9,35 +9,19 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from bench import e2e
 from mp_model.recipe import plots
-from tests.utils import read_results, write_toy_bert
+from tests.utils import read_results
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGES_SUM_TOLERANCE = 1e-6
 
 
-@pytest.fixture(scope="module")
-def toy_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 2-layer BERT folder with the MiniLM tokenizer files."""
-    return write_toy_bert(tmp_path_factory.mktemp("toy-bert"))
-
-
-@pytest.fixture(autouse=True)
-def cpu_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Default backends pick the PyTorch reference on CPU, as for a user (conftest turns the interpreter on), and
-    one thread: toy-sized operations only wait on each other's threads on a busy machine."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("cpu_user_settings")
 
 
 def test_e2e_benchmark_writes_every_cell_with_consistent_numbers(toy_model: Path, tmp_path: Path) -> None:

@@ -5,32 +5,15 @@ saved with the MiniLM tokenizer stands in for the real model, so that it runs in
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from mp_model.recipe import quickstart
 from mp_model.recipe.evaluation import METHODS
-from tests.utils import read_results, write_toy_bert
+from tests.utils import read_results
 
-
-@pytest.fixture(scope="module")
-def toy_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 2-layer BERT folder with the MiniLM tokenizer files."""
-    return write_toy_bert(tmp_path_factory.mktemp("toy-bert"))
-
-
-@pytest.fixture(autouse=True)
-def cpu_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Default backends pick the PyTorch reference on CPU, as for a user (conftest turns the interpreter on), and
-    one thread: toy-sized operations only wait on each other's threads on a busy machine."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("cpu_user_settings")
 
 
 def test_quickstart_trains_evaluates_plots_and_reuses_the_run(
