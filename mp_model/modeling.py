@@ -25,14 +25,14 @@ def _check_inputs(
     token_type_ids: object,
     validate: bool = True,
     exit_schedule: object = None,
-) -> tuple[torch.Tensor, int]:
-    """Validate ``(batch, seq)`` inputs (and ``exit_schedule``); returns the attention mask (all ones if None)
-    and the longest row.
+) -> tuple[torch.Tensor, int, bool]:
+    """Validate ``(batch, seq)`` inputs (and ``exit_schedule``); returns the attention mask (all ones if None),
+    the longest row and whether any row starts with padding (so needs moving left).
 
     Shapes, dtypes and devices are always checked; ``validate`` also reads the values, all in one host read on
     a GPU: the mask holds only 0 and 1, one contiguous run of ones per row (padding on either side, no hole);
     token ids lie in ``[0, vocab_size)``, token type ids in ``[0, type_vocab_size)``; ``exit_schedule`` is
-    non-negative. Without it the longest row is taken to be the input's width.
+    non-negative. Without it the longest row is taken to be the input's width and every row may need moving.
     """
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
@@ -69,7 +69,7 @@ def _check_inputs(
         if exit_schedule.device != input_ids.device:
             raise ValueError(f"exit_schedule is on {exit_schedule.device}, input_ids on {input_ids.device}")
     if not validate:
-        return attention_mask, width
+        return attention_mask, width, True
     real = attention_mask != 0
     lengths = real.sum(dim=1)
     runs = real[:, 0].long() + (real[:, 1:] & ~real[:, :-1]).sum(dim=1)
@@ -85,8 +85,9 @@ def _check_inputs(
         types.min(),
         types.max(),
         schedule.min(),
+        (~real[:, 0]).any(),
     ]
-    bad, empty_rows, longest, holed, ids_low, ids_high, types_low, types_high, schedule_low = torch.stack(
+    bad, empty_rows, longest, holed, ids_low, ids_high, types_low, types_high, schedule_low, left = torch.stack(
         [fact.long() for fact in facts]
     ).tolist()
     if bad:
@@ -108,7 +109,7 @@ def _check_inputs(
             raise ValueError(f"{name} must lie in [0, {field}={size}), got values in [{low}, {high}]")
     if schedule_low < 0:
         raise ValueError(f"exit_schedule must be non-negative, got {schedule_low}")
-    return attention_mask, int(longest)
+    return attention_mask, int(longest), bool(left)
 
 
 def _shifts(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -265,15 +266,16 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         config = self.config
         tau = config.exit_tau if tau is None else float(tau)
         _check_knobs(tau, float(threshold_scale))
-        attention_mask, max_length = _check_inputs(
+        attention_mask, max_length, left_padded = _check_inputs(
             config, input_ids, attention_mask, token_type_ids, validate, exit_schedule
         )
         if engine not in (None, "graph", "packed"):
             raise ValueError(f"engine must be 'graph', 'packed' or None, got {engine!r}")
-        shifts = _shifts(attention_mask)
-        input_ids, attention_mask, token_type_ids = (
-            _roll_rows(tensor, shifts) for tensor in (input_ids, attention_mask, token_type_ids)
-        )
+        if left_padded:  # known from validation; without it, moving right-padded rows by 0 is the identity
+            shifts = _shifts(attention_mask)
+            input_ids, attention_mask, token_type_ids = (
+                _roll_rows(tensor, shifts) for tensor in (input_ids, attention_mask, token_type_ids)
+            )
         knobs = dict(
             tau=tau,
             threshold_scale=float(threshold_scale),
@@ -313,16 +315,20 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         the real tokens are moved left before the pass), and ``masks`` are returned in the inputs' own columns.
         """
         _check_knobs(0.0, float(threshold_scale))
-        attention_mask, _ = _check_inputs(self.config, input_ids, attention_mask, token_type_ids)
+        attention_mask, _, left_padded = _check_inputs(self.config, input_ids, attention_mask, token_type_ids)
         if mask_mode != "none":
             self._check_learned_thresholds()
-        shifts = _shifts(attention_mask)
+        inputs = (input_ids, attention_mask, token_type_ids)
+        if left_padded:
+            shifts = _shifts(attention_mask)
+            inputs = tuple(_roll_rows(tensor, shifts) for tensor in inputs)
         out = masked_forward(
             self,
-            *(_roll_rows(tensor, shifts) for tensor in (input_ids, attention_mask, token_type_ids)),
+            *inputs,
             mask_mode=mask_mode,
             temperature=self.config.soft_mask_temperature if temperature is None else temperature,
             threshold_scale=float(threshold_scale),
         )
-        out.masks = _roll_rows(out.masks, -shifts)
+        if left_padded:
+            out.masks = _roll_rows(out.masks, -shifts)
         return out

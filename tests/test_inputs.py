@@ -128,7 +128,7 @@ def test_float_token_type_ids_are_rejected(model, batch) -> None:
 def test_value_checks_take_one_host_read_and_validate_false_skips_it(model, batch, validate: bool) -> None:
     schedule = torch.zeros(len(LENGTHS), dtype=torch.int64)
     with host_reads() as calls:
-        mask, longest = _check_inputs(model.config, *batch.values(), validate, schedule)
+        mask, longest, _ = _check_inputs(model.config, *batch.values(), validate, schedule)
     assert calls == (["Tensor.tolist from mp_model.modeling"] if validate else [])
     assert longest == (max(LENGTHS) if validate else batch["input_ids"].shape[1])
 
