@@ -22,8 +22,11 @@ from tests.utils import (
     assert_close,
     assert_no_host_synchronisation,
     capture_cuda_graph,
+    check_live_rows,
     kernel_must_not_run,
+    live_count,
     poison_,
+    poisoned_allocations,
 )
 from tests.utils import HYPOTHESIS_SETTINGS as SETTINGS
 
@@ -55,30 +58,17 @@ def expected(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias
     return F.layer_norm(total, (x.shape[1],), weight.cpu().double(), bias.cpu().double(), EPS)
 
 
-def count(value: int) -> torch.Tensor:
-    return torch.tensor([value], dtype=torch.int32, device=DEVICE)
-
-
 def run(inputs: Inputs, n_rows: torch.Tensor, backend: str) -> torch.Tensor:
     """``add_layer_norm`` with poisoned output allocations; checks the output's dtype and shape."""
     x = inputs[0]
-    empty = torch.empty
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch, "empty", lambda *args, **kwargs: poison_(empty(*args, **kwargs)))
+    with poisoned_allocations():
         y = add_layer_norm(*inputs, EPS, n_rows, backend=backend)
     assert y.dtype == x.dtype and y.shape == x.shape and y.device == x.device
     return y
 
 
 def check(y: torch.Tensor, want: torch.Tensor, live: int, backend: str, dtype: torch.dtype) -> None:
-    """Rows below ``live`` match ``want``; the others keep the poison (Triton) or match too (PyTorch)."""
-    y = y.cpu()
-    live = max(0, min(live, y.shape[0]))
-    assert_close(y[:live], want[:live], dtype, scale=SCALE)
-    if backend == "triton":
-        assert bool(y[live:].isnan().all()), "the Triton backend wrote rows at or past n_rows"
-    else:
-        assert_close(y[live:], want[live:], dtype, scale=SCALE)
+    check_live_rows(y, want, live, backend, dtype, SCALE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -86,7 +76,7 @@ def check(y: torch.Tensor, want: torch.Tensor, live: int, backend: str, dtype: t
 @pytest.mark.parametrize("d", [16, 40, 64, 384, 768, 1000])
 def test_matches_float64(backend: str, dtype: torch.dtype, d: int) -> None:
     inputs = make_inputs(45, d, dtype, seed=d)
-    y = run(inputs, count(37), backend)
+    y = run(inputs, live_count(37), backend)
     check(y, expected(*inputs), 37, backend, dtype)
 
 
@@ -95,14 +85,14 @@ def test_matches_float64(backend: str, dtype: torch.dtype, d: int) -> None:
 def test_live_row_counts(backend: str, live: int) -> None:
     """n_rows of 0, 1, odd, prime and the whole capacity."""
     inputs = make_inputs(48, 40, torch.float32, seed=live)
-    check(run(inputs, count(live), backend), expected(*inputs), live, backend, torch.float32)
+    check(run(inputs, live_count(live), backend), expected(*inputs), live, backend, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("live", [-3, 71])
 def test_out_of_range_counts_are_clamped(backend: str, live: int) -> None:
     inputs = make_inputs(40, 24, torch.float32, seed=5)
-    check(run(inputs, count(live), backend), expected(*inputs), live, backend, torch.float32)
+    check(run(inputs, live_count(live), backend), expected(*inputs), live, backend, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -126,7 +116,7 @@ def test_sum_is_rounded_to_the_input_dtype(backend: str, dtype: torch.dtype) -> 
     residual = torch.tensor([1.0, 0.0] * 8, dtype=dtype, device=DEVICE).expand(3, 16).contiguous()
     weight = torch.ones(16, dtype=dtype, device=DEVICE)
     bias = torch.zeros(16, dtype=dtype, device=DEVICE)
-    y = run((x, residual, weight, bias), count(3), backend).cpu().double()
+    y = run((x, residual, weight, bias), live_count(3), backend).cpu().double()
     if dtype == torch.float32:
         want = torch.tensor([1.0, -1.0] * 8, dtype=torch.float64).expand(3, 16)
         assert_close(y, want, torch.float32, scale=100.0)
@@ -136,20 +126,20 @@ def test_sum_is_rounded_to_the_input_dtype(backend: str, dtype: torch.dtype) -> 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_buffer(backend: str) -> None:
-    assert run(make_inputs(0, 16, torch.float32, seed=1), count(0), backend).shape == (0, 16)
+    assert run(make_inputs(0, 16, torch.float32, seed=1), live_count(0), backend).shape == (0, 16)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_backends_agree(dtype: torch.dtype) -> None:
     inputs = make_inputs(33, 384, dtype, seed=9)
-    triton_y = run(inputs, count(33), "triton")
-    torch_y = run(inputs, count(33), "torch")
+    triton_y = run(inputs, live_count(33), "triton")
+    torch_y = run(inputs, live_count(33), "torch")
     assert_close(triton_y, torch_y.double(), dtype, scale=2 * SCALE)
 
 
 def test_float64_on_torch_backend() -> None:
     inputs = make_inputs(9, 12, torch.float64, seed=2)
-    torch.testing.assert_close(run(inputs, count(9), "torch").cpu(), expected(*inputs), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(run(inputs, live_count(9), "torch").cpu(), expected(*inputs), atol=1e-12, rtol=1e-12)
 
 
 @st.composite
@@ -166,14 +156,14 @@ def norm_cases(draw: st.DrawFn) -> dict[str, object]:
 @given(case=norm_cases())
 def test_random_shapes(backend: str, case: dict[str, object]) -> None:
     inputs, live = case["inputs"], case["live"]
-    check(run(inputs, count(live), backend), expected(*inputs), live, backend, inputs[0].dtype)
+    check(run(inputs, live_count(live), backend), expected(*inputs), live, backend, inputs[0].dtype)
 
 
 def _t(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype, device=DEVICE)
 
 
-X, W, N = _t(8, 16), _t(16), count(8)
+X, W, N = _t(8, 16), _t(16), live_count(8)
 F64 = torch.float64
 BAD_INPUTS: list[tuple[str, tuple[object, ...], dict[str, object], type[Exception], str]] = [
     ("x not a tensor", ([[0.0] * 16], X, W, W, EPS, N), {}, TypeError, "x"),
@@ -241,7 +231,7 @@ def test_bad_inputs_raise_before_any_kernel(
 @pytest.mark.skipif(not ON_GPU, reason="host synchronisations are only observable on a GPU")
 def test_no_host_synchronisation() -> None:
     inputs = make_inputs(64, 768, torch.float16, seed=4)
-    n_rows = count(40)
+    n_rows = live_count(40)
     assert_no_host_synchronisation(lambda: add_layer_norm(*inputs, EPS, n_rows))
 
 
@@ -250,7 +240,7 @@ def test_no_host_synchronisation() -> None:
 def test_cuda_graph_replays_with_new_row_counts(backend: str) -> None:
     """Captured once, replayed after writing new counts into ``n_rows``: only the live rows are written."""
     inputs = make_inputs(300, 768, torch.bfloat16, seed=6)
-    n_rows = count(300)
+    n_rows = live_count(300)
     graph, y = capture_cuda_graph(lambda: add_layer_norm(*inputs, EPS, n_rows, backend=backend))
     want = expected(*inputs)
     for live in (300, 129, 1, 0):

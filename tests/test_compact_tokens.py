@@ -13,8 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mp_kernels import compact_tokens
-from tests.test_compaction import poisoned_allocations
-from tests.utils import DEVICE, HYPOTHESIS_SETTINGS, KERNEL_DTYPES
+from tests.utils import DEVICE, HYPOTHESIS_SETTINGS, KERNEL_DTYPES, poisoned_allocations
 
 BACKENDS = ["triton", "torch"]
 LENGTHS = [37, 1, 0, 61, 2, 31, 64, 13]

@@ -8,8 +8,7 @@ offset that no kernel writes shows.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -19,25 +18,12 @@ from hypothesis import strategies as st
 import mp_kernels
 from mp_kernels import compaction
 from mp_kernels._triton import compaction as triton_compaction
-from tests.utils import DEVICE, KERNEL_DTYPES, ON_GPU, poison_
+from tests.utils import DEVICE, KERNEL_DTYPES, ON_GPU, poison_, poisoned_allocations
 from tests.utils import HYPOTHESIS_SETTINGS as SETTINGS
 
 BACKENDS = ["triton", "torch"]
 # Importance and thresholds on a grid of eighths: exactly representable, so ties with the threshold happen.
 GRID = 8
-
-
-@contextmanager
-def poisoned_allocations() -> Iterator[None]:
-    """Make ``torch.empty`` return poisoned tensors while the block runs."""
-    empty = torch.empty
-
-    def poisoned_empty(*args: object, **kwargs: object) -> torch.Tensor:
-        return poison_(empty(*args, **kwargs))
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch, "empty", poisoned_empty)
-        yield
 
 
 def make_cu_seqlens(lengths: list[int]) -> torch.Tensor:

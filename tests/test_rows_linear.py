@@ -22,8 +22,11 @@ from tests.utils import (
     assert_close,
     assert_no_host_synchronisation,
     capture_cuda_graph,
+    check_live_rows,
     kernel_must_not_run,
+    live_count,
     poison_,
+    poisoned_allocations,
 )
 from tests.utils import HYPOTHESIS_SETTINGS as SETTINGS
 
@@ -63,10 +66,6 @@ def expected(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a
     return FLOAT64_ACTIVATIONS[activation](y)
 
 
-def count(value: int) -> torch.Tensor:
-    return torch.tensor([value], dtype=torch.int32, device=DEVICE)
-
-
 def run(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -76,27 +75,16 @@ def run(
     activation: str | None = None,
 ) -> torch.Tensor:
     """``rows_linear`` with poisoned output allocations; checks the output's dtype and shape."""
-    empty = torch.empty
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch, "empty", lambda *args, **kwargs: poison_(empty(*args, **kwargs)))
+    with poisoned_allocations():
         y = rows_linear(x, weight, bias, n_rows, activation=activation, backend=backend)
     assert y.dtype == x.dtype and y.shape == (x.shape[0], weight.shape[0]) and y.device == x.device
     return y
 
 
 def check(y: torch.Tensor, want: torch.Tensor, live: int, backend: str, dtype: torch.dtype) -> None:
-    """Rows below ``live`` match ``want``; the others keep the poison (Triton) or match too (PyTorch).
-
-    The PyTorch backend's float32 matmuls may run in TF32 on a GPU, hence its device-dependent tolerance.
-    """
-    y = y.cpu()
-    live = max(0, min(live, y.shape[0]))
-    device = None if backend == "triton" else DEVICE
-    assert_close(y[:live], want[:live], dtype, scale=SCALE, device=device)
-    if backend == "triton":
-        assert bool(y[live:].isnan().all()), "the Triton backend wrote rows at or past n_rows"
-    else:
-        assert_close(y[live:], want[live:], dtype, scale=SCALE, device=device)
+    """``check_live_rows``; the PyTorch backend's float32 matmuls may run in TF32 on a GPU, hence its
+    device-dependent tolerance."""
+    check_live_rows(y, want, live, backend, dtype, SCALE, device=None if backend == "triton" else DEVICE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -107,7 +95,7 @@ def test_matches_float64(
     backend: str, dtype: torch.dtype, activation: str | None, capacity: int, k: int, n: int, live: int
 ) -> None:
     x, weight, bias = make_inputs(capacity, k, n, dtype, seed=capacity + k + n)
-    y = run(x, weight, bias, count(live), backend, activation)
+    y = run(x, weight, bias, live_count(live), backend, activation)
     check(y, expected(x, weight, bias, activation), live, backend, dtype)
 
 
@@ -116,7 +104,7 @@ def test_matches_float64(
 def test_live_row_counts(backend: str, live: int) -> None:
     """n_rows of 0, 1, odd, prime and the whole capacity, with tile-multiple K and N and no bias."""
     x, weight, _ = make_inputs(64, 64, 64, torch.float32, seed=live)
-    y = run(x, weight, None, count(live), backend)
+    y = run(x, weight, None, live_count(live), backend)
     check(y, expected(x, weight, None, None), live, backend, torch.float32)
 
 
@@ -124,7 +112,7 @@ def test_live_row_counts(backend: str, live: int) -> None:
 @pytest.mark.parametrize("live", [-3, 71])
 def test_out_of_range_counts_are_clamped(backend: str, live: int) -> None:
     x, weight, bias = make_inputs(40, 24, 24, torch.float32, seed=5)
-    y = run(x, weight, bias, count(live), backend)
+    y = run(x, weight, bias, live_count(live), backend)
     check(y, expected(x, weight, bias, None), live, backend, torch.float32)
 
 
@@ -143,20 +131,20 @@ def test_n_rows_as_view_of_a_larger_tensor(backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_buffer(backend: str) -> None:
     x, weight, bias = make_inputs(0, 16, 24, torch.float32, seed=1)
-    assert run(x, weight, bias, count(0), backend).shape == (0, 24)
+    assert run(x, weight, bias, live_count(0), backend).shape == (0, 24)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_backends_agree(dtype: torch.dtype) -> None:
     x, weight, bias = make_inputs(33, 56, 40, dtype, seed=9)
-    triton_y = run(x, weight, bias, count(33), "triton", "gelu")
-    torch_y = run(x, weight, bias, count(33), "torch", "gelu")
+    triton_y = run(x, weight, bias, live_count(33), "triton", "gelu")
+    torch_y = run(x, weight, bias, live_count(33), "torch", "gelu")
     assert_close(triton_y, torch_y, dtype, scale=2 * SCALE, device=DEVICE)
 
 
 def test_float64_on_torch_backend() -> None:
     x, weight, bias = make_inputs(9, 12, 7, torch.float64, seed=2)
-    y = run(x, weight, bias, count(9), "torch", "tanh")
+    y = run(x, weight, bias, live_count(9), "torch", "tanh")
     torch.testing.assert_close(y.cpu(), expected(x, weight, bias, "tanh"), atol=1e-12, rtol=1e-12)
 
 
@@ -180,7 +168,7 @@ def layer_cases(draw: st.DrawFn) -> dict[str, object]:
 @given(case=layer_cases())
 def test_random_shapes(backend: str, case: dict[str, object]) -> None:
     x, weight, bias, live, activation = (case[key] for key in ("x", "weight", "bias", "live", "activation"))
-    y = run(x, weight, bias, count(live), backend, activation)
+    y = run(x, weight, bias, live_count(live), backend, activation)
     check(y, expected(x, weight, bias, activation), live, backend, x.dtype)
 
 
@@ -188,7 +176,7 @@ def _t(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype, device=DEVICE)
 
 
-X, W, B, N = _t(8, 16), _t(24, 16), _t(24), count(8)
+X, W, B, N = _t(8, 16), _t(24, 16), _t(24), live_count(8)
 BAD_INPUTS: list[tuple[str, tuple[object, ...], dict[str, object], type[Exception], str]] = [
     ("x not a tensor", ([[0.0] * 16], W, B, N), {}, TypeError, "x"),
     ("x ndim", (_t(16), W, B, N), {}, ValueError, "x"),
@@ -244,7 +232,7 @@ def test_bad_inputs_raise_before_any_kernel(
 @pytest.mark.skipif(not ON_GPU, reason="host synchronisations are only observable on a GPU")
 def test_no_host_synchronisation() -> None:
     x, weight, bias = make_inputs(64, 96, 80, torch.float16, seed=4)
-    n_rows = count(40)
+    n_rows = live_count(40)
     assert_no_host_synchronisation(lambda: rows_linear(x, weight, bias, n_rows, activation="gelu"))
 
 
@@ -253,7 +241,7 @@ def test_no_host_synchronisation() -> None:
 def test_cuda_graph_replays_with_new_row_counts(backend: str) -> None:
     """Captured once, replayed after writing new counts into ``n_rows``: only the live rows are written."""
     x, weight, bias = make_inputs(300, 96, 80, torch.float16, seed=6)
-    n_rows = count(300)
+    n_rows = live_count(300)
     graph, y = capture_cuda_graph(lambda: rows_linear(x, weight, bias, n_rows, activation="gelu_tanh", backend=backend))
     want = expected(x, weight, bias, "gelu_tanh")
     for live in (300, 129, 1, 0):

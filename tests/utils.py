@@ -21,7 +21,8 @@ import json
 import random
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -317,3 +318,41 @@ def read_results(path: Path) -> dict:
     assert set(payload) == {"provenance", "records"}
     assert all(payload["provenance"].get(key) for key in PROVENANCE_KEYS)
     return payload
+
+
+@contextmanager
+def poisoned_allocations() -> Iterator[None]:
+    """Make ``torch.empty`` return poisoned tensors while the block runs (unwritten outputs then show)."""
+    empty = torch.empty
+
+    def poisoned_empty(*args: object, **kwargs: object) -> torch.Tensor:
+        return poison_(empty(*args, **kwargs))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "empty", poisoned_empty)
+        yield
+
+
+def live_count(value: int) -> torch.Tensor:
+    """A live-row count as the device-sized kernels read it: int32 ``(1,)`` on DEVICE."""
+    return torch.tensor([value], dtype=torch.int32, device=DEVICE)
+
+
+def check_live_rows(
+    y: torch.Tensor,
+    want: torch.Tensor,
+    live: int,
+    backend: str,
+    dtype: torch.dtype,
+    scale: float,
+    device: torch.device | None = None,
+) -> None:
+    """Rows of ``y`` below ``live`` match ``want``; the others keep the poison (Triton, which must not write
+    them) or match too (the PyTorch backend, which computes every row). ``device`` as in ``assert_close``."""
+    y = y.cpu()
+    live = max(0, min(live, y.shape[0]))
+    assert_close(y[:live], want[:live], dtype, scale=scale, device=device)
+    if backend == "triton":
+        assert bool(y[live:].isnan().all()), "the Triton backend wrote rows at or past n_rows"
+    else:
+        assert_close(y[live:], want[live:], dtype, scale=scale, device=device)
