@@ -189,7 +189,7 @@ def tau_table(records: list[dict[str, Any]]) -> list[str]:
 def on_reported_split(records: list[dict[str, Any]], max_drop: float) -> str:
     """One line: each method's fewest-GFLOPs setting within ``max_drop`` of dense read on the reported split
     itself, as the paper's Table 2 selects (the table above selects on dev, a held-out choice)."""
-    from mp_model.recipe.evaluation import select
+    from mp_model.recipe.selection import select
 
     if not any(r["method"] == "dense" for r in records):
         return ""

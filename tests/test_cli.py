@@ -158,6 +158,42 @@ def test_eval_json_holds_one_well_formed_record_per_setting(
     assert dense["flops_speedup"] == pytest.approx(1.0)
 
 
+def test_reference_is_a_plain_fine_tune_that_eval_reports_beside_the_selection(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import BertForSequenceClassification
+
+    from mp_model.recipe.data import encode
+    from mp_model.recipe.reference import REFERENCE_DIR, REFERENCE_FILE, accuracy
+    from mp_model.recipe.training import load_data
+
+    code, out = run_main(["reference", "--run-dir", str(run_dir), "--lrs", "3e-3", "1e-3", "--no-progress"], capsys)
+    assert code == 0, out
+    saved = json.loads((run_dir / REFERENCE_FILE).read_text())
+    config = TrainConfig.from_dict(json.loads((run_dir / "train_config.json").read_text()))
+    assert [(p["lr"], p["epoch"]) for p in saved["grid"]] == [(lr, e) for lr in (3e-3, 1e-3) for e in range(1, 5)]
+    assert saved["dev_accuracy"] == max(p["dev_accuracy"] for p in saved["grid"])
+    model = BertForSequenceClassification.from_pretrained(run_dir / REFERENCE_DIR)
+    assert type(model) is BertForSequenceClassification
+    dev = load_data(config).dev
+    assert accuracy(model, dev, batch_size=4, device="cpu") == pytest.approx(saved["dev_accuracy"])
+
+    out_file = tmp_path / "eval.json"
+    argv = ["eval", "--run-dir", str(run_dir), "--latency", "none", "--json", str(out_file), "--taus", "0.5"]
+    code, out = run_main([*argv, "--scales", "1.0", "--reliability-splits", "5"], capsys)
+    assert code == 0
+    assert "plain fine-tune (transformers.BertForSequenceClassification" in out
+    assert "point estimate rule, 5 re-splits" in out and "confidence 0.8 rule, 5 re-splits" in out
+    meta = json.loads(out_file.read_text())["provenance"]
+    test = encode(load_data(config).tokenizer, load_data(config).dataset.test, config.max_length)
+    assert meta["reference"]["accuracy"] == pytest.approx(accuracy(model, test, batch_size=4, device="cpu"))
+    reliability = meta["selection_details"]["reliability"]
+    assert set(reliability) == {"point estimate", "confidence 0.8"}
+    for methods in reliability.values():
+        assert set(methods) == {"ltp", "fastbert", "mp"}
+        assert all(0.0 <= m["within_limit"] <= 1.0 for m in methods.values())
+
+
 def test_predict_labels_every_text_with_its_exit_layer(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -42,9 +42,11 @@ def record(method: str, tau: float | None, scale: float | None, accuracy: float,
 
 
 def test_train_command_lists_only_the_fields_that_differ_from_the_defaults() -> None:
-    config = TrainConfig(dataset="bbc_news", run_dir="runs/bbc", train_size=None, lambdas=(0.1,), lr=1e-4)
+    config = TrainConfig(
+        dataset="bbc_news", run_dir="runs/bbc", train_size=2000, dev_size=None, lambdas=(0.1,), lr=1e-4
+    )
     command = tables().train_command(config.to_dict())
-    assert command == "mp train --dataset bbc_news --run-dir runs/bbc --train-size all --lr 0.0001 --lambdas 0.1"
+    assert command == "mp train --dataset bbc_news --run-dir runs/bbc --train-size 2000 --lr 0.0001 --lambdas 0.1"
 
 
 def test_eval_table_names_its_commands_and_sweeps_tau_at_the_selected_scale() -> None:

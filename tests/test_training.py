@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from mp_model import MagicPyramidForSequenceClassification
 from mp_model.recipe.data import batches, encode
 from mp_model.recipe.evaluation import collect, simulate
-from mp_model.recipe.fit import distillation_loss, exit_targets
+from mp_model.recipe.fit import StageSpec, distillation_loss, exit_targets, fit
 from mp_model.recipe.runs import CONFIG_FILE, DENSE_DIR, FINAL_DIR, PARTIAL_DIR, STATE_FILE, TrainingWarning
 from mp_model.recipe.train_config import TrainConfig
 from mp_model.recipe.training import Trainer, initial_thresholds, load_data, select_candidate, train
@@ -340,3 +340,24 @@ def test_a_failed_first_run_does_not_block_a_corrected_rerun(root: Path, tmp_pat
     with pytest.warns(TrainingWarning, match="completed no stage"):
         Trainer(good, progress=False)
     assert json.loads((good.directory / CONFIG_FILE).read_text()) == good.to_dict()
+
+
+def test_fit_ends_with_the_weights_of_its_best_dev_evaluation(root: Path) -> None:
+    config = tiny_config(root, "best-epoch")
+    data = load_data(config)
+    model = load(Path(config.model))
+    model.set_thresholds([0.0] * model.config.num_hidden_layers)
+    scores = iter([0.6, 0.9, 0.9, 0.7])
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    def evaluate() -> float:
+        snapshots.append({key: value.clone() for key, value in model.state_dict().items()})
+        return next(scores)
+
+    stage = StageSpec(1, "finetune", 4, "none", "ce")
+    metrics = fit(model, stage, data.train, config, seed=0, progress=False, evaluate=evaluate)
+    assert metrics["epoch_dev_accuracy"] == [0.6, 0.9, 0.9, 0.7]
+    assert metrics["best_epoch"] == 3, "ties go to the later, more trained epoch"
+    final = model.state_dict()
+    assert all(torch.equal(final[key], snapshots[2][key]) for key in final)
+    assert not all(torch.equal(final[key], snapshots[3][key]) for key in final)

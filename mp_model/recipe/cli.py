@@ -1,4 +1,4 @@
-"""The ``mp`` command: ``mp train``, ``mp eval``, ``mp predict`` and ``mp quickstart``.
+"""The ``mp`` command: ``mp train``, ``mp eval``, ``mp reference``, ``mp predict`` and ``mp quickstart``.
 
 Subcommands are registered in ``COMMANDS`` (``register_command`` adds one); ``build_parser`` builds the parser
 from it. ``mp quickstart ARGS`` passes ``ARGS`` untouched to ``mp_model.recipe.quickstart.main(argv)``.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import traceback
 import types
@@ -21,6 +20,9 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from mp_model.recipe.cli_support import check_output, optional_int, quiet_transformers
+from mp_model.recipe.eval_command import configure_eval, run_eval
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,23 +58,6 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _quiet_transformers() -> None:
-    from transformers import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-
-
-def _optional_int(text: str) -> int | None:
-    """An integer >= 0, or ``all``/``none`` for no limit."""
-    if text.lower() in ("all", "none"):
-        return None
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a count >= 0 or 'all', got {text}")
-    return value
-
-
 # ---------------------------------------------------------------- train
 
 
@@ -94,7 +79,7 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
         if origin is tuple:
             parser.add_argument(flag, type=float, nargs="+", default=argparse.SUPPRESS, help=help_text)
         elif origin in (typing.Union, types.UnionType):
-            parser.add_argument(flag, type=_optional_int, default=argparse.SUPPRESS, metavar="N|all", help=help_text)
+            parser.add_argument(flag, type=optional_int, default=argparse.SUPPRESS, metavar="N|all", help=help_text)
         else:
             parser.add_argument(flag, type=hint, default=argparse.SUPPRESS, help=help_text)
     parser.add_argument(
@@ -132,7 +117,7 @@ def train_config_from_args(args: argparse.Namespace) -> Any:
 def _run_train(args: argparse.Namespace) -> int:
     from mp_model.recipe.training import train
 
-    _quiet_transformers()
+    quiet_transformers()
     config = train_config_from_args(args)
     state = train(config, None if args.stage is None else [args.stage], progress=not args.no_progress)
     print(f"run directory: {config.directory}")
@@ -140,154 +125,6 @@ def _run_train(args: argparse.Namespace) -> int:
         metrics = state[f"stage{number}"]
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
         print(f"stage {number}: {shown}")
-    return 0
-
-
-# ---------------------------------------------------------------- eval
-
-
-def _model_labels(model: Any) -> list[str]:
-    """A model's class names in id order (its ``id2label``)."""
-    return [model.config.id2label.get(i, str(i)) for i in range(model.config.num_labels)]
-
-
-def _check_output(option: str, output: Path | None, inputs: Sequence[Path] = ()) -> None:
-    """Refuse, before any work, an output that is a folder, lies in a missing folder, or is one of ``inputs``."""
-    if output is None:
-        return
-    if output.is_dir():
-        raise ValueError(f"{option} {output} is a directory")
-    if not output.parent.is_dir():
-        raise ValueError(f"{option} {output}: the folder {output.parent} does not exist")
-    for source in inputs:
-        if output.resolve() == source.resolve() or (output.exists() and os.path.samefile(output, source)):
-            raise ValueError(f"{option} {output} is the input file: refusing to overwrite it")
-
-
-def _configure_eval(parser: argparse.ArgumentParser) -> None:
-    from mp_model.recipe.evaluation import DEFAULT_SCALES, DEFAULT_TAUS, LATENCY_CHOICES, METHODS
-
-    parser.add_argument("--run-dir", default="runs/rotten_tomatoes", help="a finished `mp train` run directory")
-    parser.add_argument("--dataset", help="dataset name or file (default: the run's)")
-    parser.add_argument("--split", default="test", choices=["train", "dev", "test"], help="split to report")
-    parser.add_argument(
-        "--select-split",
-        default="dev",
-        choices=["train", "dev", "test"],
-        help="split on which each method's setting is selected (default dev; never select on the reported split)",
-    )
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to sweep")
-    parser.add_argument("--taus", nargs="+", type=float, default=list(DEFAULT_TAUS), help="exit thresholds tau")
-    parser.add_argument(
-        "--scales", nargs="+", type=float, default=list(DEFAULT_SCALES), help="threshold scales for pruning"
-    )
-    parser.add_argument("--max-drop", type=float, default=0.01, help="selection: largest accuracy drop from dense")
-    parser.add_argument("--batch-size", type=int, default=32, help="evaluation and latency batch size")
-    parser.add_argument("--max-length", type=int, help="truncation (default: the run's)")
-    parser.add_argument(
-        "--size", type=_optional_int, default=None, metavar="N|all", help="first N examples of each split"
-    )
-    parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
-    parser.add_argument(
-        "--latency",
-        default="tables",
-        choices=LATENCY_CHOICES,
-        help="which settings to time on the reported split: those the README tables show (default: the selected "
-        "ones and the tau sweeps of FastBERT-only and of MP at its selected scale), the selected ones, every one, "
-        "or none",
-    )
-    parser.add_argument("--latency-examples", type=int, default=256, help="examples timed (first N of the split)")
-    parser.add_argument("--latency-repeats", type=int, default=3, help="timed passes (median) after one warm-up")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--json", type=Path, help="write the records with provenance to this file")
-
-
-def _format_table(records: Sequence[dict[str, Any]]) -> str:
-    header = f"{'method':<9}{'tau':>6}{'scale':>7}{'acc':>8}{'GFLOPs':>9}{'FLOPs x':>9}{'ms/batch':>10}{'lat x':>7}"
-    lines = [header]
-    for r in records:
-        lat = "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}"
-        lat_x = "-" if r["latency_speedup"] is None else f"{r['latency_speedup']:.2f}"
-        tau = "-" if r["tau"] is None else f"{r['tau']:g}"
-        scale = "-" if r["threshold_scale"] is None else f"{r['threshold_scale']:g}"
-        lines.append(
-            f"{r['method']:<9}{tau:>6}{scale:>7}{r['accuracy']:>8.4f}{r['gflops']:>9.4f}"
-            f"{r['flops_speedup']:>9.2f}{lat:>10}{lat_x:>7}"
-        )
-    return "\n".join(lines)
-
-
-def _run_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from mp_model.recipe.checks import check_device, check_float, check_int
-    from mp_model.recipe.data import check_max_length
-    from mp_model.recipe.datasets import load_dataset
-    from mp_model.recipe.evaluation import select_and_report
-    from mp_model.recipe.provenance import provenance, write_results
-    from mp_model.recipe.runs import load_run
-
-    _quiet_transformers()
-    check_device(args.device)
-    for tau in args.taus:
-        check_float("--taus", tau, 0.0, 1.0)
-    for scale in args.scales:
-        check_float("--scales", scale, 0.0)
-    check_float("--max-drop", args.max_drop, 0.0, 1.0)
-    for name in ("batch_size", "latency_examples", "latency_repeats"):
-        check_int("--" + name.replace("_", "-"), getattr(args, name))
-    if args.threads is not None:
-        check_int("--threads", args.threads)
-    if args.max_length is not None:
-        check_max_length(args.max_length)
-    _check_output("--json", args.json)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.select_split == args.split:
-        warnings.warn(f"selecting on the reported split ({args.split})", stacklevel=1)
-    run_dir = Path(args.run_dir)
-    dense, final, tokenizer, saved = load_run(run_dir, args.device)
-    dataset = load_dataset(
-        args.dataset or saved.get("dataset", "rotten_tomatoes"), seed=saved.get("seed", 0), labels=_model_labels(final)
-    )
-    max_length = args.max_length if args.max_length is not None else saved.get("max_length", 128)
-    check_max_length(max_length, tokenizer, limit=final.config.max_position_embeddings)
-    records = select_and_report(
-        dense,
-        final,
-        tokenizer,
-        dataset,
-        max_length=max_length,
-        select_split=args.select_split,
-        split=args.split,
-        size=args.size,
-        max_drop=args.max_drop,
-        methods=args.methods,
-        taus=args.taus,
-        scales=args.scales,
-        batch_size=args.batch_size,
-        device=args.device,
-        latency=args.latency,
-        latency_examples=args.latency_examples,
-        latency_repeats=args.latency_repeats,
-    )
-    selected = [r for r in records if r["selected"]]
-    print(f"{dataset.name} {args.split} ({records[0]['examples']} examples), settings selected on {args.select_split}:")
-    print(_format_table(selected))
-    if args.json:
-        meta = provenance(args.device) | {
-            "run_dir": str(run_dir.resolve()),
-            "train_config": saved,
-            "selection": f"per method, fewest GFLOPs within {args.max_drop} accuracy of dense on {args.select_split}",
-            "latency": "ms per padded batch, median of passes over the first latency_examples examples sorted by "
-            "length, vs HF BertForSequenceClassification (sdpa) on the stage-1 weights",
-            "latency_examples": args.latency_examples,
-            "latency_repeats": args.latency_repeats,
-            "batch_size": args.batch_size,
-            "max_length": max_length,
-        }
-        path = write_results(args.json, records, meta)
-        print(f"wrote {len(records)} records to {path}")
     return 0
 
 
@@ -351,7 +188,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from mp_model.recipe.runs import FINAL_DIR, load_model, load_tokenizer
     from mp_model.recipe.stream import stream_predict
 
-    _quiet_transformers()
+    quiet_transformers()
     check_float("--tau", args.tau, 0.0, 1.0)
     check_float("--threshold-scale", args.threshold_scale, 0.0)
     for name in ("batch_size", "window", "max_batch_tokens", "workers"):
@@ -363,7 +200,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         require_ray()
     check_input_file(args.input)
-    _check_output("--output", args.output, [args.input])
+    check_output("--output", args.output, [args.input])
     if args.resume and args.output is None:
         raise ValueError("--resume needs --output")
     folder = args.checkpoint or Path(args.run_dir) / FINAL_DIR
@@ -387,6 +224,24 @@ def _run_predict(args: argparse.Namespace) -> int:
     fields = row_fields(texts.pairs)
     stream_predict(label, texts, args.output, fields, window=window, resume=args.resume, progress=not args.no_progress)
     return 0
+
+
+# ---------------------------------------------------------------- reference
+
+
+def _configure_reference(parser: argparse.ArgumentParser) -> None:
+    """``mp reference``'s flags."""
+    parser.add_argument("--run-dir", type=Path, required=True, help="a run directory holding train_config.json")
+    parser.add_argument("--lrs", type=float, nargs="+", help="learning rates to try (default: the run's lr)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _run_reference(args: argparse.Namespace) -> int:
+    from mp_model.recipe.reference import run_reference
+
+    quiet_transformers()
+    return run_reference(args)
 
 
 # ---------------------------------------------------------------- quickstart
@@ -414,8 +269,17 @@ register_command(
     "eval",
     Command(
         "accuracy, GFLOPs and latency of dense, LTP, FastBERT and MP over tau and threshold-scale sweeps",
-        _configure_eval,
-        _run_eval,
+        configure_eval,
+        run_eval,
+    ),
+)
+register_command(
+    "reference",
+    Command(
+        "fine-tune plain HF BertForSequenceClassification with a run's data and budget (the dense reference "
+        "`mp eval` reports)",
+        _configure_reference,
+        _run_reference,
     ),
 )
 register_command(

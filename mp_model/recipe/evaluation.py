@@ -24,13 +24,12 @@ timed over ``latency_repeats`` rounds, each of which runs the baseline and every
 a change of machine load hits them alike (``interleaved_timings``). ``latency_ms`` is the median pass time per
 batch, ``latency_speedup`` the median over rounds of the baseline's pass time over the setting's.
 
-Selection (``select``): per method, the setting with the fewest GFLOPs whose accuracy is at most ``max_drop``
-(absolute) below dense on the same split. ``select_and_report`` selects on one split (dev) and reports every setting
-on another (test): what ``mp eval`` and ``mp quickstart`` run.
+Selecting a setting per method on one split and reporting it on another belongs to ``mp_model.recipe.selection``;
+``evaluate(keep_outcomes=True)`` gives it every example's correctness and FLOPs.
 
 Checks. ``check_device`` refuses an unknown device or CUDA on a machine without it; ``collect`` refuses labels the
-model does not have and sequences longer than its position embeddings; ``evaluate`` and ``select``
-refuse knobs out of range (a NaN included) before computing anything.
+model does not have and sequences longer than its position embeddings; ``evaluate``
+refuses knobs out of range (a NaN included) before computing anything.
 
 Length buckets (``short`` 1-35, ``middle`` 36-70, ``long`` > 70 tokens, special tokens included, as
 ``mp_model.recipe.data.length_bucket``) report accuracy, GFLOPs and FLOPs speedup over dense per bucket.
@@ -51,7 +50,7 @@ from mp_model.hf_twin import hf_twin
 from mp_model.modeling import MagicPyramidForSequenceClassification
 from mp_model.outputs import MagicPyramidOutput
 from mp_model.recipe.checks import check_device, check_float, check_int
-from mp_model.recipe.data import LENGTH_BUCKETS, Encoded, TextDataset, batches, encode, length_bucket
+from mp_model.recipe.data import LENGTH_BUCKETS, Encoded, batches, length_bucket
 from mp_model.recipe.timing import interleaved_timings
 
 METHODS = ("dense", "ltp", "fastbert", "mp")
@@ -313,6 +312,7 @@ def evaluate(
     latency: Iterable[SettingKey] | str | None = None,
     latency_examples: int = 256,
     latency_repeats: int = 3,
+    keep_outcomes: bool = False,
 ) -> list[dict[str, Any]]:
     """One record per ``(method, tau, threshold_scale)`` of the sweep over ``encoded`` (see the module docstring).
 
@@ -320,7 +320,8 @@ def evaluate(
     (``"all"``, an iterable of ``(method, tau, scale)`` keys, or None for none); untimed records carry None.
     Record keys: ``dataset, split, method, tau, threshold_scale, accuracy, gflops, dense_gflops,
     flops_speedup, latency_ms, hf_latency_ms, latency_speedup, device, examples, mean_exit_layer, kept_ratio,
-    buckets`` (``{bucket: {examples, accuracy, gflops, dense_gflops, flops_speedup}}``).
+    buckets`` (``{bucket: {examples, accuracy, gflops, dense_gflops, flops_speedup}}``); with ``keep_outcomes``
+    also ``outcome`` (``{"correct": (N,) bool, "flops": (N,) float64}`` tensors, in ``encoded``'s order).
     """
     device = check_device(device)
     for tau in taus:
@@ -349,7 +350,11 @@ def evaluate(
 
     records = []
     for method, tau, scale in sweep:
-        summary = summarize(pass_for(method, scale), tau=tau, early_exit=tau is not None)
+        collected = pass_for(method, scale)
+        summary = summarize(collected, tau=tau, early_exit=tau is not None)
+        if keep_outcomes:
+            predictions, _, flops = simulate(collected, tau)
+            summary["outcome"] = {"correct": predictions == collected.labels, "flops": flops.double()}
         records.append(
             {
                 "dataset": dataset,
@@ -383,110 +388,4 @@ def evaluate(
                 if key in timings:
                     record["latency_ms"], record["latency_speedup"] = timings[key]
                     record["hf_latency_ms"] = hf_ms
-    return records
-
-
-def setting_key(record: dict[str, Any]) -> SettingKey:
-    """``(method, tau, threshold_scale)`` of a record."""
-    return record["method"], record["tau"], record["threshold_scale"]
-
-
-def table_settings(chosen: Sequence[dict[str, Any]], taus: Sequence[float]) -> list[SettingKey]:
-    """The settings the README tables show: the ``chosen`` (selected) ones, FastBERT-only at every tau, and MP at
-    every tau at its chosen threshold scale (the paper's Table 3), without repeats."""
-    keys = [setting_key(r) for r in chosen]
-    keys += [("fastbert", float(t), None) for t in taus]
-    keys += [("mp", float(t), r["threshold_scale"]) for r in chosen if r["method"] == "mp" for t in taus]
-    return list(dict.fromkeys(keys))
-
-
-def select(records: Sequence[dict[str, Any]], max_drop: float = 0.01) -> list[dict[str, Any]]:
-    """Per dataset and method, the record with the fewest GFLOPs within ``max_drop`` accuracy of dense.
-
-    ``records`` come from one split; each dataset needs its ``dense`` record. Ties go to the more accurate
-    setting. A method with no setting within the limit contributes its most accurate record (check
-    ``accuracy`` against dense's). Returned in the order of ``METHODS``.
-    """
-    check_float("max_drop", max_drop, 0.0)
-    chosen = []
-    for dataset in dict.fromkeys(r["dataset"] for r in records):
-        rows = [r for r in records if r["dataset"] == dataset]
-        dense = [r for r in rows if r["method"] == "dense"]
-        if not dense:
-            raise ValueError(f"{dataset}: select needs the dense record")
-        floor = dense[0]["accuracy"] - max_drop - 1e-12
-        for method in METHODS:
-            candidates = [r for r in rows if r["method"] == method]
-            if not candidates:
-                continue
-            eligible = [r for r in candidates if r["accuracy"] >= floor]
-            if eligible:
-                chosen.append(min(eligible, key=lambda r: (r["gflops"], -r["accuracy"])))
-            else:
-                chosen.append(max(candidates, key=lambda r: (r["accuracy"], -r["gflops"])))
-    return chosen
-
-
-LATENCY_CHOICES = ("tables", "selected", "all", "none")
-
-
-def select_and_report(
-    dense_model: MagicPyramidForSequenceClassification,
-    model: MagicPyramidForSequenceClassification,
-    tokenizer: Any,
-    dataset: TextDataset,
-    *,
-    max_length: int,
-    select_split: str = "dev",
-    split: str = "test",
-    size: int | None = None,
-    max_drop: float = 0.01,
-    methods: Sequence[str] = METHODS,
-    taus: Sequence[float] = DEFAULT_TAUS,
-    scales: Sequence[float] = DEFAULT_SCALES,
-    batch_size: int = 32,
-    device: torch.device | str = "cpu",
-    latency: str = "tables",
-    latency_examples: int = 256,
-    latency_repeats: int = 3,
-) -> list[dict[str, Any]]:
-    """Select each method's setting on ``select_split`` and report every setting of the sweep on ``split``.
-
-    Both splits are cut to their first ``size`` examples (None: whole) and encoded at ``max_length``. ``latency``
-    names the settings timed on ``split``: ``"tables"`` (the selected ones and the tau sweeps of ``table_settings``),
-    ``"selected"``, ``"all"`` or ``"none"``. Returns ``evaluate``'s records on ``split``, each with ``selected``
-    and ``selected_on`` (``select_split``) added, and on the selected ones ``<select_split>_accuracy`` and
-    ``<select_split>_gflops``.
-
-    Raises:
-        ValueError: for an empty split or an unknown ``latency``, before anything is computed.
-    """
-    if latency not in LATENCY_CHOICES:
-        raise ValueError(f"latency must be one of {LATENCY_CHOICES}, got {latency!r}")
-    for name in dict.fromkeys((select_split, split)):
-        if not dataset.split(name)[:size]:
-            raise ValueError(f"{dataset.name}: the {name} split is empty, nothing to evaluate")
-    common = dict(dataset=dataset.name, methods=methods, taus=taus, scales=scales, batch_size=batch_size, device=device)
-    pick = encode(tokenizer, dataset.split(select_split)[:size], max_length)
-    chosen = select(evaluate(dense_model, model, pick, split=select_split, **common), max_drop)
-    by_key = {setting_key(r): r for r in chosen}
-    timed = {"none": None, "all": "all", "selected": list(by_key), "tables": table_settings(chosen, taus)}[latency]
-    report = encode(tokenizer, dataset.split(split)[:size], max_length)
-    records = evaluate(
-        dense_model,
-        model,
-        report,
-        split=split,
-        latency=timed,
-        latency_examples=latency_examples,
-        latency_repeats=latency_repeats,
-        **common,
-    )
-    for record in records:
-        picked = by_key.get(setting_key(record))
-        record["selected"] = picked is not None
-        record["selected_on"] = select_split
-        if picked is not None:
-            record[f"{select_split}_accuracy"] = picked["accuracy"]
-            record[f"{select_split}_gflops"] = picked["gflops"]
     return records

@@ -40,14 +40,14 @@ class StageSpec:
     lambda_: float = 0.0
 
 
-def _steps(epochs: float, examples: int, batch_size: int) -> tuple[int, int]:
+def step_counts(epochs: float, examples: int, batch_size: int) -> tuple[int, int]:
     """``(steps per epoch, total steps)`` of ``epochs`` (fractions allowed; at least one step if positive)."""
     per_epoch = math.ceil(examples / batch_size)
     total = math.ceil(epochs * per_epoch) if epochs > 0 else 0
     return per_epoch, total
 
 
-def _linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
 
     def factor(step: int) -> float:
@@ -58,7 +58,7 @@ def _linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _weight_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
+def weight_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay on matrices, none on biases and LayerNorm weights."""
     no_decay = [p for name, p in named if name.endswith("bias") or "LayerNorm" in name]
     decay = [p for name, p in named if not (name.endswith("bias") or "LayerNorm" in name)]
@@ -143,19 +143,23 @@ def fit(
     partial: Path | None = None,
     callback: Callback | None = None,
     progress: bool = True,
-) -> dict[str, float]:
+    evaluate: Callable[[], float] | None = None,
+) -> dict[str, Any]:
     """Train ``model`` in place through stage 1, 2 or 3; returns the last epoch's running loss, accuracy, kept ratio.
 
-    With ``partial`` (a folder), a checkpoint is written there every ``config.checkpoint_every`` steps and one
-    found there for the same stage is resumed; ``callback("checkpoint", info)`` follows each write.
+    With ``evaluate`` (the model's dev accuracy), it is called after every epoch (and after the last step) and the
+    model ends with the weights of the best call (ties: the later, more trained); ``epoch_dev_accuracy`` and
+    ``best_epoch`` join the metrics. With ``partial`` (a folder), a checkpoint is written there every
+    ``config.checkpoint_every`` steps (the best weights so far with it) and one found there for the same stage is
+    resumed; ``callback("checkpoint", info)`` follows each write.
     """
     device = torch.device(config.device)
     model.to(device)
     named = _set_trainable(model, stage.objective)
-    optimizer = torch.optim.AdamW(_weight_groups(named, config.weight_decay), lr=config.lr)
+    optimizer = torch.optim.AdamW(weight_groups(named, config.weight_decay), lr=config.lr)
     examples = len(train["labels"])
-    per_epoch, total = _steps(stage.epochs, examples, config.batch_size)
-    scheduler = _linear_schedule(optimizer, math.ceil(config.warmup_ratio * total), total)
+    per_epoch, total = step_counts(stage.epochs, examples, config.batch_size)
+    scheduler = linear_schedule(optimizer, math.ceil(config.warmup_ratio * total), total)
     threshold_optimizer = (
         torch.optim.Adam([model.thresholds], lr=config.threshold_lr, weight_decay=0.0)
         if stage.objective == "soft"
@@ -163,6 +167,9 @@ def fit(
     )
     torch.manual_seed(seed)
     step = 0
+    # The best evaluated weights so far: {"accuracy", "epoch", "model"} (a CPU copy), and every evaluation.
+    best: dict[str, Any] | None = None
+    evaluations: list[float] = []
     checkpoint = partial / CHECKPOINT_FILE if partial is not None else None
     saved = _load_checkpoint(partial, device) if partial is not None else None
     if saved is not None:
@@ -174,6 +181,7 @@ def fit(
                 threshold_optimizer.load_state_dict(saved["threshold_optimizer"])
             torch.set_rng_state(saved["rng"])
             step = saved["step"]
+            best, evaluations = saved.get("best"), list(saved.get("evaluations", []))
 
     model.train()
     totals = {"loss": 0.0, "correct": 0.0, "kept": 0.0, "examples": 0, "batches": 0}
@@ -219,6 +227,13 @@ def fit(
                 acc=f"{totals['correct'] / totals['examples']:.3f}",
                 kept=f"{totals['kept'] / totals['batches']:.3f}",
             )
+            if evaluate is not None and (step % per_epoch == 0 or step == total):
+                accuracy = float(evaluate())
+                model.train()
+                evaluations.append(accuracy)
+                if best is None or accuracy >= best["accuracy"]:
+                    weights = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+                    best = {"accuracy": accuracy, "epoch": len(evaluations), "model": weights}
             if checkpoint is not None and config.checkpoint_every > 0 and step % config.checkpoint_every == 0:
                 if step < total:
                     partial.mkdir(parents=True, exist_ok=True)
@@ -232,6 +247,8 @@ def fit(
                         "scheduler": scheduler.state_dict(),
                         "threshold_optimizer": threshold_optimizer.state_dict() if threshold_optimizer else None,
                         "rng": torch.get_rng_state(),
+                        "best": best,
+                        "evaluations": evaluations,
                     }
                     torch.save(payload, checkpoint.with_suffix(".tmp"))
                     os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
@@ -244,12 +261,17 @@ def fit(
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     count = max(1, totals["examples"])
-    return {
+    metrics: dict[str, Any] = {
         "train_loss": totals["loss"] / count,
         "train_accuracy": totals["correct"] / count,
         "train_kept_ratio": totals["kept"] / max(1, totals["batches"]),
         "steps": total,
     }
+    if best is not None:
+        if best["epoch"] < len(evaluations):
+            model.load_state_dict(best["model"])
+        metrics |= {"epoch_dev_accuracy": evaluations, "best_epoch": best["epoch"]}
+    return metrics
 
 
 @dataclass
@@ -318,10 +340,10 @@ def fit_exits(
     device = torch.device(config.device)
     model.to(device)
     named = _set_trainable(model, "distill")
-    optimizer = torch.optim.AdamW(_weight_groups(named, config.weight_decay), lr=config.exit_lr)
+    optimizer = torch.optim.AdamW(weight_groups(named, config.weight_decay), lr=config.exit_lr)
     count = targets.labels.numel()
-    per_epoch, total = _steps(config.epochs_exits, count, config.batch_size)
-    scheduler = _linear_schedule(optimizer, math.ceil(config.warmup_ratio * total), total)
+    per_epoch, total = step_counts(config.epochs_exits, count, config.batch_size)
+    scheduler = linear_schedule(optimizer, math.ceil(config.warmup_ratio * total), total)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.eval()

@@ -6,7 +6,7 @@ Steps, on the embedded all-MiniLM-L6-v2 and rotten_tomatoes unless told otherwis
    on a subset, with a single pruning candidate (``delta_L``, ``lambda``) instead of a search. The run directory is
    ``<out>/run-<dataset>-<hash of the training settings>``; a rerun with the same settings finds it finished and
    skips training (an interrupted one resumes).
-2. Evaluate (``mp_model.recipe.evaluation.select_and_report``, as ``mp eval``): a small sweep of ``tau`` and
+2. Evaluate (``mp_model.recipe.selection.select_and_report``, as ``mp eval``): a small sweep of ``tau`` and
    threshold scales; per method (dense, LTP only, FastBERT only, MP) the setting with the fewest GFLOPs within 1
    point of dense accuracy is selected on dev and reported on test, with its latency measured in rounds that
    alternate HF BERT (sdpa) with each setting, on padded batches sorted by length.
@@ -36,9 +36,10 @@ from transformers.utils import logging as transformers_logging
 
 from mp_model.recipe import plots
 from mp_model.recipe.datasets import load_dataset
-from mp_model.recipe.evaluation import DEFAULT_SCALES, DEFAULT_TAUS, METHODS, select_and_report
+from mp_model.recipe.evaluation import DEFAULT_SCALES, DEFAULT_TAUS, METHODS
 from mp_model.recipe.provenance import provenance, write_results
 from mp_model.recipe.runs import finished_run_problem, load_run
+from mp_model.recipe.selection import select_and_report
 from mp_model.recipe.train_config import TrainConfig, default_model_path
 from mp_model.recipe.training import train
 
@@ -163,7 +164,7 @@ def run_evaluation(config: TrainConfig, size: Size, eval_examples: int | None, o
     """Select each method's setting on dev, report every setting on test (``select_and_report``); writes
     ``eval.json``."""
     dense, final, tokenizer, _saved = load_run(config.directory, config.device)
-    records = select_and_report(
+    records, selection = select_and_report(
         dense,
         final,
         tokenizer,
@@ -183,7 +184,9 @@ def run_evaluation(config: TrainConfig, size: Size, eval_examples: int | None, o
         "benchmark": "quickstart-eval",
         "run_dir": str(config.directory),
         "train_config": config.to_dict(),
-        "selection": f"per method, fewest GFLOPs within {MAX_DROP} accuracy of dense on dev",
+        "selection": f"per method, fewest GFLOPs within {MAX_DROP} accuracy of dense on dev, {selection['rule']} "
+        f"{selection['confidence']}",
+        "selection_details": selection,
         "latency": f"ms per padded batch of {BATCH_SIZE} (sorted by length) vs HF BertForSequenceClassification (sdpa)",
         "latency_examples": size.latency_examples,
         "batch_size": BATCH_SIZE,

@@ -1,6 +1,7 @@
 """The four-stage Magic Pyramid training recipe, with a small threshold/penalty search and resumable checkpoints.
 
-Stages (paper Appendix C; LTP and FastBERT for the details):
+Stages (paper Appendix C; LTP and FastBERT for the details). Stages 1-3 evaluate dev after every epoch and keep the
+epoch of best dev accuracy (stage 1 dense, stages 2-3 pruned; ties go to the later epoch):
 
 1. ``finetune``: backbone and main classifier, cross-entropy, no masks (the dense baseline; kept in the run
    directory for evaluation).
@@ -271,7 +272,8 @@ class Trainer:
             getattr(self, f"_stage{number}")()
         return self.state
 
-    def _fit(self, model: MagicPyramidForSequenceClassification, stage: StageSpec) -> dict[str, float]:
+    def _fit(self, model: MagicPyramidForSequenceClassification, stage: StageSpec) -> dict[str, Any]:
+        """Train one stage, keeping its epoch of best dev accuracy (pruned after stage 1)."""
         return fit(
             model,
             stage,
@@ -281,6 +283,7 @@ class Trainer:
             partial=self.directory / PARTIAL_DIR,
             callback=self.callback,
             progress=self.progress,
+            evaluate=lambda: dev_metrics(model, self.data.dev, self.config, prune=stage.number > 1)["dev_accuracy"],
         )
 
     def _stage1(self) -> None:

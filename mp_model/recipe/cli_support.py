@@ -1,0 +1,44 @@
+"""What the ``mp`` subcommands share: flag types, output checks, model label names, a quiet ``transformers``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def quiet_transformers() -> None:
+    from transformers import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def optional_int(text: str) -> int | None:
+    """An integer >= 0, or ``all``/``none`` for no limit."""
+    if text.lower() in ("all", "none"):
+        return None
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0 or 'all', got {text}")
+    return value
+
+
+def model_labels(model: Any) -> list[str]:
+    """A model's class names in id order (its ``id2label``)."""
+    return [model.config.id2label.get(i, str(i)) for i in range(model.config.num_labels)]
+
+
+def check_output(option: str, output: Path | None, inputs: Sequence[Path] = ()) -> None:
+    """Refuse, before any work, an output that is a folder, lies in a missing folder, or is one of ``inputs``."""
+    if output is None:
+        return
+    if output.is_dir():
+        raise ValueError(f"{option} {output} is a directory")
+    if not output.parent.is_dir():
+        raise ValueError(f"{option} {output}: the folder {output.parent} does not exist")
+    for source in inputs:
+        if output.resolve() == source.resolve() or (output.exists() and os.path.samefile(output, source)):
+            raise ValueError(f"{option} {output} is the input file: refusing to overwrite it")

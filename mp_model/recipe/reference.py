@@ -1,0 +1,171 @@
+"""The dense reference: a plain fine-tune of HF ``BertForSequenceClassification`` with a run's data and budget.
+
+``mp eval`` reports it beside the recipe's models, so that a user sees the recipe's dense model (stage 1) reach a
+plain fine-tune, and stages 2-4 lose no more than the selection limit from it. The loop is deliberately independent
+of ``mp_model.recipe.fit``: it trains the ``transformers`` class itself (no masks, no thresholds, no exits), with
+the run's training examples, batch size, AdamW groups, warm-up and linear decay and stage-1 epochs, over a grid of
+learning rates (default: the run's ``lr`` alone), and keeps the ``(lr, epoch)`` with the best dev accuracy
+(ties: the earlier). It is written to ``<run>/reference`` with ``reference.json`` (metrics of every grid point).
+
+``mp reference --run-dir runs/rotten_tomatoes --lrs 2e-5 5e-5 1e-4`` trains it for a run (the run's
+``train_config.json`` gives the data and budget; no stage need be done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mp_model.recipe.checks import check_float, check_int
+from mp_model.recipe.data import Encoded, batches
+from mp_model.recipe.fit import linear_schedule, step_counts, weight_groups
+from mp_model.recipe.runs import CONFIG_FILE, model_folder_problem, write_json
+from mp_model.recipe.train_config import TrainConfig
+from mp_model.recipe.training import load_data
+
+REFERENCE_DIR = "reference"
+REFERENCE_FILE = "reference.json"
+
+
+@torch.inference_mode()
+def accuracy(model: torch.nn.Module, encoded: Encoded, *, batch_size: int, device: torch.device | str) -> float:
+    """Accuracy of an HF sequence classifier (``model(input_ids, attention_mask, token_type_ids).logits``)."""
+    model.eval().to(device)
+    correct = 0
+    for batch in batches(encoded, batch_size, sort_by_length=True):
+        logits = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            token_type_ids=batch["token_type_ids"].to(device),
+        ).logits
+        correct += int((logits.argmax(dim=-1).cpu() == batch["labels"]).sum())
+    return correct / max(1, len(encoded["labels"]))
+
+
+def _fine_tune(
+    config: TrainConfig, data: Any, lr: float, *, progress: bool
+) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+    """One learning rate: train, evaluate dev after each epoch; returns the best epoch's model and every epoch."""
+    from transformers import BertForSequenceClassification
+
+    device = torch.device(config.device)
+    torch.manual_seed(config.seed)
+    labels = data.dataset.labels
+    model = BertForSequenceClassification.from_pretrained(
+        config.model,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    ).to(device)
+    optimizer = torch.optim.AdamW(weight_groups(list(model.named_parameters()), config.weight_decay), lr=lr)
+    per_epoch, total = step_counts(config.epochs_finetune, len(data.train["labels"]), config.batch_size)
+    scheduler = linear_schedule(optimizer, math.ceil(config.warmup_ratio * total), total)
+    epochs: list[dict[str, Any]] = []
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    step = 0
+    bar = tqdm(total=total, desc=f"reference lr={lr:g}", disable=not progress, leave=False)
+    for epoch in range(math.ceil(total / per_epoch)):
+        model.train()
+        order = batches(
+            data.train, config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch, sort_by_length=True
+        )
+        for batch in order:
+            if step >= total:
+                break
+            logits = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                token_type_ids=batch["token_type_ids"].to(device),
+            ).logits
+            loss = F.cross_entropy(logits, batch["labels"].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.update(1)
+        dev = accuracy(model, data.dev, batch_size=config.eval_batch_size, device=device)
+        epochs.append({"lr": lr, "epoch": epoch + 1, "steps": step, "dev_accuracy": dev})
+        if best is None or dev > best[0]:
+            best = (dev, copy.deepcopy(model.state_dict()))
+    bar.close()
+    if best is not None:
+        model.load_state_dict(best[1])
+    return model, epochs
+
+
+def train_reference(
+    config: TrainConfig, *, lrs: Sequence[float] | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Fine-tune the reference over ``lrs`` (default ``(config.lr,)``); save the best to ``<run>/reference``.
+
+    Returns (and writes to ``<run>/reference.json``) ``{"lr", "epoch", "dev_accuracy", "grid", "seconds",
+    "train_examples", "dev_examples"}``; ``grid`` lists every ``(lr, epoch)``'s dev accuracy.
+    """
+    grid_lrs = (config.lr,) if lrs is None else tuple(check_float("lrs", lr, positive=True) for lr in lrs)
+    if not grid_lrs:
+        raise ValueError("lrs must name at least one learning rate")
+    data = load_data(config)
+    start = time.perf_counter()
+    grid: list[dict[str, Any]] = []
+    best_model, best_point = None, None
+    for lr in grid_lrs:
+        model, epochs = _fine_tune(config, data, lr, progress=progress)
+        grid += epochs
+        point = max(epochs, key=lambda e: (e["dev_accuracy"], -e["epoch"]))
+        if best_point is None or point["dev_accuracy"] > best_point["dev_accuracy"]:
+            best_model, best_point = model, point
+    if best_model is None or best_point is None:
+        raise ValueError("the reference trained no epoch: epochs_finetune must be > 0")
+    target = config.directory / REFERENCE_DIR
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    best_model.save_pretrained(tmp)
+    data.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    result = {
+        "model_class": "transformers.BertForSequenceClassification",
+        **{k: best_point[k] for k in ("lr", "epoch", "dev_accuracy")},
+        "grid": grid,
+        "seconds": time.perf_counter() - start,
+        "train_examples": len(data.train["labels"]),
+        "dev_examples": len(data.dev["labels"]),
+    }
+    write_json(config.directory / REFERENCE_FILE, result)
+    return result
+
+
+def load_reference(run_dir: Path, device: torch.device | str) -> tuple[torch.nn.Module, dict[str, Any]] | None:
+    """The run's reference model (eval mode, on ``device``) and its ``reference.json``; ``None`` if it has none."""
+    folder = Path(run_dir) / REFERENCE_DIR
+    if model_folder_problem(folder) is not None or not (Path(run_dir) / REFERENCE_FILE).is_file():
+        return None
+    from transformers import BertForSequenceClassification
+
+    model = BertForSequenceClassification.from_pretrained(folder, attn_implementation="eager").to(device).eval()
+    return model, json.loads((Path(run_dir) / REFERENCE_FILE).read_text())
+
+
+def run_reference(args: argparse.Namespace) -> int:
+    """``mp reference --run-dir D [--lrs ...]``: train run ``D``'s plain fine-tune; prints its result."""
+    path = args.run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: start the run with `mp train --run-dir {args.run_dir}` first")
+    if args.threads is not None:
+        torch.set_num_threads(check_int("--threads", args.threads))
+    config = TrainConfig.from_dict(json.loads(path.read_text()) | {"run_dir": str(args.run_dir)})
+    result = train_reference(config, lrs=args.lrs, progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in result.items() if k != "grid"}))
+    return 0
