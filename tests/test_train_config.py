@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from mp_model.recipe.train_config import TrainConfig
 
@@ -19,3 +20,16 @@ from mp_model.recipe.train_config import TrainConfig
 def test_train_config_refuses_a_bad_field_naming_it(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field if field != "device" else "device 'gpu'"):
         TrainConfig(model="m", **{field: value})
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "dtype"),
+    [("auto", "cpu", None), ("fp32", "cpu", None), ("bf16", "cpu", torch.bfloat16)],
+)
+def test_precision_names_the_autocast_dtype(precision: str, device: str, dtype: torch.dtype | None) -> None:
+    assert TrainConfig(precision=precision, device=device).autocast_dtype == dtype
+
+
+def test_precision_refuses_an_unknown_name() -> None:
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TrainConfig(precision="fp16")

@@ -361,3 +361,15 @@ def test_fit_ends_with_the_weights_of_its_best_dev_evaluation(root: Path) -> Non
     final = model.state_dict()
     assert all(torch.equal(final[key], snapshots[2][key]) for key in final)
     assert not all(torch.equal(final[key], snapshots[3][key]) for key in final)
+
+
+def test_bf16_autocast_training_keeps_the_results_contract(root: Path) -> None:
+    config = tiny_config(root, "bf16", precision="bf16")
+    with config.autocast():
+        assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.bfloat16
+    state = train(config, progress=False)
+    assert state["stages_done"] == [1, 2, 3, 4]
+    final = load(config.directory / FINAL_DIR)
+    assert all(p.dtype == torch.float32 for p in final.parameters()), "autocast keeps fp32 weights"
+    assert mean_loss(load(stage_dir(config, 1)), config) < 0.7 * mean_loss(load(Path(config.model)), config)
+    assert state["stage1"]["dev_accuracy"] >= 0.75

@@ -195,16 +195,17 @@ def fit(
             if step >= total:
                 break
             batch = _to_device(batch, device)
-            out = model.masked_forward(
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["token_type_ids"],
-                mask_mode=stage.mask_mode,
-                temperature=config.temperature,
-            )
-            loss = F.cross_entropy(out.logits, batch["labels"])
-            if stage.objective == "soft":
-                loss = loss + stage.lambda_ * out.mask_mean
+            with config.autocast():
+                out = model.masked_forward(
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    batch["token_type_ids"],
+                    mask_mode=stage.mask_mode,
+                    temperature=config.temperature,
+                )
+                loss = F.cross_entropy(out.logits.float(), batch["labels"])
+                if stage.objective == "soft":
+                    loss = loss + stage.lambda_ * out.mask_mean.float()
             correct = (out.logits.argmax(dim=-1) == batch["labels"]).sum()
             optimizer.zero_grad(set_to_none=True)
             if threshold_optimizer is not None:
@@ -310,13 +311,14 @@ def exit_targets(
         disable=not progress,
         leave=False,
     ):
-        out = model.masked_forward(
-            batch["input_ids"].to(device),
-            batch["attention_mask"].to(device),
-            batch["token_type_ids"].to(device),
-            mask_mode="hard",
-            temperature=config.temperature,
-        )
+        with config.autocast():
+            out = model.masked_forward(
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                batch["token_type_ids"].to(device),
+                mask_mode="hard",
+                temperature=config.temperature,
+            )
         features[batch["index"]] = out.exit_features.transpose(0, 1).float().cpu()
         teacher[batch["index"]] = out.logits.float().cpu()
         kept += float(out.kept_ratio.mean()) * len(batch["index"])

