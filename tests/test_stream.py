@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 from pathlib import Path
 
@@ -117,3 +118,15 @@ def test_the_progress_bar_shows_records_exit_layer_and_kept_tokens(model_dir: Pa
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "40/" not in err and "40 records" in err and "exit=" in err and "kept=" in err
+
+
+def test_native_caches_are_bounded_unless_the_user_chose_a_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mp_model.recipe.stream import PRIMITIVE_CACHE, bound_native_caches, release_free_memory
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    bound_native_caches()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(PRIMITIVE_CACHE)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
+    bound_native_caches()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"
+    release_free_memory()  # glibc's malloc_trim here, nothing elsewhere: never an error

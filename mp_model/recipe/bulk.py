@@ -13,7 +13,7 @@ from typing import Any
 
 from mp_model.recipe.files import InputText
 from mp_model.recipe.predict import LABEL_FIELDS, blank_row, predict
-from mp_model.recipe.stream import BATCH_TOKENS, WINDOW
+from mp_model.recipe.stream import BATCH_TOKENS, WINDOW, bound_native_caches, release_free_memory
 
 INSTALL_HINT = "the Ray engine needs Ray Data: pip install 'magic-pyramid[ray]' (or pip install 'ray[data]')"
 
@@ -36,6 +36,7 @@ class _Labeller:
 
         from mp_model.recipe.runs import load_model, load_tokenizer
 
+        bound_native_caches()
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if knobs.pop("gpus", 0) and torch.cuda.is_available() else "cpu"
@@ -62,6 +63,7 @@ class _Labeller:
             pair = pair if text and pair and pair.strip() else None
             texts.append(InputText(position, None, text, pair))
         rows = predict(self.model, self.tokenizer, texts, device=self.device, **self.knobs)
+        release_free_memory()
         types = {"label": pa.string(), "label_id": pa.int64(), "confidence": pa.float64()}
         types |= {"exit_layer": pa.int64(), "gflops": pa.float64()}
         columns = {"id": ids} | {field: pa.array([row[field] for row in rows], types[field]) for field in LABEL_FIELDS}

@@ -186,8 +186,9 @@ def _run_predict(args: argparse.Namespace) -> int:
     from mp_model.recipe.files import check_input_file, open_texts
     from mp_model.recipe.predict import predict, row_fields, window_labeller
     from mp_model.recipe.runs import FINAL_DIR, load_model, load_tokenizer
-    from mp_model.recipe.stream import stream_predict
+    from mp_model.recipe.stream import bound_native_caches, stream_predict
 
+    bound_native_caches()
     quiet_transformers()
     check_float("--tau", args.tau, 0.0, 1.0)
     check_float("--threshold-scale", args.threshold_scale, 0.0)
