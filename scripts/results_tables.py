@@ -205,6 +205,41 @@ def on_reported_split(records: list[dict[str, Any]], max_drop: float) -> str:
     return f"Selected on the {split} split itself, as the paper's Table 2 does: " + "; ".join(parts) + "."
 
 
+def details(meta: dict[str, Any]) -> list[str]:
+    """Lines on the run's plain fine-tune reference and on how often each selection rule stays within the limit on
+    re-split held-out examples (``mp eval``'s ``reference`` and ``selection_details``), where the file has them."""
+    lines = []
+    reference = meta.get("reference")
+    if reference:
+        grid = reference.get("lrs") or [reference["lr"]]
+        lines += [
+            "",
+            f"Plain fine-tune reference ({reference['model_class']}, same examples and epochs, best of lr "
+            f"{', '.join(f'{lr:g}' for lr in grid)} and epoch on dev: lr {reference['lr']:g}, epoch "
+            f"{reference['epoch']}): "
+            f"{100 * reference['accuracy']:.2f} on the {reference['split']} split.",
+        ]
+    reliability = (meta.get("selection_details") or {}).get("reliability")
+    if reliability:
+        lines += [
+            "",
+            "How often the selected setting stays within the limit on unseen examples (dev and test pooled, "
+            "re-split at random; median FLOPs speedup in brackets):",
+            "",
+        ]
+        methods = [m for m in EVAL_METHODS if any(m in rule for rule in reliability.values())]
+        lines += ["| rule | " + " | ".join(LABELS[m] for m in methods) + " |", "|" + "---|" * (len(methods) + 1)]
+        for rule, values in reliability.items():
+            cells = [
+                f"{100 * values[m]['within_limit']:.0f}% ({values[m]['median_flops_speedup']:.2f}x)"
+                if m in values
+                else "-"
+                for m in methods
+            ]
+            lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def eval_table(path: Path, payload: dict[str, Any]) -> str:
     """The markdown of one evaluation results file (selected settings only)."""
     meta = payload["provenance"]
@@ -235,6 +270,7 @@ def eval_table(path: Path, payload: dict[str, Any]) -> str:
         ]
         row += [_speedup(buckets[b]["flops_speedup"]) if b in buckets else "-" for b in ("short", "middle", "long")]
         lines.append("| " + " | ".join(row) + " |")
+    lines += details(meta)
     paper_style = on_reported_split(payload["records"], meta.get("max_drop", 0.01))
     if paper_style:
         lines += ["", paper_style]

@@ -72,3 +72,23 @@ def test_eval_table_names_its_commands_and_sweeps_tau_at_the_selected_scale() ->
         "as the paper's Table 2 does: FastBERT only 1.50x at 90.00 (tau 0.1); MP 2.50x at 90.00 (tau 0.1, scale 2)."
         in text
     )
+
+
+def test_eval_details_name_the_reference_and_each_rules_reliability() -> None:
+    reliability = {"within_limit": 0.9, "median_flops_speedup": 2.3, "median_drop": 0.002}
+    meta = {
+        "reference": {
+            "model_class": "transformers.BertForSequenceClassification",
+            "lr": 5e-5,
+            "lrs": [5e-5, 1e-4],
+            "epoch": 3,
+            "accuracy": 0.8512,
+            "split": "test",
+        },
+        "selection_details": {"reliability": {"point estimate": {"mp": reliability}, "confidence 0.8": {}}},
+    }
+    text = "\n".join(tables().details(meta))
+    assert "best of lr 5e-05, 0.0001 and epoch on dev: lr 5e-05, epoch 3): 85.12 on the test split" in text
+    assert "| rule | MP |" in text
+    assert "| point estimate | 90% (2.30x) |" in text and "| confidence 0.8 | - |" in text
+    assert tables().details({}) == []

@@ -196,4 +196,5 @@ def reference_accuracy(
     model, saved = loaded
     encoded = encode(tokenizer, dataset.split(args.split)[: args.size], max_length)
     score = accuracy(model, encoded, batch_size=args.batch_size, device=args.device)
-    return {k: v for k, v in saved.items() if k != "grid"} | {"split": args.split, "accuracy": score}
+    lrs = sorted({point["lr"] for point in saved.get("grid", [])})
+    return {k: v for k, v in saved.items() if k != "grid"} | {"lrs": lrs, "split": args.split, "accuracy": score}
