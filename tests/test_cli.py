@@ -193,6 +193,12 @@ def test_reference_is_a_plain_fine_tune_that_eval_reports_beside_the_selection(
         assert set(methods) == {"ltp", "fastbert", "mp"}
         assert all(0.0 <= m["within_limit"] <= 1.0 for m in methods.values())
 
+    original = (run_dir / REFERENCE_FILE).read_text()
+    (run_dir / REFERENCE_FILE).write_text(json.dumps(saved | {"train_config": config.to_dict() | {"lr": 1.0}}))
+    main([*argv, "--scales", "1.0", "--reliability-splits", "0"])
+    (run_dir / REFERENCE_FILE).write_text(original)
+    assert "reference was trained with another configuration (lr)" in capsys.readouterr().err
+
 
 def test_predict_labels_every_text_with_its_exit_layer(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -151,7 +151,7 @@ def run_eval(args: argparse.Namespace) -> int:
         f"(fewest GFLOPs within {args.max_drop:g} of dense at {rule}):"
     )
     print(format_table(selected))
-    reference = reference_accuracy(run_dir, dataset, tokenizer, max_length, args)
+    reference = reference_accuracy(run_dir, dataset, tokenizer, max_length, args, saved)
     if reference is not None:
         dense_accuracy = next(r["accuracy"] for r in records if r["method"] == "dense")
         print(
@@ -184,9 +184,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def reference_accuracy(
-    run_dir: Path, dataset: Any, tokenizer: Any, max_length: int, args: argparse.Namespace
+    run_dir: Path, dataset: Any, tokenizer: Any, max_length: int, args: argparse.Namespace, run_config: dict[str, Any]
 ) -> dict[str, Any] | None:
-    """The run's plain fine-tune (``mp_model.recipe.reference``) with its accuracy on the reported split, if any."""
+    """The run's plain fine-tune (``mp_model.recipe.reference``) with its accuracy on the reported split, if any;
+    a warning if it was trained with another configuration than the run's ``run_config``."""
     from mp_model.recipe.data import encode
     from mp_model.recipe.reference import accuracy, load_reference
 
@@ -194,7 +195,16 @@ def reference_accuracy(
     if loaded is None:
         return None
     model, saved = loaded
+    ignored = ("run_dir", "device", "precision")
+    made_with = {k: v for k, v in saved.get("train_config", {}).items() if k not in ignored}
+    run_config = {k: v for k, v in run_config.items() if k not in ignored}
+    if made_with and made_with != run_config:
+        changed = sorted(k for k in made_with.keys() | run_config.keys() if made_with.get(k) != run_config.get(k))
+        warnings.warn(
+            f"the run's reference was trained with another configuration ({', '.join(changed)})", stacklevel=1
+        )
     encoded = encode(tokenizer, dataset.split(args.split)[: args.size], max_length)
     score = accuracy(model, encoded, batch_size=args.batch_size, device=args.device)
     lrs = sorted({point["lr"] for point in saved.get("grid", [])})
-    return {k: v for k, v in saved.items() if k != "grid"} | {"lrs": lrs, "split": args.split, "accuracy": score}
+    kept = {k: v for k, v in saved.items() if k not in ("grid", "train_config")}
+    return kept | {"lrs": lrs, "split": args.split, "accuracy": score}
