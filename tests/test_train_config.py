@@ -33,3 +33,8 @@ def test_precision_names_the_autocast_dtype(precision: str, device: str, dtype: 
 def test_precision_refuses_an_unknown_name() -> None:
     with pytest.raises(ValueError, match="precision must be one of"):
         TrainConfig(precision="fp16")
+
+
+def test_distillation_refuses_an_unknown_direction() -> None:
+    with pytest.raises(ValueError, match="distillation must be one of"):
+        TrainConfig(distillation="both")

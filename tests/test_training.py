@@ -373,3 +373,13 @@ def test_bf16_autocast_training_keeps_the_results_contract(root: Path) -> None:
     assert all(p.dtype == torch.float32 for p in final.parameters()), "autocast keeps fp32 weights"
     assert mean_loss(load(stage_dir(config, 1)), config) < 0.7 * mean_loss(load(Path(config.model)), config)
     assert state["stage1"]["dev_accuracy"] >= 0.75
+
+
+def test_a_run_saved_before_a_field_existed_resumes_with_its_default(finished: TrainConfig, tmp_path: Path) -> None:
+    copy = tmp_path / "older"
+    shutil.copytree(finished.directory, copy)
+    saved = json.loads((copy / CONFIG_FILE).read_text())
+    del saved["distillation"], saved["precision"]
+    (copy / CONFIG_FILE).write_text(json.dumps(saved))
+    state = Trainer(tiny_config(finished.directory.parent, "unused", run_dir=str(copy)), progress=False).run()
+    assert state["stages_done"] == [1, 2, 3, 4]

@@ -82,14 +82,21 @@ def _set_trainable(
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad and name != "thresholds"]
 
 
-def distillation_loss(exit_logits: torch.Tensor, main_logits: torch.Tensor) -> torch.Tensor:
-    """``sum_l KL(p_l || p_main)`` averaged over the batch; ``p_main`` is detached.
+def distillation_loss(exit_logits: torch.Tensor, main_logits: torch.Tensor, direction: str = "forward") -> torch.Tensor:
+    """Sum over sub-classifiers ``l`` of a KL divergence to the main classifier, averaged over the batch.
 
+    ``direction="forward"``: ``KL(p_main || p_l)`` (Hinton's knowledge distillation: mass-covering, the student
+    keeps the teacher's doubt); ``"reverse"``: ``KL(p_l || p_main)`` (FastBERT's stated loss: mode-seeking, which
+    left our students over-confident; see ``TrainConfig.distillation``). ``p_main`` is detached.
     ``exit_logits`` ``(layers - 1, batch, labels)``, ``main_logits`` ``(batch, labels)``.
     """
     student = exit_logits.float().log_softmax(dim=-1)
-    teacher = main_logits.detach().float().log_softmax(dim=-1)
-    return (student.exp() * (student - teacher.unsqueeze(0))).sum(dim=-1).sum(dim=0).mean()
+    teacher = main_logits.detach().float().log_softmax(dim=-1).unsqueeze(0)
+    if direction == "forward":
+        return (teacher.exp() * (teacher - student)).sum(dim=-1).sum(dim=0).mean()
+    if direction == "reverse":
+        return (student.exp() * (student - teacher)).sum(dim=-1).sum(dim=0).mean()
+    raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -363,7 +370,7 @@ def fit_exits(
         for rows in order[: min(count, (total - step) * config.batch_size)].split(config.batch_size):
             teacher = teacher_logits[rows]
             logits = apply_exits(model.exits, cached[:, rows], teacher.shape[-1])
-            loss = distillation_loss(logits, teacher)
+            loss = distillation_loss(logits, teacher, config.distillation)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -21,6 +21,7 @@ def default_model_path() -> str:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+DISTILLATIONS = ("forward", "reverse")
 
 
 @dataclass
@@ -70,6 +71,13 @@ class TrainConfig:
     epochs_finetune: float = field(default=3.0, metadata={"help": "epochs of stage 1 (fine-tuning)"})
     epochs_soft: float = field(default=1.0, metadata={"help": "epochs of stage 2 (soft pruning)"})
     epochs_hard: float = field(default=1.0, metadata={"help": "epochs of stage 3 (hard pruning)"})
+    distillation: str = field(
+        default="forward",
+        metadata={
+            "help": "stage 4 loss: forward = KL(p_main || p_exit) (default; calibrated exits), reverse = "
+            "KL(p_exit || p_main) (FastBERT's)"
+        },
+    )
     epochs_exits: float = field(
         default=20.0, metadata={"help": "epochs of stage 4 (sub-classifiers, on cached inputs)"}
     )
@@ -96,6 +104,8 @@ class TrainConfig:
         if not isinstance(self.run_dir, str):
             raise ValueError(f"run_dir must be a string, got {self.run_dir!r}")
         check_device(self.device)
+        if self.distillation not in DISTILLATIONS:
+            raise ValueError(f"distillation must be one of {DISTILLATIONS}, got {self.distillation!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         check_int("seed", self.seed, 0)
