@@ -200,6 +200,35 @@ def test_reference_is_a_plain_fine_tune_that_eval_reports_beside_the_selection(
     assert "reference was trained with another configuration (lr)" in capsys.readouterr().err
 
 
+def test_a_dev_split_carved_from_train_is_used_by_training_and_by_eval(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mp_model.recipe.training import load_data
+
+    write_tiny_model(tmp_path / "base")
+    write_toy_dataset(tmp_path / "toy.csv")
+    run = tmp_path / "run"
+    argv = [
+        "train",
+        *("--model", str(tmp_path / "base"), "--dataset", str(tmp_path / "toy.csv"), "--run-dir", str(run)),
+        *("--dev-from-train", "12", "--batch-size", "8", "--max-length", "48", "--epochs-finetune", "1"),
+        *("--epochs-soft", "0.5", "--epochs-hard", "0.5", "--epochs-exits", "1", "--final-thresholds", "1.0"),
+        *("--lambdas", "0.5", "--search-epochs-soft", "0.25", "--search-epochs-hard", "0.25", "--no-progress"),
+    ]
+    assert main(argv) == 0
+    config = TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()))
+    plain = load_data(dataclasses.replace(config, dev_from_train=0))
+    carved = load_data(config)
+    assert len(carved.train["labels"]) == len(plain.train["labels"]) - 12
+    assert len(carved.dev["labels"]) == len(plain.dev["labels"]) + 12
+    out_file = tmp_path / "eval.json"
+    eval_argv = ["eval", "--run-dir", str(run), "--latency", "none", "--reliability-splits", "0"]
+    code, _ = run_main([*eval_argv, "--taus", "0.5", "--scales", "1.0", "--json", str(out_file)], capsys)
+    assert code == 0
+    selection = json.loads(out_file.read_text())["provenance"]["selection_details"]
+    assert selection["examples"] == len(carved.dev["labels"])
+
+
 def test_predict_labels_every_text_with_its_exit_layer(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -62,6 +62,22 @@ def test_subset_refuses_a_negative_size(bbc_news: TextDataset) -> None:
         bbc_news.subset(dev=-1)
 
 
+def test_dev_from_train_moves_the_last_training_examples_to_the_end_of_dev(bbc_news: TextDataset) -> None:
+    moved = bbc_news.with_dev_from_train(50)
+    assert moved.train == bbc_news.train[:-50]
+    assert moved.dev == [*bbc_news.dev, *bbc_news.train[-50:]]
+    assert moved.test == bbc_news.test
+    assert bbc_news.with_dev_from_train(0) is bbc_news
+
+
+@pytest.mark.parametrize("count", [-1, 10**6, 2.0, True])
+def test_dev_from_train_refuses_a_count_that_would_empty_train_or_is_not_an_integer(
+    bbc_news: TextDataset, count: object
+) -> None:
+    with pytest.raises(ValueError, match="dev_from_train must be an integer"):
+        bbc_news.with_dev_from_train(count)
+
+
 def test_split_names_a_split_or_refuses(bbc_news: TextDataset) -> None:
     assert bbc_news.split("dev") is bbc_news.dev
     with pytest.raises(ValueError, match="unknown split 'validation'"):

@@ -85,6 +85,21 @@ class TextDataset:
             raise ValueError(f"unknown split {name!r}: choose one of {', '.join(SPLITS)}")
         return getattr(self, name)
 
+    def with_dev_from_train(self, count: int) -> TextDataset:
+        """A copy whose last ``count`` training examples join the end of dev (test untouched; 0: the same splits).
+
+        A larger dev split makes epoch choice, the pruning search and ``mp eval``'s selection less noisy; the
+        training examples left stay a prefix of the train split.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count < len(self.train):
+            raise ValueError(
+                f"dev_from_train must be an integer from 0 to {len(self.train) - 1} (the train split holds "
+                f"{len(self.train)} examples), got {count!r}"
+            )
+        if count == 0:
+            return self
+        return replace(self, train=self.train[:-count], dev=[*self.dev, *self.train[-count:]])
+
     def subset(self, train: int | None = None, dev: int | None = None, test: int | None = None) -> TextDataset:
         """A smaller copy for quick runs: the first ``train``/``dev``/``test`` examples of each split.
 

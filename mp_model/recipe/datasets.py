@@ -119,19 +119,26 @@ def _relabelled(dataset: TextDataset, labels: Sequence[str]) -> TextDataset:
 
 
 def load_dataset(
-    name_or_path: str | os.PathLike[str], seed: int = 0, *, labels: Sequence[str] | None = None
+    name_or_path: str | os.PathLike[str],
+    seed: int = 0,
+    *,
+    labels: Sequence[str] | None = None,
+    dev_from_train: int = 0,
 ) -> TextDataset:
     """A built-in dataset by name (one of ``DATASETS``) or a user's file by path (see ``load_file``).
 
     With ``labels`` (a trained model's class names in id order) the dataset's labels are matched to them by name
-    (a file's also by id, see ``load_file``), and a label the model does not know is an error.
+    (a file's also by id, see ``load_file``), and a label the model does not know is an error. ``dev_from_train``
+    moves that many training examples into dev (``TextDataset.with_dev_from_train``; a run's ``TrainConfig`` field
+    of that name, which ``mp eval`` applies too).
     """
     if name_or_path in DATASETS:
         dataset = load_rotten_tomatoes(seed) if name_or_path == "rotten_tomatoes" else load_bbc_news(seed)
-        return dataset if labels is None else _relabelled(dataset, labels)
+        dataset = dataset if labels is None else _relabelled(dataset, labels)
+        return dataset.with_dev_from_train(dev_from_train)
     path = Path(name_or_path)
     if path.is_file():
-        return load_file(path, seed=seed, labels=labels)
+        return load_file(path, seed=seed, labels=labels).with_dev_from_train(dev_from_train)
     reason = "is a directory" if path.is_dir() else "is not a built-in dataset nor an existing file"
     raise ValueError(
         f"unknown dataset {str(name_or_path)!r} ({reason}): choose one of {', '.join(DATASETS)}, "

@@ -119,7 +119,10 @@ def run_eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     dense, final, tokenizer, saved = load_run(run_dir, args.device)
     dataset = load_dataset(
-        args.dataset or saved.get("dataset", "rotten_tomatoes"), seed=saved.get("seed", 0), labels=model_labels(final)
+        args.dataset or saved.get("dataset", "rotten_tomatoes"),
+        seed=saved.get("seed", 0),
+        labels=model_labels(final),
+        dev_from_train=saved.get("dev_from_train", 0) if args.dataset in (None, saved.get("dataset")) else 0,
     )
     max_length = args.max_length if args.max_length is not None else saved.get("max_length", 128)
     check_max_length(max_length, tokenizer, limit=final.config.max_position_embeddings)

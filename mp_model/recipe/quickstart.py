@@ -168,7 +168,7 @@ def run_evaluation(config: TrainConfig, size: Size, eval_examples: int | None, o
         dense,
         final,
         tokenizer,
-        load_dataset(config.dataset, seed=config.seed),
+        load_dataset(config.dataset, seed=config.seed, dev_from_train=config.dev_from_train),
         max_length=config.max_length,
         size=eval_examples,
         max_drop=MAX_DROP,

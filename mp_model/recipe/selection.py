@@ -267,6 +267,7 @@ def select_and_report(
     )
     rule = "point estimate" if confidence is None else f"paired bootstrap, {RESAMPLES} resamples, confidence"
     selection: dict[str, Any] = {"max_drop": max_drop, "confidence": confidence, "rule": rule, "on": select_split}
+    selection["examples"] = len(pick["labels"])
     if reliability_splits > 0:
         selection["reliability"] = {
             name: selection_reliability(picked_records, records, max_drop, confidence=c, splits=reliability_splits)

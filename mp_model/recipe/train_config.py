@@ -63,6 +63,13 @@ class TrainConfig:
     dev_size: int | None = field(
         default=None, metadata={"help": "first N dev examples used in training ('all', the default: every one)"}
     )
+    dev_from_train: int = field(
+        default=0,
+        metadata={
+            "help": "move the last N training examples into dev: a larger dev split for epoch choice, the search "
+            "and mp eval's selection (test untouched)"
+        },
+    )
     lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate of the weights (stages 1-3)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases, LayerNorms)"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of each stage's steps of linear warm-up"})
@@ -112,6 +119,7 @@ class TrainConfig:
         check_max_length(self.max_length)
         check_int("batch_size", self.batch_size)
         check_int("eval_batch_size", self.eval_batch_size)
+        check_int("dev_from_train", self.dev_from_train, 0)
         for name in ("train_size", "exit_train_size", "dev_size"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 0 if name == "exit_train_size" else 1)

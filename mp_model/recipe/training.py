@@ -106,7 +106,7 @@ def load_data(config: TrainConfig) -> Data:
     """
     from transformers import AutoTokenizer
 
-    full = load_dataset(config.dataset, seed=config.seed)
+    full = load_dataset(config.dataset, seed=config.seed, dev_from_train=config.dev_from_train)
     dataset = full.subset(train=config.train_size, dev=config.dev_size)
     if not dataset.train or not dataset.dev:
         raise ValueError(f"{dataset.name}: training needs non-empty train and dev splits")
