@@ -350,9 +350,9 @@ def test_fit_ends_with_the_weights_of_its_best_dev_evaluation(root: Path) -> Non
     scores = iter([0.6, 0.9, 0.9, 0.7])
     snapshots: list[dict[str, torch.Tensor]] = []
 
-    def evaluate() -> float:
+    def evaluate() -> dict[str, float]:
         snapshots.append({key: value.clone() for key, value in model.state_dict().items()})
-        return next(scores)
+        return {"dev_accuracy": next(scores)}
 
     stage = StageSpec(1, "finetune", 4, "none", "ce")
     metrics = fit(model, stage, data.train, config, seed=0, progress=False, evaluate=evaluate)

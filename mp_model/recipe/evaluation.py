@@ -197,11 +197,12 @@ def simulate(collected: Collected, tau: float | None) -> tuple[torch.Tensor, tor
     return predictions, exit_layer, flops
 
 
-def summarize(collected: Collected, *, tau: float | None, early_exit: bool) -> dict[str, Any]:
+def summarize(collected: Collected, *, tau: float | None, early_exit: bool, outcome: bool = False) -> dict[str, Any]:
     """Accuracy, mean GFLOPs, mean exit layer, kept-token ratio and per-bucket numbers of one setting.
 
     ``kept_ratio`` is the feed-forward token-layers executed over the dense model's (``L * n`` per example),
-    averaged over examples: it falls with both pruning and exiting.
+    averaged over examples: it falls with both pruning and exiting. With ``outcome``, also ``outcome``:
+    ``{"correct": (N,) bool, "flops": (N,) float64}`` per example.
     """
     predictions, exit_layer, flops = simulate(collected, tau if early_exit else None)
     config = collected.config
@@ -224,7 +225,7 @@ def summarize(collected: Collected, *, tau: float | None, early_exit: bool) -> d
             "dense_gflops": float(dense[rows].mean()) / 1e9,
             "flops_speedup": float(dense[rows].mean()) / 1e9 / gflops,
         }
-    return {
+    summary = {
         "examples": int(collected.lengths.numel()),
         "accuracy": float(correct.mean()),
         "gflops": float(flops.double().mean()) / 1e9,
@@ -233,6 +234,9 @@ def summarize(collected: Collected, *, tau: float | None, early_exit: bool) -> d
         "kept_ratio": float(token_layers.mean()),
         "buckets": buckets,
     }
+    if outcome:
+        summary["outcome"] = {"correct": correct.bool(), "flops": flops.double()}
+    return summary
 
 
 def settings(
@@ -350,11 +354,7 @@ def evaluate(
 
     records = []
     for method, tau, scale in sweep:
-        collected = pass_for(method, scale)
-        summary = summarize(collected, tau=tau, early_exit=tau is not None)
-        if keep_outcomes:
-            predictions, _, flops = simulate(collected, tau)
-            summary["outcome"] = {"correct": predictions == collected.labels, "flops": flops.double()}
+        summary = summarize(pass_for(method, scale), tau=tau, early_exit=tau is not None, outcome=keep_outcomes)
         records.append(
             {
                 "dataset": dataset,

@@ -150,15 +150,16 @@ def fit(
     partial: Path | None = None,
     callback: Callback | None = None,
     progress: bool = True,
-    evaluate: Callable[[], float] | None = None,
+    evaluate: Callable[[], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place through stage 1, 2 or 3; returns the last epoch's running loss, accuracy, kept ratio.
 
-    With ``evaluate`` (the model's dev accuracy), it is called after every epoch (and after the last step) and the
-    model ends with the weights of the best call (ties: the later, more trained); ``epoch_dev_accuracy`` and
-    ``best_epoch`` join the metrics. With ``partial`` (a folder), a checkpoint is written there every
-    ``config.checkpoint_every`` steps (the best weights so far with it) and one found there for the same stage is
-    resumed; ``callback("checkpoint", info)`` follows each write.
+    With ``evaluate`` (the model's dev metrics, ``dev_accuracy`` among them), it is called after every epoch (and
+    after the last step) and the model ends with the weights of the most accurate call (ties: the later, more
+    trained); that call's metrics, ``epoch_dev_accuracy`` and ``best_epoch`` join the returned metrics. With
+    ``partial`` (a folder), a checkpoint is written there every ``config.checkpoint_every`` steps (the best weights
+    so far with it) and one found there for the same stage is resumed; ``callback("checkpoint", info)`` follows
+    each write.
     """
     device = torch.device(config.device)
     model.to(device)
@@ -174,7 +175,7 @@ def fit(
     )
     torch.manual_seed(seed)
     step = 0
-    # The best evaluated weights so far: {"accuracy", "epoch", "model"} (a CPU copy), and every evaluation.
+    # The best evaluation so far: {"metrics", "epoch", "model"} (a CPU copy), and every evaluation's accuracy.
     best: dict[str, Any] | None = None
     evaluations: list[float] = []
     checkpoint = partial / CHECKPOINT_FILE if partial is not None else None
@@ -236,12 +237,12 @@ def fit(
                 kept=f"{totals['kept'] / totals['batches']:.3f}",
             )
             if evaluate is not None and (step % per_epoch == 0 or step == total):
-                accuracy = float(evaluate())
+                measured = dict(evaluate())
                 model.train()
-                evaluations.append(accuracy)
-                if best is None or accuracy >= best["accuracy"]:
+                evaluations.append(float(measured["dev_accuracy"]))
+                if best is None or evaluations[-1] >= best["metrics"]["dev_accuracy"]:
                     weights = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
-                    best = {"accuracy": accuracy, "epoch": len(evaluations), "model": weights}
+                    best = {"metrics": measured, "epoch": len(evaluations), "model": weights}
             if checkpoint is not None and config.checkpoint_every > 0 and step % config.checkpoint_every == 0:
                 if step < total:
                     partial.mkdir(parents=True, exist_ok=True)
@@ -278,7 +279,7 @@ def fit(
     if best is not None:
         if best["epoch"] < len(evaluations):
             model.load_state_dict(best["model"])
-        metrics |= {"epoch_dev_accuracy": evaluations, "best_epoch": best["epoch"]}
+        metrics |= best["metrics"] | {"epoch_dev_accuracy": evaluations, "best_epoch": best["epoch"]}
     return metrics
 
 

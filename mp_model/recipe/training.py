@@ -281,8 +281,10 @@ class Trainer:
         return self.state
 
     def _fit(self, model: MagicPyramidForSequenceClassification, stage: StageSpec) -> dict[str, Any]:
-        """Train one stage, keeping its epoch of best dev accuracy (pruned after stage 1)."""
-        return fit(
+        """Train one stage, keeping its epoch of best dev accuracy (pruned after stage 1); the metrics include
+        that epoch's ``dev_metrics`` (measured here if the stage ran no step)."""
+        prune = stage.number > 1
+        metrics = fit(
             model,
             stage,
             self.data.train,
@@ -291,8 +293,11 @@ class Trainer:
             partial=self.directory / PARTIAL_DIR,
             callback=self.callback,
             progress=self.progress,
-            evaluate=lambda: dev_metrics(model, self.data.dev, self.config, prune=stage.number > 1)["dev_accuracy"],
+            evaluate=lambda: dev_metrics(model, self.data.dev, self.config, prune=prune),
         )
+        if "dev_accuracy" not in metrics:
+            metrics |= dev_metrics(model, self.data.dev, self.config, prune=prune)
+        return metrics
 
     def _stage1(self) -> None:
         dataset = self.data.dataset
@@ -305,7 +310,6 @@ class Trainer:
         )
         model.set_thresholds([0.0] * model.config.num_hidden_layers)
         metrics = self._fit(model, StageSpec(1, "finetune", self.config.epochs_finetune, "none", "ce"))
-        metrics |= dev_metrics(model, self.data.dev, self.config, prune=False)
         self._finish(1, model, metrics)
 
     def search(self) -> dict[str, float]:
@@ -346,13 +350,11 @@ class Trainer:
         metrics = self._fit(model, stage)
         metrics["thresholds"] = model.thresholds.detach().cpu().tolist()
         metrics |= {"final_threshold": selected["final_threshold"], "lambda": selected["lambda"]}
-        metrics |= dev_metrics(model, self.data.dev, self.config, prune=True)
         self._finish(2, model, metrics)
 
     def _stage3(self) -> None:
         model = self._load(self.stage_dir(2))
         metrics = self._fit(model, StageSpec(3, "hard", self.config.epochs_hard, "hard", "ce"))
-        metrics |= dev_metrics(model, self.data.dev, self.config, prune=True)
         self._finish(3, model, metrics)
 
     def _stage4(self) -> None:
