@@ -270,7 +270,7 @@ def table(records: list[dict[str, Any]]) -> str:
     lines = [
         f"{'model':9} {'bucket':6} {'b':>3} {'t':>2} {'method':14} {'ms':>9} {'ex/s':>9} {'x time':>6} {'x comp':>6} "
         f"{'x ort':>6} "
-        f"{'x flops':>7} {'ratio':>5} {'comp s':>6}  split (attn imp cmp exit ff qkv+other, % of profiled time)"
+        f"{'x flops':>7} {'ratio':>5} {'comp s':>6}  split (attn imp cmp exit ff ort qkv+other, % of profiled time)"
     ]
     for r in records:
         share = r.get("stage_share")
@@ -352,6 +352,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch CPU threads and ONNX Runtime's intra-op threads; comma-separated to sweep them (records get "
         "'threads'). Default 1: on a shared machine several threads mostly time their waits for each other; 0: "
         "torch's choice (every core)",
+    )
+    parser.add_argument(
+        "--packed-engine",
+        choices=("auto", "packed", "ort"),
+        default="auto",
+        help="engine of the packed methods: packed (PyTorch operators), ort (a lone sequence's layers through "
+        "ONNX Runtime, CPU float32) or auto (ort where it runs, packed on CUDA)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/e2e-<device>.json)")

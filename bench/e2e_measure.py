@@ -7,8 +7,9 @@ Methods (one set of weights per model):
 * ``hf_compiled``: the sdpa twin under ``torch.compile(mode="reduce-overhead", dynamic=False)`` (CUDA graphs on
   a GPU), on batches right-padded further to the widths of ``WIDTH_BUCKETS``, so that one graph serves each
   (batch size, width bucket); its compilation and graph capture run before the timed passes (``compile_s``).
-* ``dense``, ``ltp``, ``fastbert``, ``mp``: the packed path (``engine="packed"``) with the knobs of
-  ``PACKED_METHODS``.
+* ``dense``, ``ltp``, ``fastbert``, ``mp``: the packed path with the knobs of ``PACKED_METHODS``, on
+  ``Subject.packed_engine`` (``--packed-engine``: by default ``engine="ort"`` on a CPU where it runs, which runs a
+  lone sequence's layers through ONNX Runtime, else ``engine="packed"``).
 * ``graph_dense``, ``graph_ltp``, ``graph_fastbert``, ``graph_mp``: the same knobs on ``engine="graph"``
   (``mp_model/graph_engine.py``), whose CUDA graphs ``model.graph_engine.warm_up`` captures before the timed
   passes (``compile_s``, ``graph_stats``).
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 
 from bench.e2e_inputs import pad_to_buckets
-from bench.e2e_models import MethodUnavailable, Subject, build_model, engine_knobs
+from bench.e2e_models import MethodUnavailable, Subject, build_model, engine_knobs, packed_engine
 from bench.e2e_ort import ORT_METHOD, build_ort
 from bench.e2e_profile import importance_overhead, profile_ranges, stage_split
 from bench.e2e_schedule import Schedule, calibrate_thresholds
@@ -94,6 +95,7 @@ def make_subject(
     tau = model.config.exit_tau if args.tau is None else args.tau
     subject = Subject(name, path, model, {a: hf_twin(model, a) for a in ("eager", "sdpa")}, native, tau)
     subject.check_batch = calibration
+    subject.packed_engine = packed_engine(model, getattr(args, "packed_engine", "auto"))
     if native:
         subject.threshold_scale = args.threshold_scale
     else:
@@ -136,7 +138,9 @@ def runner(subject: Subject, method: str, backend: str | None) -> Callable[[Batc
         return lambda x: (
             hf(input_ids=x["input_ids"], attention_mask=x["attention_mask"], token_type_ids=x["token_type_ids"]).logits
         )
-    engine: dict[str, Any] = dict(engine_knobs(subject.model, "graph" if method in GRAPH_METHODS else "packed"))
+    engine: dict[str, Any] = dict(
+        engine_knobs(subject.model, "graph" if method in GRAPH_METHODS else subject.packed_engine)
+    )
     if method in GRAPH_METHODS and "validate" in inspect.signature(subject.model.forward).parameters:
         engine["validate"] = False  # the benchmark's masks are valid; checking them is a host read per call
     prune, early_exit = PACKED_METHODS[GRAPH_METHODS.get(method, method)]

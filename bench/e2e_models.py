@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mp_model import ort_layers
 from mp_model.config import MagicPyramidConfig
 from mp_model.modeling import MagicPyramidForSequenceClassification
 from mp_model.recipe.runs import FINAL_DIR
@@ -67,6 +68,7 @@ class Subject:
         check_batch: a padded batch of real texts (the calibration batch) on which baselines are checked.
         ort: the ONNX Runtime baselines (``bench.e2e_ort.OrtBaseline``) the ``ort`` method built, by intra-op
             thread count.
+        packed_engine: the ``engine`` the packed methods run (``"packed"`` or ``"ort"``, ``packed_engine``).
     """
 
     name: str
@@ -80,6 +82,7 @@ class Subject:
     calibration: dict[str, Any] = field(default_factory=dict)
     check_batch: dict[str, torch.Tensor] | None = None
     ort: dict[int, Any] = field(default_factory=dict)
+    packed_engine: str = "packed"
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready description for the results' metadata."""
@@ -97,6 +100,7 @@ class Subject:
             "schedule": self.schedule.to_dict() if self.schedule is not None else None,
             "calibration": self.calibration,
             "ort": {str(threads): baseline.describe() for threads, baseline in self.ort.items()} or None,
+            "packed_engine": self.packed_engine,
         }
 
 
@@ -157,6 +161,17 @@ def build_model(
         sizes = ", ".join(f"{key} {value}" for key, value in TINY_CONFIG.items())
         return MagicPyramidForSequenceClassification(config), f"tiny random BERT ({sizes}; torch.manual_seed(seed))"
     raise ValueError(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
+
+
+def packed_engine(model: MagicPyramidForSequenceClassification, choice: str) -> str:
+    """The engine of the packed methods for ``--packed-engine choice``: ``"auto"`` is the model's own choice off
+    CUDA (``"ort"`` where ``mp_model.ort_layers`` can run it, else ``"packed"``) and ``"packed"`` on CUDA, where the
+    model's default is the graph engine; ``"ort"`` where it cannot run raises ``MethodUnavailable``."""
+    device = next(model.parameters()).device
+    runs = ort_layers.supports(model, device)
+    if choice == "ort" and not runs:
+        raise MethodUnavailable("--packed-engine ort needs float32 on a CPU and onnx/onnxruntime installed")
+    return "ort" if choice == "ort" or (choice == "auto" and runs) else "packed"
 
 
 def engine_knobs(model: MagicPyramidForSequenceClassification, engine: str) -> dict[str, str]:

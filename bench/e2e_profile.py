@@ -3,7 +3,8 @@
 One profiled pass through a cell's batches (CPU time on CPU, the time of the kernels launched inside each range
 on CUDA) gives each range's time; ``stage_split`` groups them into ``STAGES``: attention, importance (the share of
 the attention range that computing token importance adds, from ``importance_overhead``), compaction (prune +
-drop), exit (sub-classifier + exit test), feed-forward, and qkv/other (the rest of the call). Graph replays hide
+drop), exit (sub-classifier + exit test), feed-forward, onnx_runtime (a lone sequence's layers in ONNX Runtime
+sessions, which the profiler does not split) and qkv/other (the rest of the call). Graph replays hide
 the ranges, so only the packed methods are split.
 """
 
@@ -19,7 +20,7 @@ from bench.timing import median_ms
 from mp_kernels import varlen_attention
 
 # Time split categories, in print order, and the profiler ranges (``mp.<name>``) of the model.
-STAGES = ("attention", "importance", "compaction", "exit", "feed_forward", "qkv_other")
+STAGES = ("attention", "importance", "compaction", "exit", "feed_forward", "onnx_runtime", "qkv_other")
 RANGES = (
     "qkv",
     "attention",
@@ -30,6 +31,7 @@ RANGES = (
     "exit_test",
     "drop",
     "classifier",
+    "ort_layers",
 )
 TOTAL_RANGE = "e2e.forward"
 
@@ -97,6 +99,7 @@ def stage_split(ranges: dict[str, float], importance_share: float) -> dict[str, 
         "compaction": ranges["prune"] + ranges["drop"],
         "exit": ranges["exit_head"] + ranges["exit_test"],
         "feed_forward": ranges["feed_forward"],
+        "onnx_runtime": ranges["ort_layers"],
     }
     split["qkv_other"] = max(0.0, ranges["total"] - sum(split.values()))
     return split

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import BertModel, BertPreTrainedModel
 
+from mp_kernels.dispatch import choose_backend
+from mp_model import ort_layers
 from mp_model.config import MagicPyramidConfig, check_thresholds
 from mp_model.exit_head import ExitClassifier
 from mp_model.graph_engine import GraphEngine
@@ -15,6 +18,8 @@ from mp_model.masked_training import masked_forward
 from mp_model.outputs import MagicPyramidOutput, MagicPyramidTrainingOutput
 from mp_model.packed_inference import packed_forward
 
+# A tensor or, on the CPU, its numpy view: ``_value_facts`` runs the same operations on either.
+Array = torch.Tensor | np.ndarray
 SCHEDULE_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
@@ -70,32 +75,21 @@ def _check_inputs(
             raise ValueError(f"exit_schedule is on {exit_schedule.device}, input_ids on {input_ids.device}")
     if not validate:
         return attention_mask, width, True
-    real = attention_mask != 0
-    lengths = real.sum(dim=1)
-    runs = real[:, 0].long() + (real[:, 1:] & ~real[:, :-1]).sum(dim=1)
-    types = token_type_ids if token_type_ids is not None else input_ids.new_zeros(1, 1)
-    schedule = exit_schedule if exit_schedule is not None else input_ids.new_zeros(1)
-    facts = [
-        ((attention_mask != 0) & (attention_mask != 1)).any(),
-        (lengths == 0).sum(),
-        lengths.max(),
-        (runs > 1).sum(),
-        input_ids.min(),
-        input_ids.max(),
-        types.min(),
-        types.max(),
-        schedule.min(),
-        (~real[:, 0]).any(),
-    ]
-    bad, empty_rows, longest, holed, ids_low, ids_high, types_low, types_high, schedule_low, left = torch.stack(
-        [fact.long() for fact in facts]
-    ).tolist()
+    values = (attention_mask, input_ids, token_type_ids, exit_schedule)
+    if input_ids.device.type == "cpu":  # numpy takes about a microsecond an operation on small arrays, torch several
+        facts = [int(fact) for fact in _value_facts(*(None if t is None else t.numpy() for t in values))]
+    else:  # one host read
+        facts = torch.stack([fact.long() for fact in _value_facts(*values)]).tolist()
+    bad, empty_rows, longest, holed, ids_low, ids_high, types_low, types_high, schedule_low, left = facts
     if bad:
         raise ValueError("attention_mask must hold only 0 and 1")
+    lengths = (attention_mask != 0).sum(dim=1)
     if empty_rows:
         empty = (lengths == 0).nonzero().flatten().tolist()
         raise ValueError(f"attention_mask rows {empty} hold no token (all padding)")
     if holed:
+        real = attention_mask != 0
+        runs = real[:, 0].long() + (real[:, 1:] & ~real[:, :-1]).sum(dim=1)
         rows = (runs > 1).nonzero().flatten().tolist()
         raise ValueError(
             f"attention_mask rows {rows} have padding between real tokens: each row needs one contiguous run of "
@@ -110,6 +104,29 @@ def _check_inputs(
     if schedule_low < 0:
         raise ValueError(f"exit_schedule must be non-negative, got {schedule_low}")
     return attention_mask, int(longest), bool(left)
+
+
+def _value_facts(mask: Array, ids: Array, types: Array | None, schedule: Array | None) -> list[Array]:
+    """What ``_check_inputs`` reads from the values, as 0-d torch tensors or numpy scalars (the same operations
+    serve both): non-0/1 mask entries, rows without a token, the longest row, rows with more than one run of
+    ones, the ranges of the token ids, token type ids and schedule, and whether a row starts with padding."""
+    real = mask != 0
+    lengths = real.sum(1)
+    runs = real[:, 0] * 1 + (real[:, 1:] & ~real[:, :-1]).sum(1)
+    types = ids[:1, :1] * 0 if types is None else types
+    schedule = ids[0, :1] * 0 if schedule is None else schedule
+    return [
+        ((mask != 0) & (mask != 1)).any(),
+        (lengths == 0).sum(),
+        lengths.max(),
+        (runs > 1).sum(),
+        ids.min(),
+        ids.max(),
+        types.min(),
+        types.max(),
+        schedule.min(),
+        (~real[:, 0]).any(),
+    ]
 
 
 def _shifts(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -247,7 +264,11 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
                 which each example exits, replacing the entropy test (benchmarks replay a measured exit pattern
                 with it); values must be non-negative; 0 and values ``>= num_hidden_layers`` never exit.
             engine: ``"graph"`` (the sync-free engine, CUDA graphs per bucket on CUDA), ``"packed"`` (host-sized
-                packed path) or ``None``: graph on CUDA, packed elsewhere. Both give the same outputs.
+                packed path, PyTorch operators), ``"ort"`` (the packed path with a lone sequence's layers run by
+                ONNX Runtime, ``mp_model.ort_layers``: float32 on a CPU, needs ``onnx`` and ``onnxruntime``; the
+                other sequences' layers use the PyTorch kernels) or ``None``: graph on CUDA, ``"ort"`` where it can
+                run and the kernels resolve to PyTorch, else packed. All give the same outputs (to float32
+                rounding).
             validate: read the inputs' values to check them (the mask's 0/1 values and contiguous runs, the
                 token and type id ranges, the schedule's sign: one host read on a GPU); ``False`` skips it on hot
                 paths whose inputs are known to be valid.
@@ -269,8 +290,16 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         attention_mask, max_length, left_padded = _check_inputs(
             config, input_ids, attention_mask, token_type_ids, validate, exit_schedule
         )
-        if engine not in (None, "graph", "packed"):
-            raise ValueError(f"engine must be 'graph', 'packed' or None, got {engine!r}")
+        if engine not in (None, "graph", "packed", "ort"):
+            raise ValueError(f"engine must be 'graph', 'packed', 'ort' or None, got {engine!r}")
+        ort_runs = engine in (None, "ort") and ort_layers.supports(self, input_ids.device)
+        if engine == "ort" and (not ort_runs or backend == "triton"):
+            raise ValueError(
+                "engine='ort' runs float32 models on a CPU with a GELU activation, with the PyTorch kernels beside "
+                "it (backend None or 'torch'), and needs onnx and onnxruntime (pip install onnx onnxruntime)"
+            )
+        if engine is None and ort_runs:  # the default engine uses ORT where the PyTorch kernels would run
+            ort_runs = choose_backend(backend, input_ids.device) == "torch"
         if left_padded:  # known from validation; without it, moving right-padded rows by 0 is the identity
             shifts = _shifts(attention_mask)
             input_ids, attention_mask, token_type_ids = (
@@ -295,6 +324,7 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
             token_type_ids,
             max_length=max_length,
             return_exit_logits=return_exit_logits,
+            use_ort=ort_runs,
             **knobs,
         )
 

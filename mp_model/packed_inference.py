@@ -13,6 +13,11 @@ sequence has the same length (always at batch 1), attention runs on views of the
 varlen bucketing and a single sequence is pruned with one comparison; layers whose threshold is 0 compute no
 importance; exits are counted once per layer on the host, and no compaction runs when no sequence exits;
 profiler ranges are opened only while a profiler runs.
+
+With ``use_ort`` (the model's default on a CPU in float32), a lone sequence leaves this loop for ONNX Runtime
+(``mp_model.lone_sequence``): at batch size 1 from its token ids, else once every other sequence has exited. That
+is where the per-operator overhead above dominated; batches of several sequences keep the loop, whose time is in
+GEMMs over many rows.
 """
 
 from __future__ import annotations
@@ -29,10 +34,13 @@ from mp_kernels import drop_sequences, entropy_exit, prune_tokens, scatter_rows,
 from mp_kernels.dispatch import choose_backend
 from mp_model.exit_head import exit_logits
 from mp_model.flops import flops_from_outputs
-from mp_model.fused_weights import packed_path_weights
+from mp_model.fused_weights import LayerProjections, packed_path_weights
+from mp_model.lone_sequence import run_lone_sequence
+from mp_model.ort_layers import OrtLayers, ort_layers
 from mp_model.outputs import MagicPyramidOutput
 
 if TYPE_CHECKING:
+    from mp_model.config import MagicPyramidConfig
     from mp_model.modeling import MagicPyramidForSequenceClassification
 
 
@@ -82,6 +90,106 @@ def per_token_threshold(threshold: float, length: int, dtype: torch.dtype) -> fl
     return float(np.float32(threshold) / np.float32(length))
 
 
+def _torch_layer(
+    layer: torch.nn.Module,
+    weights: LayerProjections,
+    hidden: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    uniform: int | None,
+    alive: int,
+    threshold: float,
+    heads: int,
+    backend: str | None,
+    inline: bool,
+) -> tuple[torch.Tensor, torch.Tensor, int, int | None]:
+    """One encoder layer with PyTorch operators (and ``mp_kernels``) on the packed ``hidden`` ``(tokens, d)`` of
+    ``alive`` sequences of ``heads`` attention heads; prunes where ``threshold > 0``; ``inline``: the PyTorch
+    kernels in float32 or float64, where the single-length shortcuts apply.
+
+    ``uniform`` is the length every sequence has, or None; ``cu_seqlens`` stays exact except after a lone
+    sequence's inline pruning (nothing reads it afterwards). Returns ``(hidden, cu_seqlens, max_seqlen, uniform)``.
+    """
+    tokens = hidden.shape[0]
+    prunes = threshold > 0.0
+    with _stage("mp.qkv"):
+        qkv = weights.qkv(hidden)
+    with _stage("mp.attention"):
+        if inline and uniform is not None:
+            scale = (hidden.shape[1] // heads) ** -0.5
+            context, importance = uniform_attention(qkv, alive, heads, scale, prunes)
+        else:
+            q, k, v = qkv.view(tokens, 3, heads, -1).unbind(1)
+            result = varlen_attention(
+                q, k, v, cu_seqlens, max_seqlen, return_importance=prunes, backend=backend, validate=False
+            )
+            context, importance = result if prunes else (result, None)
+    with _stage("mp.attention_output"):
+        norm = layer.attention.output.LayerNorm
+        attended = weights.attention_output(context.reshape(tokens, -1), residual=hidden)
+        attended = F.layer_norm(attended, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    if prunes:
+        with _stage("mp.prune"):
+            if inline and alive == 1:
+                keep = importance > per_token_threshold(threshold, tokens, importance.dtype)
+                keep[0] = True
+                attended = attended.index_select(0, keep.nonzero().squeeze(1))
+                uniform = max_seqlen = attended.shape[0]
+            else:
+                uniform = None
+                per_sequence = threshold / (cu_seqlens[1:] - cu_seqlens[:-1]).to(importance.dtype)
+                attended, cu_seqlens, max_seqlen, _ = prune_tokens(
+                    attended, importance, cu_seqlens, per_sequence, keep_first=True, backend=backend, validate=False
+                )
+                if alive == 1:
+                    uniform = attended.shape[0]
+    with _stage("mp.feed_forward"):
+        norm = layer.output.LayerNorm
+        hidden = weights.output(weights.intermediate(attended), residual=attended)
+        hidden = F.layer_norm(hidden, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return hidden, cu_seqlens, max_seqlen, uniform
+
+
+def _schedule_of(exit_schedule: torch.Tensor | None, row: int) -> int | None:
+    """Row ``row``'s exit layer in the replayed schedule (None without one)."""
+    return None if exit_schedule is None else int(exit_schedule[row])
+
+
+def _run_lone(
+    start: int,
+    inputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    exit_after: int | None,
+    row: int,
+    logits: torch.Tensor,
+    exit_layer: torch.Tensor,
+    kept_tokens: torch.Tensor,
+    every_exit_logits: torch.Tensor | None,
+    *,
+    runner: OrtLayers,
+    thresholds: list[float],
+    tau: float,
+    early_exit: bool,
+    return_exit_logits: bool,
+) -> None:
+    """Layers ``start`` onwards of the lone sequence of batch row ``row`` (``run_lone_sequence``), its results
+    written to that row of the outputs."""
+    result = run_lone_sequence(
+        runner,
+        start,
+        inputs,
+        thresholds,
+        tau=tau,
+        early_exit=early_exit,
+        exit_after=exit_after,
+        return_exit_logits=return_exit_logits,
+    )
+    logits[row] = result.logits[0]
+    exit_layer[row] = result.exit_layer
+    kept_tokens[row, start : start + len(result.counts)] = torch.tensor(result.counts)
+    if every_exit_logits is not None and result.exit_logits:
+        every_exit_logits[row, start : start + len(result.exit_logits)] = torch.cat(result.exit_logits)
+
+
 @torch.no_grad()
 def packed_forward(
     model: MagicPyramidForSequenceClassification,
@@ -97,6 +205,7 @@ def packed_forward(
     backend: str | None = None,
     exit_schedule: torch.Tensor | None = None,
     return_exit_logits: bool = False,
+    use_ort: bool = False,
 ) -> MagicPyramidOutput:
     """Run validated inputs ``(batch, seq)`` through the model; see ``MagicPyramidForSequenceClassification``.
 
@@ -105,24 +214,51 @@ def packed_forward(
     exits after layer ``exit_schedule[i]`` (its sub-classifier still runs), for benchmarks that replay a measured
     exit pattern. ``return_exit_logits`` runs every sub-classifier on every example still present and returns
     their logits (``MagicPyramidOutput.exit_logits``), for evaluations that simulate early exit offline.
+    ``use_ort`` (float32 on a CPU, ``mp_model.ort_layers.supports``) runs a lone sequence through ONNX Runtime
+    (``mp_model.lone_sequence``): at batch size 1 from its token ids on, else from the layer where the other
+    sequences had all exited.
 
     While a profiler runs, each stage runs inside a ``torch.profiler.record_function`` range named ``mp.<stage>``
     (``qkv``, ``attention``, ``attention_output``, ``prune``, ``feed_forward``, ``exit_head``, ``exit_test``,
-    ``drop``, ``classifier``), so a profiler run splits the time per stage.
+    ``drop``, ``classifier``, and ``ort_layers`` for a lone sequence's ONNX Runtime sessions), so a profiler run
+    splits the time per stage.
     """
     config = model.config
     bert = model.bert
     batch, width = input_ids.shape
     layers = config.num_hidden_layers
     heads = config.num_attention_heads
-    scale = (config.hidden_size // heads) ** -0.5
     device = input_ids.device
-    projections = packed_path_weights(model).layers
 
+    dtype = bert.embeddings.word_embeddings.weight.dtype
+    lengths = attention_mask.sum(dim=1, dtype=torch.int32)
+    logits = torch.empty(batch, config.num_labels, dtype=dtype, device=device)
+    exit_layer = torch.full((batch,), layers, dtype=torch.int64, device=device)
+    kept_tokens = torch.zeros(batch, layers, dtype=torch.int64, device=device)
+    thresholds = (model.thresholds.detach().double() * threshold_scale).tolist() if prune else [0.0] * layers
+    every_exit_logits = None
+    if return_exit_logits:
+        shape = (batch, max(layers - 1, 0), config.num_labels)
+        every_exit_logits = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    inline = choose_backend(backend, device) == "torch" and dtype in (torch.float32, torch.float64)
+    # A lone sequence (here at batch size 1, or once the others exited) runs through ONNX Runtime sessions.
+    runner = ort_layers(model) if use_ort else None
+    lone = dict(
+        tau=tau, early_exit=early_exit, return_exit_logits=return_exit_logits, thresholds=thresholds, runner=runner
+    )
+    outputs = (logits, exit_layer, kept_tokens, every_exit_logits)
+    if runner is not None and batch == 1:
+        n = int(lengths[0])  # the row's real tokens come first (the caller moved any left padding right)
+        ids = input_ids[0, :n].long()
+        types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids[0, :n].long()
+        with _stage("mp.ort_layers"):
+            _run_lone(0, (ids, types), _schedule_of(exit_schedule, 0), 0, *outputs, **lone)
+        return _output(config, outputs, lengths, early_exit)
+
+    projections = packed_path_weights(model).layers
     embeddings = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
     rows = attention_mask.reshape(-1).nonzero().squeeze(1)
     hidden = embeddings.reshape(batch * width, -1).index_select(0, rows)
-    lengths = attention_mask.sum(dim=1, dtype=torch.int32)
     cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     max_seqlen = max_length
     seq_index = torch.arange(batch, device=device)
@@ -131,66 +267,27 @@ def packed_forward(
     # machinery), else None. ``cu_seqlens`` stays exact except after a lone sequence's inline pruning, after which
     # nothing reads it.
     uniform = hidden.shape[0] // batch if hidden.shape[0] == batch * max_length else None
-    inline = choose_backend(backend, device) == "torch" and hidden.dtype in (torch.float32, torch.float64)
-
-    logits = torch.empty(batch, config.num_labels, dtype=hidden.dtype, device=device)
-    exit_layer = torch.full((batch,), layers, dtype=torch.int64, device=device)
-    kept_tokens = torch.zeros(batch, layers, dtype=torch.int64, device=device)
-    thresholds = (model.thresholds.detach().double() * threshold_scale).tolist() if prune else [0.0] * layers
-    every_exit_logits = None
-    if return_exit_logits:
-        shape = (batch, max(layers - 1, 0), config.num_labels)
-        every_exit_logits = torch.full(shape, float("nan"), dtype=hidden.dtype, device=device)
+    with_heads = early_exit or return_exit_logits
 
     for index, layer in enumerate(bert.encoder.layer):
-        weights = projections[index]
-        tokens = hidden.shape[0]
-        prunes = thresholds[index] > 0.0
-        with _stage("mp.qkv"):
-            qkv = weights.qkv(hidden)
-        with _stage("mp.attention"):
-            if inline and uniform is not None:
-                context, importance = uniform_attention(qkv, alive, heads, scale, prunes)
-            else:
-                q, k, v = qkv.view(tokens, 3, heads, -1).unbind(1)
-                result = varlen_attention(
-                    q, k, v, cu_seqlens, max_seqlen, return_importance=prunes, backend=backend, validate=False
-                )
-                context, importance = result if prunes else (result, None)
-        with _stage("mp.attention_output"):
-            norm = layer.attention.output.LayerNorm
-            attended = weights.attention_output(context.reshape(tokens, -1), residual=hidden)
-            attended = F.layer_norm(attended, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        if prunes:
-            with _stage("mp.prune"):
-                if inline and alive == 1:
-                    keep = importance > per_token_threshold(thresholds[index], tokens, importance.dtype)
-                    keep[0] = True
-                    attended = attended.index_select(0, keep.nonzero().squeeze(1))
-                    uniform = max_seqlen = attended.shape[0]
-                else:
-                    uniform = None
-                    per_sequence = thresholds[index] / (cu_seqlens[1:] - cu_seqlens[:-1]).to(importance.dtype)
-                    attended, cu_seqlens, max_seqlen, _ = prune_tokens(
-                        attended, importance, cu_seqlens, per_sequence, keep_first=True, backend=backend, validate=False
-                    )
-                    if alive == 1:
-                        uniform = attended.shape[0]
-        with _stage("mp.feed_forward"):
-            norm = layer.output.LayerNorm
-            hidden = weights.output(weights.intermediate(attended), residual=attended)
-            hidden = F.layer_norm(hidden, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        if runner is not None and alive == 1:
+            row = int(seq_index[0])
+            with _stage("mp.ort_layers"):
+                _run_lone(index, hidden, _schedule_of(exit_schedule, row), row, *outputs, **lone)
+            break
+        state = (hidden, cu_seqlens, max_seqlen, uniform, alive, thresholds[index], heads, backend, inline)
+        hidden, cu_seqlens, max_seqlen, uniform = _torch_layer(layer, projections[index], *state)
         kept_tokens[seq_index, index] = uniform if uniform is not None else (cu_seqlens[1:] - cu_seqlens[:-1]).long()
 
-        if index < layers - 1 and (early_exit or return_exit_logits):
+        if index < layers - 1 and with_heads:
             with _stage("mp.exit_head"):
                 if uniform is not None:
                     pooled = hidden.view(alive, uniform, -1).mean(dim=1)
                 else:
                     pooled = segment_mean(hidden, cu_seqlens)
                 head_logits = exit_logits(model.exits[index], pooled)
-            if every_exit_logits is not None:
-                every_exit_logits[seq_index, index] = head_logits
+        if index < layers - 1 and every_exit_logits is not None:
+            every_exit_logits[seq_index, index] = head_logits
         if early_exit and index < layers - 1:
             with _stage("mp.exit_test"):
                 if exit_schedule is None:
@@ -216,9 +313,19 @@ def packed_forward(
                         uniform = hidden.shape[0]
     else:
         with _stage("mp.classifier"):
-            first_tokens = hidden[::uniform] if uniform is not None else hidden.index_select(0, cu_seqlens[:-1].long())
-            pooled = bert.pooler.activation(bert.pooler.dense(first_tokens))
-            logits.index_copy_(0, seq_index, model.classifier(pooled))
+            first = hidden[::uniform] if uniform is not None else hidden.index_select(0, cu_seqlens[:-1].long())
+            logits.index_copy_(0, seq_index, model.classifier(bert.pooler.activation(bert.pooler.dense(first))))
+    return _output(config, outputs, lengths, early_exit)
+
+
+def _output(
+    config: MagicPyramidConfig,
+    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+    lengths: torch.Tensor,
+    early_exit: bool,
+) -> MagicPyramidOutput:
+    """The model's output from ``(logits, exit_layer, kept_tokens, every_exit_logits)``, with each example's FLOPs."""
+    logits, exit_layer, kept_tokens, every_exit_logits = outputs
     flops = flops_from_outputs(config, lengths, kept_tokens, exit_layer, early_exit=early_exit)
     return MagicPyramidOutput(
         logits=logits, exit_layer=exit_layer, kept_tokens=kept_tokens, flops=flops, exit_logits=every_exit_logits

@@ -49,15 +49,19 @@ def test_e2e_benchmark_writes_every_cell_with_consistent_numbers(toy_model: Path
             continue
         assert set(r["stages_ms"]) == set(e2e.STAGES)
         assert sum(r["stages_ms"].values()) == pytest.approx(r["ranges_ms"]["total"], rel=STAGES_SUM_TOLERANCE)
-        assert r["ranges_ms"]["feed_forward"] > 0
         prunes, exits = e2e.PACKED_METHODS[r["method"]]
+        assert (r["mean_exit_layer"] < 2) == exits
+        assert (r["flops_speedup"] > 1.0) == (prunes or exits)
+        if r["batch_size"] == 1 and meta["models"]["minilm"]["packed_engine"] == "ort":
+            # A lone sequence runs in ONNX Runtime sessions, which the profiler sees as one range.
+            assert r["stages_ms"]["onnx_runtime"] > 0 and r["ranges_ms"]["feed_forward"] == 0
+            continue
+        assert r["ranges_ms"]["feed_forward"] > 0
         if prunes:
             assert r["stages_ms"]["compaction"] > 0
         if not (prunes or exits):  # with exits only, nothing is compacted when no example or every one leaves
             assert r["stages_ms"]["compaction"] == 0
         assert (r["stages_ms"]["exit"] > 0) == exits
-        assert (r["flops_speedup"] > 1.0) == (prunes or exits)
-        assert (r["mean_exit_layer"] < 2) == exits
 
     figures = plots.make_plots([out], tmp_path / "plots")
     assert [p.name for p in figures] == ["bucket_speedup.png", "measured_vs_flops.png"]

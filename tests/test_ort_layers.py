@@ -1,0 +1,144 @@
+"""Specification of the ONNX Runtime runner of lone sequences (``mp_model.ort_layers``, ``mp_model.lone_sequence``,
+``engine="ort"``): the same decisions (kept tokens, exit layers, FLOPs) as the float64 oracle and logits within the
+float32 tolerance of the table in ``tests.utils``, at batch size 1 and after the other sequences of a batch exited;
+sessions follow the model's parameters; the engine is chosen where it runs and refused where it cannot.
+
+ORT's float32 kernels (fused LayerNorms, MLAS GEMMs) land within 1e-5 of float64 but not always within twice
+PyTorch's own float32 error, so the table's float32 row is the bound here. The PyTorch kernels are named
+(``backend="torch"``) because CI sets ``TRITON_INTERPRET=1``, under which the default backend is Triton's.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mp_model import ort_layers as ort_module
+from mp_model.ort_layers import ort_layers
+from tests.model_reference import run_single
+from tests.test_model import LENGTHS, TINY, random_batch, tiny_model
+from tests.utils import assert_close
+
+pytestmark = pytest.mark.skipif(not ort_module.available(), reason="onnx and onnxruntime are not installed")
+
+THRESHOLDS = [0.97, 1.01, 1.03, 1.05]
+KNOBS = [
+    dict(tau=0.0, threshold_scale=1.0, prune=False, early_exit=False),
+    dict(tau=0.0, threshold_scale=1.0, prune=True, early_exit=False),
+    dict(tau=0.2, threshold_scale=1.0, prune=False, early_exit=True),
+    dict(tau=0.2, threshold_scale=1.0, prune=True, early_exit=True),
+    dict(tau=0.3, threshold_scale=1.5, prune=True, early_exit=True),
+]
+
+
+def models() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The tiny model in float64 (the oracle's) and a float32 copy (the one ORT runs)."""
+    exact = tiny_model(THRESHOLDS)
+    return exact, copy.deepcopy(exact).float()
+
+
+@pytest.mark.parametrize("knobs", KNOBS)
+def test_a_lone_sequence_matches_the_oracle(knobs) -> None:
+    exact, model = models()
+    batch = random_batch(LENGTHS, TINY["vocab_size"], seed=2)
+    for row, n in enumerate(LENGTHS):
+        ids, types = batch["input_ids"][row : row + 1, :n], batch["token_type_ids"][row : row + 1, :n]
+        ours = model(ids, torch.ones_like(ids), types, **knobs, engine="ort", backend="torch")
+        single = run_single(exact, ids[0], types[0], **knobs)
+        assert int(ours.exit_layer[0]) == single.exit_layer, f"length {n}"
+        assert ours.kept_tokens[0].tolist() == single.kept_tokens, f"length {n}"
+        assert int(ours.flops[0]) == single.flops, f"length {n}"
+        assert_close(ours.logits[0], single.logits, torch.float32)
+
+
+@pytest.mark.parametrize("survivor_exit", [0, 3])
+def test_the_sequence_left_after_the_others_exit_matches_the_oracle(survivor_exit: int) -> None:
+    exact, model = models()
+    batch = random_batch(LENGTHS, TINY["vocab_size"])
+    schedule = torch.tensor([1, 2] * (len(LENGTHS) // 2))
+    schedule[6] = survivor_exit  # the 64-token row is left alone after layer 2 (0: it never exits)
+    knobs = dict(prune=True, early_exit=True, exit_schedule=schedule, return_exit_logits=True)
+    ours = model(**batch, **knobs, engine="ort", backend="torch")
+    reference = exact(**batch, **knobs, engine="packed", backend="torch")
+    assert ort_layers(model).sessions, "the survivor ran through ONNX Runtime"
+    assert ours.exit_layer.tolist() == reference.exit_layer.tolist()
+    assert ours.kept_tokens.tolist() == reference.kept_tokens.tolist()
+    assert ours.flops.tolist() == reference.flops.tolist()
+    assert_close(ours.logits, reference.logits, torch.float32)
+    ran = ~reference.exit_logits.isnan()
+    assert torch.equal(~ours.exit_logits.isnan(), ran)
+    assert_close(ours.exit_logits[ran], reference.exit_logits[ran], torch.float32)
+
+
+def test_every_exit_logit_and_a_replayed_schedule_at_batch_size_one() -> None:
+    exact, model = models()
+    batch = random_batch([23], TINY["vocab_size"], seed=3)
+    for schedule in (0, 2, 3, 7):
+        knobs = dict(prune=True, early_exit=True, exit_schedule=torch.tensor([schedule]), return_exit_logits=True)
+        ours = model(**batch, **knobs, engine="ort", backend="torch")
+        reference = exact(**batch, **knobs, engine="packed", backend="torch")
+        assert ours.exit_layer.tolist() == reference.exit_layer.tolist(), f"schedule {schedule}"
+        assert ours.kept_tokens.tolist() == reference.kept_tokens.tolist()
+        torch.testing.assert_close(
+            ours.exit_logits.double(), reference.exit_logits, atol=1e-5, rtol=1e-5, equal_nan=True
+        )
+
+
+def test_padding_int32_ids_and_absent_token_types_give_the_same_result() -> None:
+    _, model = models()
+    ids = random_batch([9], TINY["vocab_size"], seed=4)["input_ids"]
+    expected = model(ids, engine="packed", backend="torch", prune=True, early_exit=True, tau=0.2)
+    padded = torch.nn.functional.pad(ids, (3, 0)).int()
+    mask = torch.nn.functional.pad(torch.ones_like(ids), (3, 0))
+    right = torch.nn.functional.pad(ids, (0, 3))
+    right_mask = torch.nn.functional.pad(torch.ones_like(ids), (0, 3))
+    knobs = dict(engine="ort", backend="torch", prune=True, early_exit=True, tau=0.2)
+    for ours in (model(padded, mask, **knobs), model(right, right_mask, **knobs, validate=False)):
+        assert ours.kept_tokens.tolist() == expected.kept_tokens.tolist()
+        assert_close(ours.logits, expected.logits, torch.float32)
+
+
+def test_sessions_follow_the_parameters_and_the_thread_count() -> None:
+    _, model = models()
+    batch = random_batch([11], TINY["vocab_size"], seed=5)
+    before = model(**batch, engine="ort", backend="torch", prune=False, early_exit=False)
+    runner = ort_layers(model)
+    assert ort_layers(model) is runner, "unchanged parameters reuse the sessions"
+    for parameter in (model.bert.embeddings.word_embeddings.weight, model.bert.encoder.layer[1].output.LayerNorm.bias):
+        with torch.no_grad():
+            parameter.add_(torch.randn_like(parameter), alpha=0.5)
+        changed = model(**batch, engine="ort", backend="torch", prune=False, early_exit=False)
+        torch.testing.assert_close(
+            changed.logits, model(**batch, engine="packed", backend="torch", prune=False, early_exit=False).logits
+        )
+        assert not torch.allclose(changed.logits, before.logits)
+        assert ort_layers(model) is not runner
+        runner = ort_layers(model)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        model(**batch, engine="ort", backend="torch", prune=False, early_exit=False)
+        assert any(key.threads == 1 for key in runner.sessions), "a session per intra-op thread count"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_default_engine_with_pytorch_kernels_is_ort_in_float32_only() -> None:
+    exact, model = models()
+    batch = random_batch([6], TINY["vocab_size"], seed=6)
+    model(**batch, backend="torch")
+    assert ort_layers(model).sessions, "float32 on a CPU runs through ONNX Runtime by default"
+    assert not ort_module.supports(exact, torch.device("cpu"))
+    with pytest.raises(ValueError, match="engine='ort'"):
+        exact(**batch, engine="ort", backend="torch")
+    with pytest.raises(ValueError, match="engine must be"):
+        model(**batch, engine="onnx")
+
+
+def test_float32_batches_keep_the_pytorch_path_until_one_sequence_is_left() -> None:
+    _, model = models()
+    batch = random_batch([5, 9], TINY["vocab_size"], seed=7)
+    model(**batch, prune=True, early_exit=False)
+    assert not ort_layers(model).sessions, "two sequences without exits never hand over"
