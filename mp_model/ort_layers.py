@@ -203,6 +203,9 @@ def _session(layers: OrtLayers, key: RunKey) -> Any:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = key.threads
     options.inter_op_num_threads = 1
+    # A model holds several sessions (one per layer with exits, one per setting), run in turn: the spinning worker
+    # threads of idle ones would take the cores from the running one (bench/NOTES.md, "CPU path").
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     for name, tensor in builder.in_place.items():
         if name not in layers.shared:
             layers.shared[name] = onnxruntime.OrtValue.ortvalue_from_numpy(tensor.detach().numpy())
