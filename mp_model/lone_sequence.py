@@ -3,8 +3,9 @@
 The packed path hands a sequence over once it is the only one left (at batch size 1 from the start, with its token
 ids, so that the embeddings run in the first session too): without sub-classifiers all remaining layers and the
 main classifier are one session call; with them, one call per layer, each returning the layer's sub-classifier
-logits, on which the exit test (``mp_kernels.entropy_exit``, or the replayed schedule) decides on the host whether
-the next layer runs.
+logits and their uncertainty, which the exit test compares with ``tau`` on the host (``mp_kernels.entropy_exit``'s
+rule: exit when ``uncertainty <= tau``; NaN never exits), or the replayed schedule's layer, to decide whether the
+next layer runs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mp_kernels import entropy_exit
 from mp_model.ort_layers import OrtLayers
 
 
@@ -61,15 +61,8 @@ def run_lone_sequence(
             result.logits = run.logits
             break
         result.exit_logits.append(run.exit_logits)
-        if early_exit and _exits(run.exit_logits, index + 1, tau, exit_after):
+        leaves = run.uncertainty <= tau if exit_after is None else exit_after == index + 1
+        if early_exit and leaves:
             result.logits, result.exit_layer = run.exit_logits, index + 1
             break
     return result
-
-
-def _exits(logits: torch.Tensor, layer: int, tau: float, exit_after: int | None) -> bool:
-    """Whether the sequence leaves after ``layer`` layers: the schedule's choice, else the entropy test."""
-    if exit_after is not None:
-        return exit_after == layer
-    exits, _ = entropy_exit(logits, tau, backend="torch", validate=False)
-    return bool(exits[0])

@@ -14,13 +14,17 @@ run the packed path asks for. A layer graph computes, for one sequence of ``n`` 
 * the output projection plus residual and LayerNorm (``SkipLayerNormalization``);
 * real removal: the rows of the kept tokens (``NonZero``, ``Gather``), so the feed-forward runs on them only;
 * the feed-forward (``BiasGelu``, ``SkipLayerNormalization``);
-* optionally the layer's sub-classifier on the mean of the remaining tokens (``(1, labels)`` logits).
+* optionally the layer's sub-classifier on the mean of the remaining tokens (``(1, labels)`` logits) and the
+  uncertainty the exit test compares with ``tau`` (``mp_kernels.entropy_exit``'s normalised entropy);
+* after the last layer, the main classifier (pooler and output layer on the first token).
 
-A run of layers without sub-classifiers (the dense model, pruning only) is one session; with exits each layer is
-its own session, since the exit test decides on the host whether the next one runs. Sessions are built on first
-use and kept with the model's packed-path weights (``mp_model.fused_weights.packed_path_weights``, whose fused
-Q/K/V weights they take), so a weight change rebuilds them; they hold a copy of the weights (and ORT's packed copy
-of each GEMM's).
+A run starting at the first layer may start from the token ids: the embeddings (word + token type + position,
+LayerNorm) run in the session, reading the model's embedding tables in place (no copy). A run of layers without
+sub-classifiers (the dense model, pruning only) is one session; with exits each layer is its own session, since
+the exit test decides on the host whether the next one runs. Sessions are built on first use and kept per model
+until one of its parameters changes (data pointer or version counter, as ``packed_path_weights`` checks its
+fused Q/K/V weights, which the graphs take); apart from the embedding tables they hold a copy of the weights (and
+ORT's packed copy of each GEMM's). Their worker threads do not spin: a model holds several sessions, run in turn.
 Needs ``onnx`` and ``onnxruntime`` (dependencies of the package; ``available()`` says whether they import).
 """
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -107,12 +112,13 @@ class ModelParts:
 @dataclass
 class RunOutput:
     """What a run of layers returns: the remaining tokens' hidden states ``(m, d)``, the token count after each
-    layer, the last layer's sub-classifier logits ``(1, labels)`` and the main classifier's logits ``(1, labels)``
-    (None where not asked for)."""
+    layer, the last layer's sub-classifier logits ``(1, labels)`` and their uncertainty (``entropy_exit``'s), and
+    the main classifier's logits ``(1, labels)`` (None where not asked for)."""
 
     hidden: torch.Tensor
     counts: list[int]
     exit_logits: torch.Tensor | None
+    uncertainty: float | None
     logits: torch.Tensor | None
 
 
@@ -164,9 +170,10 @@ class OrtLayers:
             feeds = {"hidden": inputs.detach().numpy()}
         if any(prunes):
             feeds["thresholds"] = np.asarray(thresholds, dtype=np.float32)
-        outputs = [torch.from_numpy(array) for array in session.run(None, feeds)]
-        head = outputs[2] if exit_head else None
-        return RunOutput(outputs[0], outputs[1].tolist(), head, outputs[-1] if classify else None)
+        outputs = session.run(None, feeds)
+        head, uncertainty = (torch.from_numpy(outputs[2]), float(outputs[3][0])) if exit_head else (None, None)
+        logits = torch.from_numpy(outputs[-1]) if classify else None
+        return RunOutput(torch.from_numpy(outputs[0]), outputs[1].tolist(), head, uncertainty, logits)
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, OrtLayers] = weakref.WeakKeyDictionary()
@@ -278,6 +285,7 @@ class _GraphBuilder:
         if key.exit_head:
             self.exit_head(key.stop - 1, hidden)
             outputs.append(helper.make_tensor_value_info("exit_logits", TensorProto.FLOAT, [1, labels]))
+            outputs.append(helper.make_tensor_value_info("uncertainty", TensorProto.FLOAT, [1]))
         if key.classify:
             self.classify(hidden)
             outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, labels]))
@@ -402,4 +410,22 @@ class _GraphBuilder:
         first = [self.constant(p + "w1", head.dense.weight), self.constant(p + "b1", head.dense.bias)]
         active = self.node("Tanh", [self.node("Gemm", [pooled, *first], p + "dense", transB=1)], p + "tanh")
         second = [self.constant(p + "w2", head.classifier.weight), self.constant(p + "b2", head.classifier.bias)]
-        self.node("Gemm", [active, *second], "exit_logits", transB=1)
+        logits = self.node("Gemm", [active, *second], "exit_logits", transB=1)
+        self.uncertainty(logits)
+
+    def uncertainty(self, logits: str) -> None:
+        """``uncertainty`` ``(1,)``: the normalised entropy of ``softmax(logits)`` clamped to [0, 1], computed as
+        ``mp_kernels.entropy_exit``'s PyTorch reference does in float32 (``xlogy``: 0 where p is 0; NaN logits
+        give NaN, which never passes the exit test)."""
+        p = self.node("Softmax", [logits], "exit.p", axis=1)
+        terms = self.node("Mul", [p, self.node("Log", [p], "exit.log_p")], "exit.p_log_p")
+        zero = self.constant("exit.zero", np.array(0.0, np.float32))
+        terms = self.node("Where", [self.node("Equal", [p, zero], "exit.p_zero"), zero, terms], "exit.xlogy")
+        entropy = self.node(
+            "ReduceSum", [terms, self.constant("exit.axis1", np.array([1]))], "exit.entropy", keepdims=0
+        )
+        labels = self.layers.num_labels
+        scale = self.constant("exit.scale", np.array(-1.0 / math.log(labels), np.float32))
+        scaled = self.node("Mul", [entropy, scale], "exit.scaled")
+        one = self.constant("exit.one", np.array(1.0, np.float32))
+        self.node("Clip", [scaled, zero, one], "uncertainty")

@@ -43,6 +43,7 @@ def models() -> tuple[torch.nn.Module, torch.nn.Module]:
 def test_a_lone_sequence_matches_the_oracle(knobs) -> None:
     exact, model = models()
     batch = random_batch(LENGTHS, TINY["vocab_size"], seed=2)
+    exit_layers = set()
     for row, n in enumerate(LENGTHS):
         ids, types = batch["input_ids"][row : row + 1, :n], batch["token_type_ids"][row : row + 1, :n]
         ours = model(ids, torch.ones_like(ids), types, **knobs, engine="ort", backend="torch")
@@ -51,6 +52,18 @@ def test_a_lone_sequence_matches_the_oracle(knobs) -> None:
         assert ours.kept_tokens[0].tolist() == single.kept_tokens, f"length {n}"
         assert int(ours.flops[0]) == single.flops, f"length {n}"
         assert_close(ours.logits[0], single.logits, torch.float32)
+        exit_layers.add(single.exit_layer)
+    if knobs["early_exit"] and knobs["prune"] and knobs["tau"] == 0.2:
+        assert len(exit_layers) > 1, "some lone sequences exit early, others run every layer"
+
+
+def test_nan_uncertainty_never_exits_on_either_engine() -> None:
+    _, model = models()
+    with torch.no_grad():
+        model.exits[0].classifier.bias[0] = float("nan")
+    batch = random_batch([12], TINY["vocab_size"], seed=8)
+    outs = [model(**batch, tau=1.0, early_exit=True, engine=e, backend="torch") for e in ("ort", "packed")]
+    assert [int(out.exit_layer[0]) for out in outs] == [2, 2], "NaN at layer 1 stays; tau 1 exits at layer 2"
 
 
 @pytest.mark.parametrize("survivor_exit", [0, 3])
