@@ -14,10 +14,11 @@ varlen bucketing and a single sequence is pruned with one comparison; layers who
 importance; exits are counted once per layer on the host, and no compaction runs when no sequence exits;
 profiler ranges are opened only while a profiler runs.
 
-With ``use_ort`` (the model's default on a CPU in float32), a lone sequence leaves this loop for ONNX Runtime
-(``mp_model.lone_sequence``): at batch size 1 from its token ids, else once every other sequence has exited. That
-is where the per-operator overhead above dominated; batches of several sequences keep the loop, whose time is in
-GEMMs over many rows.
+With ``use_ort`` (the model's default on a CPU in float32), a lone sequence of at most ``ORT_MAX_TOKENS`` tokens
+leaves this loop for ONNX Runtime (``mp_model.lone_sequence``): at batch size 1 from its token ids, else from the
+layer where every other sequence has exited or pruning brought it under the limit. That is where the
+per-operator overhead above dominated; batches of several sequences and long sequences keep the loop, whose time
+is in GEMMs over many rows.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ from mp_model.fused_weights import LayerProjections, packed_path_weights
 from mp_model.lone_sequence import run_lone_sequence
 from mp_model.ort_layers import OrtLayers, ort_layers
 from mp_model.outputs import MagicPyramidOutput
+
+# A lone sequence goes to ONNX Runtime once it has at most this many tokens. Above it the PyTorch loop is as fast
+# or faster (MiniLM, one thread, batch 1: dense 0.91-0.96x ORT's time from 128 to 512 tokens, its per-operator
+# overhead then negligible; 0.82x at 32 tokens; bench/NOTES.md, "CPU path").
+ORT_MAX_TOKENS = 128
 
 if TYPE_CHECKING:
     from mp_model.config import MagicPyramidConfig
@@ -214,9 +220,9 @@ def packed_forward(
     exits after layer ``exit_schedule[i]`` (its sub-classifier still runs), for benchmarks that replay a measured
     exit pattern. ``return_exit_logits`` runs every sub-classifier on every example still present and returns
     their logits (``MagicPyramidOutput.exit_logits``), for evaluations that simulate early exit offline.
-    ``use_ort`` (float32 on a CPU, ``mp_model.ort_layers.supports``) runs a lone sequence through ONNX Runtime
-    (``mp_model.lone_sequence``): at batch size 1 from its token ids on, else from the layer where the other
-    sequences had all exited.
+    ``use_ort`` (float32 on a CPU, ``mp_model.ort_layers.supports``) runs a lone sequence of at most
+    ``ORT_MAX_TOKENS`` tokens through ONNX Runtime (``mp_model.lone_sequence``): at batch size 1 from its token
+    ids on, else from the first layer it enters alone and short enough.
 
     While a profiler runs, each stage runs inside a ``torch.profiler.record_function`` range named ``mp.<stage>``
     (``qkv``, ``attention``, ``attention_output``, ``prune``, ``feed_forward``, ``exit_head``, ``exit_test``,
@@ -247,8 +253,8 @@ def packed_forward(
         tau=tau, early_exit=early_exit, return_exit_logits=return_exit_logits, thresholds=thresholds, runner=runner
     )
     outputs = (logits, exit_layer, kept_tokens, every_exit_logits)
-    if runner is not None and batch == 1:
-        n = int(lengths[0])  # the row's real tokens come first (the caller moved any left padding right)
+    # At batch size 1 the row's real tokens come first (the caller moved any left padding right).
+    if runner is not None and batch == 1 and (n := int(lengths[0])) <= ORT_MAX_TOKENS:
         ids = input_ids[0, :n].long()
         types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids[0, :n].long()
         with _stage("mp.ort_layers"):
@@ -270,7 +276,7 @@ def packed_forward(
     with_heads = early_exit or return_exit_logits
 
     for index, layer in enumerate(bert.encoder.layer):
-        if runner is not None and alive == 1:
+        if runner is not None and alive == 1 and hidden.shape[0] <= ORT_MAX_TOKENS:
             row = int(seq_index[0])
             with _stage("mp.ort_layers"):
                 _run_lone(index, hidden, _schedule_of(exit_schedule, row), row, *outputs, **lone)

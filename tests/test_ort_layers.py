@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from mp_model import ort_layers as ort_module
+from mp_model import packed_inference
 from mp_model.ort_layers import ort_layers
 from tests.model_reference import run_single
 from tests.test_model import LENGTHS, TINY, random_batch, tiny_model
@@ -83,6 +84,21 @@ def test_the_sequence_left_after_the_others_exit_matches_the_oracle(survivor_exi
     ran = ~reference.exit_logits.isnan()
     assert torch.equal(~ours.exit_logits.isnan(), ran)
     assert_close(ours.exit_logits[ran], reference.exit_logits[ran], torch.float32)
+
+
+def test_a_long_sequence_is_handed_over_once_pruning_shortens_it(monkeypatch) -> None:
+    exact, model = models()
+    monkeypatch.setattr(packed_inference, "ORT_MAX_TOKENS", 20)
+    batch = random_batch([64], TINY["vocab_size"], seed=9)
+    knobs = dict(tau=0.2, threshold_scale=1.0, prune=True, early_exit=True, return_exit_logits=True)
+    ours = model(**batch, **knobs, engine="ort", backend="torch")
+    reference = exact(**batch, **knobs, engine="packed", backend="torch")
+    kept = reference.kept_tokens[0].tolist()
+    assert kept[0] > 20 >= min(kept[1:]), "the first layer runs in PyTorch, a later one in ONNX Runtime"
+    assert ort_layers(model).sessions
+    assert ours.kept_tokens.tolist() == reference.kept_tokens.tolist()
+    assert ours.exit_layer.tolist() == reference.exit_layer.tolist()
+    assert_close(ours.logits, reference.logits, torch.float32)
 
 
 def test_every_exit_logit_and_a_replayed_schedule_at_batch_size_one() -> None:
