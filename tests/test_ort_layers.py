@@ -15,8 +15,8 @@ import copy
 import pytest
 import torch
 
+from mp_model import MagicPyramidConfig, MagicPyramidForSequenceClassification, packed_inference
 from mp_model import ort_layers as ort_module
-from mp_model import packed_inference
 from mp_model.ort_layers import ort_layers
 from tests.model_reference import run_single
 from tests.test_model import LENGTHS, TINY, random_batch, tiny_model
@@ -171,3 +171,15 @@ def test_float32_batches_keep_the_pytorch_path_until_one_sequence_is_left() -> N
     batch = random_batch([5, 9], TINY["vocab_size"], seed=7)
     model(**batch, prune=True, early_exit=False)
     assert not ort_layers(model).sessions, "two sequences without exits never hand over"
+
+
+@pytest.mark.parametrize("activation", sorted(ort_module.BIAS_ACTIVATIONS))
+def test_every_fused_activation_computes_the_models_own(activation: str) -> None:
+    torch.manual_seed(0)
+    config = MagicPyramidConfig(hidden_act=activation, **TINY)
+    model = MagicPyramidForSequenceClassification(config).eval()
+    exact = copy.deepcopy(model).double()
+    batch = random_batch([17], TINY["vocab_size"], seed=10)
+    knobs = dict(prune=False, early_exit=False, backend="torch")
+    ours = model(**batch, **knobs, engine="ort")
+    assert_close(ours.logits, exact(**batch, **knobs, engine="packed").logits, torch.float32)
