@@ -80,3 +80,24 @@ def flops_from_outputs(
         macs = macs + exit_head_macs(config) * exit_layer.long().clamp(max=layers - 1)
     macs = macs + main_head_macs(config) * (exit_layer == layers)
     return 2 * macs
+
+
+def sequence_flops(
+    config: BertConfig, length: int, kept_tokens: list[int], exit_layer: int, *, early_exit: bool
+) -> int:
+    """``flops_from_outputs`` for one example from host integers (the lone-sequence path, with no tensor work).
+
+    ``length``: its unpadded input length; ``kept_tokens``: the tokens kept after each layer (0 after its exit);
+    ``exit_layer``: the layers it ran.
+    """
+    layers = config.num_hidden_layers
+    before = [length, *kept_tokens[:-1]]
+    macs = sum(
+        attention_macs(config, n) + feed_forward_macs(config, kept)
+        for n, kept in zip(before[:exit_layer], kept_tokens[:exit_layer], strict=True)
+    )
+    if early_exit:
+        macs += exit_head_macs(config) * min(exit_layer, layers - 1)
+    if exit_layer == layers:
+        macs += main_head_macs(config)
+    return 2 * macs

@@ -34,9 +34,9 @@ from torch.profiler import record_function
 from mp_kernels import drop_sequences, entropy_exit, prune_tokens, scatter_rows, varlen_attention
 from mp_kernels.dispatch import choose_backend
 from mp_model.exit_head import exit_logits
-from mp_model.flops import flops_from_outputs
+from mp_model.flops import flops_from_outputs, sequence_flops
 from mp_model.fused_weights import LayerProjections, packed_path_weights
-from mp_model.lone_sequence import run_lone_sequence
+from mp_model.lone_sequence import LoneResult, run_lone_sequence
 from mp_model.ort_layers import OrtLayers, ort_layers
 from mp_model.outputs import MagicPyramidOutput
 
@@ -170,9 +170,9 @@ def _run_lone(
     exit_layer: torch.Tensor,
     kept_tokens: torch.Tensor,
     every_exit_logits: torch.Tensor | None,
-    *,
     runner: OrtLayers,
     thresholds: list[float],
+    *,
     tau: float,
     early_exit: bool,
     return_exit_logits: bool,
@@ -238,28 +238,29 @@ def packed_forward(
 
     dtype = bert.embeddings.word_embeddings.weight.dtype
     lengths = attention_mask.sum(dim=1, dtype=torch.int32)
-    logits = torch.empty(batch, config.num_labels, dtype=dtype, device=device)
-    exit_layer = torch.full((batch,), layers, dtype=torch.int64, device=device)
-    kept_tokens = torch.zeros(batch, layers, dtype=torch.int64, device=device)
     thresholds = (model.thresholds.detach().double() * threshold_scale).tolist() if prune else [0.0] * layers
-    every_exit_logits = None
-    if return_exit_logits:
-        shape = (batch, max(layers - 1, 0), config.num_labels)
-        every_exit_logits = torch.full(shape, float("nan"), dtype=dtype, device=device)
-    inline = choose_backend(backend, device) == "torch" and dtype in (torch.float32, torch.float64)
     # A lone sequence (here at batch size 1, or once the others exited) runs through ONNX Runtime sessions.
     runner = ort_layers(model) if use_ort else None
-    lone = dict(
-        tau=tau, early_exit=early_exit, return_exit_logits=return_exit_logits, thresholds=thresholds, runner=runner
-    )
-    outputs = (logits, exit_layer, kept_tokens, every_exit_logits)
+    lone = dict(tau=tau, early_exit=early_exit, return_exit_logits=return_exit_logits)
     # At batch size 1 the row's real tokens come first (the caller moved any left padding right).
     if runner is not None and batch == 1 and (n := int(lengths[0])) <= ORT_MAX_TOKENS:
         ids = input_ids[0, :n].long()
         types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids[0, :n].long()
         with _stage("mp.ort_layers"):
-            _run_lone(0, (ids, types), _schedule_of(exit_schedule, 0), 0, *outputs, **lone)
-        return _output(config, outputs, lengths, early_exit)
+            result = run_lone_sequence(
+                runner, 0, (ids, types), thresholds, exit_after=_schedule_of(exit_schedule, 0), **lone
+            )
+        return _lone_output(config, n, result, return_exit_logits, early_exit)
+
+    logits = torch.empty(batch, config.num_labels, dtype=dtype, device=device)
+    exit_layer = torch.full((batch,), layers, dtype=torch.int64, device=device)
+    kept_tokens = torch.zeros(batch, layers, dtype=torch.int64, device=device)
+    every_exit_logits = None
+    if return_exit_logits:
+        shape = (batch, max(layers - 1, 0), config.num_labels)
+        every_exit_logits = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    inline = choose_backend(backend, device) == "torch" and dtype in (torch.float32, torch.float64)
+    outputs = (logits, exit_layer, kept_tokens, every_exit_logits)
 
     projections = packed_path_weights(model).layers
     embeddings = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
@@ -279,7 +280,7 @@ def packed_forward(
         if runner is not None and alive == 1 and hidden.shape[0] <= ORT_MAX_TOKENS:
             row = int(seq_index[0])
             with _stage("mp.ort_layers"):
-                _run_lone(index, hidden, _schedule_of(exit_schedule, row), row, *outputs, **lone)
+                _run_lone(index, hidden, _schedule_of(exit_schedule, row), row, *outputs, runner, thresholds, **lone)
             break
         state = (hidden, cu_seqlens, max_seqlen, uniform, alive, thresholds[index], heads, backend, inline)
         hidden, cu_seqlens, max_seqlen, uniform = _torch_layer(layer, projections[index], *state)
@@ -322,6 +323,28 @@ def packed_forward(
             first = hidden[::uniform] if uniform is not None else hidden.index_select(0, cu_seqlens[:-1].long())
             logits.index_copy_(0, seq_index, model.classifier(bert.pooler.activation(bert.pooler.dense(first))))
     return _output(config, outputs, lengths, early_exit)
+
+
+def _lone_output(
+    config: MagicPyramidConfig, length: int, result: LoneResult, return_exit_logits: bool, early_exit: bool
+) -> MagicPyramidOutput:
+    """The model's output for a batch of one sequence of ``length`` tokens that ran entirely in ONNX Runtime, built
+    from host integers (its FLOPs by ``sequence_flops``)."""
+    layers = config.num_hidden_layers
+    kept = result.counts + [0] * (layers - len(result.counts))
+    every_exit_logits = None
+    if return_exit_logits:
+        every_exit_logits = torch.full((1, max(layers - 1, 0), config.num_labels), float("nan"))
+        if result.exit_logits:
+            every_exit_logits[0, : len(result.exit_logits)] = torch.cat(result.exit_logits)
+    flops = sequence_flops(config, length, kept, result.exit_layer, early_exit=early_exit)
+    return MagicPyramidOutput(
+        logits=result.logits,
+        exit_layer=torch.tensor([result.exit_layer]),
+        kept_tokens=torch.tensor([kept]),
+        flops=torch.tensor([flops]),
+        exit_logits=every_exit_logits,
+    )
 
 
 def _output(

@@ -15,7 +15,7 @@ import torch
 from transformers import BertForSequenceClassification
 
 from mp_model import MagicPyramidConfig, MagicPyramidForSequenceClassification
-from mp_model.flops import dense_flops
+from mp_model.flops import dense_flops, sequence_flops
 from tests.model_reference import run_single
 from tests.utils import DEVICE, assert_within_twice_torch_error
 
@@ -305,3 +305,14 @@ def test_an_exit_schedule_replaces_the_entropy_test() -> None:
     dense_like = model(**batch, tau=0.0, early_exit=True, backend="torch")
     reached_the_end = out.exit_layer == TINY["num_hidden_layers"]
     torch.testing.assert_close(out.logits[reached_the_end], dense_like.logits[reached_the_end])
+
+
+def test_the_host_flops_of_one_sequence_equal_the_batched_count() -> None:
+    model = tiny_model([0.97, 1.01, 1.03, 1.05])
+    batch = random_batch(LENGTHS, TINY["vocab_size"])
+    for early_exit in (False, True):
+        out = model(**batch, tau=0.2, prune=True, early_exit=early_exit, backend="torch")
+        for row, length in enumerate(LENGTHS):
+            kept, layers = out.kept_tokens[row].tolist(), int(out.exit_layer[row])
+            expected = int(out.flops[row])
+            assert sequence_flops(model.config, length, kept, layers, early_exit=early_exit) == expected
