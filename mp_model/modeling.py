@@ -83,9 +83,8 @@ def _check_inputs(
     bad, empty_rows, longest, holed, ids_low, ids_high, types_low, types_high, schedule_low, left = facts
     if bad:
         raise ValueError("attention_mask must hold only 0 and 1")
-    lengths = (attention_mask != 0).sum(dim=1)
     if empty_rows:
-        empty = (lengths == 0).nonzero().flatten().tolist()
+        empty = ((attention_mask != 0).sum(dim=1) == 0).nonzero().flatten().tolist()
         raise ValueError(f"attention_mask rows {empty} hold no token (all padding)")
     if holed:
         real = attention_mask != 0

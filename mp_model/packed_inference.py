@@ -15,8 +15,9 @@ importance; exits are counted once per layer on the host, and no compaction runs
 profiler ranges are opened only while a profiler runs.
 
 With ``use_ort`` (the model's default on a CPU in float32), a lone sequence of at most ``ORT_MAX_TOKENS`` tokens
-leaves this loop for ONNX Runtime (``mp_model.lone_sequence``): at batch size 1 from its token ids, else from the
-layer where every other sequence has exited or pruning brought it under the limit. That is where the
+leaves this loop for ONNX Runtime (``mp_model.ort_layers``), which runs it to its exit in one session call: at
+batch size 1 from its token ids (read through numpy, with no PyTorch operator), else from the layer where every
+other sequence has exited or pruning brought it under the limit. That is where the
 per-operator overhead above dominated; batches of several sequences and long sequences keep the loop, whose time
 is in GEMMs over many rows.
 """
@@ -34,10 +35,9 @@ from torch.profiler import record_function
 from mp_kernels import drop_sequences, entropy_exit, prune_tokens, scatter_rows, varlen_attention
 from mp_kernels.dispatch import choose_backend
 from mp_model.exit_head import exit_logits
-from mp_model.flops import flops_from_outputs, sequence_flops
+from mp_model.flops import FlopsShape, flops_from_outputs, sequence_flops
 from mp_model.fused_weights import LayerProjections, packed_path_weights
-from mp_model.lone_sequence import LoneResult, run_lone_sequence
-from mp_model.ort_layers import OrtLayers, ort_layers
+from mp_model.ort_layers import LoneResult, OrtLayers, ort_layers
 from mp_model.outputs import MagicPyramidOutput
 
 # A lone sequence goes to ONNX Runtime once it has at most this many tokens. Above it the PyTorch loop is as fast
@@ -157,13 +157,13 @@ def _torch_layer(
 
 
 def _schedule_of(exit_schedule: torch.Tensor | None, row: int) -> int | None:
-    """Row ``row``'s exit layer in the replayed schedule (None without one)."""
-    return None if exit_schedule is None else int(exit_schedule[row])
+    """Row ``row``'s exit layer in the replayed schedule (None without one), which is on the CPU."""
+    return None if exit_schedule is None else int(exit_schedule.numpy()[row])
 
 
 def _run_lone(
     start: int,
-    inputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    hidden: torch.Tensor,
     exit_after: int | None,
     row: int,
     logits: torch.Tensor,
@@ -177,23 +177,22 @@ def _run_lone(
     early_exit: bool,
     return_exit_logits: bool,
 ) -> None:
-    """Layers ``start`` onwards of the lone sequence of batch row ``row`` (``run_lone_sequence``), its results
-    written to that row of the outputs."""
-    result = run_lone_sequence(
-        runner,
+    """Layers ``start`` onwards of the lone sequence of batch row ``row``, on its ``hidden`` ``(n, d)`` float32,
+    through ``runner``; its results written to that row of the outputs."""
+    result = runner.run(
         start,
-        inputs,
-        thresholds,
+        hidden.detach().contiguous().numpy(),
+        thresholds[start:],
         tau=tau,
         early_exit=early_exit,
         exit_after=exit_after,
         return_exit_logits=return_exit_logits,
     )
     logits[row] = result.logits[0]
-    exit_layer[row] = result.exit_layer
-    kept_tokens[row, start : start + len(result.counts)] = torch.tensor(result.counts)
-    if every_exit_logits is not None and result.exit_logits:
-        every_exit_logits[row, start : start + len(result.exit_logits)] = torch.cat(result.exit_logits)
+    exit_layer[row] = result.exit_layer[0]
+    kept_tokens[row, start:] = result.counts
+    if every_exit_logits is not None and result.exit_logits is not None:
+        every_exit_logits[row, start:] = result.exit_logits
 
 
 @torch.no_grad()
@@ -237,21 +236,26 @@ def packed_forward(
     device = input_ids.device
 
     dtype = bert.embeddings.word_embeddings.weight.dtype
-    lengths = attention_mask.sum(dim=1, dtype=torch.int32)
-    thresholds = (model.thresholds.detach().double() * threshold_scale).tolist() if prune else [0.0] * layers
+    thresholds = [t * threshold_scale for t in model.thresholds.detach().tolist()] if prune else [0.0] * layers
     # A lone sequence (here at batch size 1, or once the others exited) runs through ONNX Runtime sessions.
     runner = ort_layers(model) if use_ort else None
     lone = dict(tau=tau, early_exit=early_exit, return_exit_logits=return_exit_logits)
-    # At batch size 1 the row's real tokens come first (the caller moved any left padding right).
-    if runner is not None and batch == 1 and (n := int(lengths[0])) <= ORT_MAX_TOKENS:
-        ids = input_ids[0, :n].long()
-        types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids[0, :n].long()
+    # At batch size 1 the row's real tokens come first (the caller moved any left padding right); the inputs are
+    # on the CPU, read through numpy views.
+    if runner is not None and batch == 1 and (n := int(attention_mask.numpy()[0].sum())) <= ORT_MAX_TOKENS:
+        ids = np.ascontiguousarray(input_ids.numpy()[0, :n], dtype=np.int64)
+        types = np.zeros(n, np.int64) if token_type_ids is None else token_type_ids.numpy()[0, :n]
         with _stage("mp.ort_layers"):
-            result = run_lone_sequence(
-                runner, 0, (ids, types), thresholds, exit_after=_schedule_of(exit_schedule, 0), **lone
+            result = runner.run(
+                0,
+                (ids, np.ascontiguousarray(types, dtype=np.int64)),
+                thresholds,
+                exit_after=_schedule_of(exit_schedule, 0),
+                **lone,
             )
-        return _lone_output(config, n, result, return_exit_logits, early_exit)
+        return _lone_output(runner.shape, n, result, return_exit_logits, early_exit)
 
+    lengths = attention_mask.sum(dim=1, dtype=torch.int32)
     logits = torch.empty(batch, config.num_labels, dtype=dtype, device=device)
     exit_layer = torch.full((batch,), layers, dtype=torch.int64, device=device)
     kept_tokens = torch.zeros(batch, layers, dtype=torch.int64, device=device)
@@ -326,24 +330,17 @@ def packed_forward(
 
 
 def _lone_output(
-    config: MagicPyramidConfig, length: int, result: LoneResult, return_exit_logits: bool, early_exit: bool
+    shape: FlopsShape, length: int, result: LoneResult, return_exit_logits: bool, early_exit: bool
 ) -> MagicPyramidOutput:
-    """The model's output for a batch of one sequence of ``length`` tokens that ran entirely in ONNX Runtime, built
-    from host integers (its FLOPs by ``sequence_flops``)."""
-    layers = config.num_hidden_layers
-    kept = result.counts + [0] * (layers - len(result.counts))
-    every_exit_logits = None
-    if return_exit_logits:
-        every_exit_logits = torch.full((1, max(layers - 1, 0), config.num_labels), float("nan"))
-        if result.exit_logits:
-            every_exit_logits[0, : len(result.exit_logits)] = torch.cat(result.exit_logits)
-    flops = sequence_flops(config, length, kept, result.exit_layer, early_exit=early_exit)
+    """The model's output for a batch of one sequence of ``length`` tokens that ran entirely in ONNX Runtime, with
+    its FLOPs counted from host integers (``sequence_flops``)."""
+    flops = sequence_flops(shape, length, result.counts.tolist(), int(result.exit_layer), early_exit=early_exit)
     return MagicPyramidOutput(
         logits=result.logits,
-        exit_layer=torch.tensor([result.exit_layer]),
-        kept_tokens=torch.tensor([kept]),
-        flops=torch.tensor([flops]),
-        exit_logits=every_exit_logits,
+        exit_layer=result.exit_layer,
+        kept_tokens=result.counts[None],
+        flops=torch.from_numpy(np.array([flops])),
+        exit_logits=result.exit_logits[None] if return_exit_logits else None,
     )
 
 

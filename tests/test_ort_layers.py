@@ -1,4 +1,4 @@
-"""Specification of the ONNX Runtime runner of lone sequences (``mp_model.ort_layers``, ``mp_model.lone_sequence``,
+"""Specification of the ONNX Runtime runner of lone sequences (``mp_model.ort_layers``, ``mp_model.ort_graph``,
 ``engine="ort"``): the same decisions (kept tokens, exit layers, FLOPs) as the float64 oracle and logits within the
 float32 tolerance of the table in ``tests.utils``, at batch size 1 and after the other sequences of a batch exited;
 sessions follow the model's parameters; the engine is chosen where it runs and refused where it cannot.
