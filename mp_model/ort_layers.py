@@ -78,9 +78,10 @@ class LoneResult:
 class OrtLayers:
     """ONNX Runtime sessions of a model's graphs (see the module docstring); ``run`` builds each on first use.
 
-    ``source`` is the model as the graphs see it, ``shape`` its config's fields for FLOPs counts; ``parameters`` are the parameters the graphs copy and ``key``
-    their data pointers and versions when built (``ort_layers`` rebuilds on a change); ``shared`` keeps alive the
-    ``OrtValue`` views of the embedding tables, which the sessions read in place instead of copying.
+    ``source`` is the model as the graphs see it, ``shape`` its config's fields for FLOPs counts; ``parameters``
+    are the parameters the graphs copy and ``key`` their data pointers and versions when built (``ort_layers``
+    rebuilds on a change); ``shared`` keeps alive the ``OrtValue`` views of the embedding tables, which the
+    sessions read in place instead of copying.
     """
 
     source: ModelSource
