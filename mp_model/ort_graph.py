@@ -1,7 +1,9 @@
 """ONNX graphs of a lone sequence's remaining encoder layers, exits included, built from a model's own weights.
 
-``build_graph(source, key)`` returns the ``onnx.ModelProto`` of layers ``key.start`` to the last for one sequence
-of ``n`` tokens (``onnx.helper``, no export). Per layer, on ``x`` ``(n, d)``:
+``GraphBuilder(source, key).build()`` returns the ``onnx.ModelProto`` of a whole model on one sequence of ``n``
+token ids (``onnx.helper``, no export). First the embeddings (word + token type + position, LayerNorm), whose
+tables the session reads in place (``GraphBuilder.in_place``; the graph holds a one-row placeholder of each);
+then per layer, on ``x`` ``(n, d)``:
 
 * attention: the fused Q/K/V projection, then, where the layer prunes, the probabilities explicitly (softmax of
   ``(q * scale) k^T``), the context, and each token's importance (the column mean of the probabilities over
@@ -17,16 +19,14 @@ of ``n`` tokens (``onnx.helper``, no export). Per layer, on ``x`` ``(n, d)``:
   branch. One session call therefore runs a sequence to its exit, with no host round trip per layer.
 * after the last layer, the main classifier (pooler and output layer on the first token).
 
-A graph starting at the first layer may start from the token ids: the embeddings (word + token type + position,
-LayerNorm), whose tables the session reads in place (``GraphBuilder.in_place``; the graph holds a one-row
-placeholder of each).
+Each graph holds (and its session packs) a copy of the model's encoder weights, so there is one graph per
+setting (which layers prune, whether the sub-classifiers run, the thread count), never one per starting layer.
 
-Inputs: ``input_ids`` and ``token_type_ids`` ``(n,)`` int64 (``key.embed``) or ``hidden`` ``(n, d)`` float32;
-``thresholds`` ``(layers - start,)`` float32 where a layer prunes; ``tau`` ``(1,)`` float32 and ``exit_after``
-``(1,)`` int64 where an exit test runs. Outputs: ``logits`` ``(1, labels)`` (the exit's sub-classifier or the
-main classifier), ``exit_layer`` ``(1,)`` int64 (layers run in all), ``counts`` ``(layers - start,)`` int64 (the
-tokens kept after each layer, 0 after the exit) and, with ``key.heads``, ``exit_logits``
-``(layers - 1 - start, labels)`` (each sub-classifier run, NaN after the exit).
+Inputs: ``input_ids`` and ``token_type_ids`` ``(n,)`` int64; ``thresholds`` ``(layers,)`` float32 where a layer
+prunes; ``tau`` ``(1,)`` float32 and ``exit_after`` ``(1,)`` int64 where an exit test runs. Outputs: ``logits``
+``(1, labels)`` (the exit's sub-classifier or the main classifier), ``exit_layer`` ``(1,)`` int64 (layers run),
+``counts`` ``(layers,)`` int64 (the tokens kept after each layer, 0 after the exit) and, with ``key.heads``,
+``exit_logits`` ``(layers - 1, labels)`` (each sub-classifier run, NaN after the exit).
 """
 
 from __future__ import annotations
@@ -50,19 +50,16 @@ FLOAT, INT64 = 1, 7  # onnx.TensorProto's element types
 
 @dataclass(frozen=True)
 class GraphKey:
-    """Which graph: layers ``start`` to the last, which of them prune, whether it starts from token ids (the
-    embeddings run first), whether the sub-classifiers run (and the exit test with them), and the intra-op thread
-    count of its session."""
+    """Which graph: which layers prune, whether the sub-classifiers run (and the exit test with them), and the
+    intra-op thread count of its session."""
 
-    start: int
     prunes: tuple[bool, ...]
-    embed: bool
     heads: bool
     threads: int
 
     @property
     def exit_test(self) -> bool:
-        """Whether the graph takes ``tau`` and ``exit_after``: sub-classifiers run and a layer before the last runs."""
+        """Whether the graph takes ``tau`` and ``exit_after``: sub-classifiers run and there is more than one layer."""
         return self.heads and len(self.prunes) > 1
 
 
@@ -138,25 +135,19 @@ class GraphBuilder:
     def build(self) -> Any:
         """The ``onnx.ModelProto`` (see the module docstring)."""
         helper, key = self.helper, self.key
-        hidden = self.embed() if key.embed else "hidden"
-        logits, exit_layer, counts, exit_logits = self.layers_from(key.start, hidden)
+        logits, exit_layer, counts, exit_logits = self.layers_from(0, self.embed())
         outputs = {"logits": logits, "exit_layer": exit_layer, "counts": counts}
         if key.heads:
             outputs["exit_logits"] = exit_logits
         for name, value in outputs.items():
             self.node("Identity", [value], name)
-        if key.embed:
-            inputs = [
-                helper.make_tensor_value_info(name, INT64, ["tokens"]) for name in ("input_ids", "token_type_ids")
-            ]
-        else:
-            inputs = [helper.make_tensor_value_info("hidden", FLOAT, ["tokens", self.d])]
+        inputs = [helper.make_tensor_value_info(name, INT64, ["tokens"]) for name in ("input_ids", "token_type_ids")]
         if any(key.prunes):
             inputs.append(helper.make_tensor_value_info("thresholds", FLOAT, [len(key.prunes)]))
         if key.exit_test:
             inputs += [helper.make_tensor_value_info("tau", FLOAT, [1])]
             inputs += [helper.make_tensor_value_info("exit_after", INT64, [1])]
-        labels, after = self.source.num_labels, self.layer_count - key.start
+        labels, after = self.source.num_labels, self.layer_count
         declared = {
             "logits": (FLOAT, [1, labels]),
             "exit_layer": (INT64, [1]),
@@ -164,22 +155,23 @@ class GraphBuilder:
             "exit_logits": (FLOAT, [after - 1, labels]),
         }
         outputs = [helper.make_tensor_value_info(name, *declared[name]) for name in outputs]
-        graph = helper.make_graph(self.scopes[0], f"layers_from_{key.start}", inputs, outputs, self.initializers[0])
+        graph = helper.make_graph(self.scopes[0], "magic_pyramid", inputs, outputs, self.initializers[0])
         opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
         return helper.make_model(graph, opset_imports=opsets)
 
     def layers_from(self, index: int, x: str) -> tuple[str, str, str, str | None]:
         """Layers ``index`` to the last on ``x``, into the current scope: names of ``(logits, exit_layer, counts,
-        exit_logits)`` as the module docstring gives them for a graph starting at ``index`` (``exit_logits`` None
+        exit_logits)`` of these layers, as the module docstring gives them for the whole model (``exit_logits`` None
         without sub-classifiers)."""
-        position = index - self.key.start
-        hidden = self.layer(index, x, position if self.key.prunes[position] else None)
+        hidden = self.layer(index, x, index if self.key.prunes[index] else None)
         count = self.node("Shape", [hidden], f"l{index}.count", start=0, end=1)
         last = index == self.layer_count - 1
         if last:
             exit_layer = self.constant(f"l{index}.exit_layer", np.array([self.layer_count]))
+            if not self.key.heads:
+                return self.classify(hidden), exit_layer, count, None
             empty = self.constant(f"l{index}.no_exit_logits", np.zeros((0, self.source.num_labels), np.float32))
-            return self.classify(hidden), exit_layer, count, empty if self.key.heads else None
+            return self.classify(hidden), exit_layer, count, empty
         if not self.key.heads:
             logits, exit_layer, counts, _ = self.layers_from(index + 1, hidden)
             return logits, exit_layer, self.node("Concat", [count, counts], f"l{index}.counts", axis=0), None

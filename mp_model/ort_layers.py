@@ -4,8 +4,9 @@ At batch 1 on a CPU the packed path's time is the projections' GEMMs and the ope
 (``bench/NOTES.md``, "CPU path"): ONNX Runtime's MLAS GEMMs on weights it packs at load, its fused
 ``SkipLayerNormalization`` and ``BiasGelu``, and one session call instead of 25-45 PyTorch operators a layer,
 run the same layers faster. ``OrtLayers`` holds, per model, one ``InferenceSession`` for each graph
-(``mp_model.ort_graph``) the packed path asks for: layers ``start`` to the last, with the sub-classifiers and
-the exit test inside the graph, so that one call runs a sequence to its exit or to the main classifier.
+(``mp_model.ort_graph``) the packed path asks for: the whole model on one sequence's token ids, with the
+sub-classifiers and the exit test inside the graph, so that one call runs a sequence to its exit or to the main
+classifier.
 
 Sessions are built on first use and kept per model until one of its parameters changes (data pointer or version
 counter, as ``packed_path_weights`` checks its fused Q/K/V weights, which the graphs take); apart from the
@@ -62,10 +63,9 @@ class LoneResult:
     Attributes:
         logits: ``(1, labels)`` float32, of the sub-classifier it exited at or of the main classifier.
         exit_layer: ``(1,)`` int64, the layers it ran in all.
-        counts: ``(layers - start,)`` int64, the tokens kept after each layer from the run's first on (0 after
-            the exit).
-        exit_logits: ``(layers - 1 - start, labels)`` float32, each sub-classifier's logits from the run's first
-            layer on (NaN after the exit); None where the sub-classifiers did not run.
+        counts: ``(layers,)`` int64, the tokens kept after each layer (0 after the exit).
+        exit_logits: ``(layers - 1, labels)`` float32, each sub-classifier's logits (NaN after the exit); None
+            where the sub-classifiers did not run.
     """
 
     logits: torch.Tensor
@@ -93,8 +93,8 @@ class OrtLayers:
 
     def run(
         self,
-        start: int,
-        inputs: np.ndarray | tuple[np.ndarray, np.ndarray],
+        input_ids: np.ndarray,
+        token_type_ids: np.ndarray,
         thresholds: list[float],
         *,
         tau: float,
@@ -102,22 +102,20 @@ class OrtLayers:
         exit_after: int | None,
         return_exit_logits: bool,
     ) -> LoneResult:
-        """Layers ``start`` to the last on one sequence, in one session call.
+        """The model on one sequence's token ids and token type ids ``(n,)`` int64 (C-contiguous), in one session
+        call.
 
-        ``inputs``: the hidden states ``(n, d)`` float32 entering layer ``start``, or, with ``start == 0``, the
-        token ids and token type ids ``(n,)`` int64 (the embeddings run in the session); C-contiguous.
-        ``thresholds``: each layer's pruning threshold from ``start`` on (already scaled; ``<= 0``: the layer
-        does not prune). With ``early_exit`` the sequence leaves after the first layer whose sub-classifier's
-        uncertainty is at most ``tau`` (``entropy_exit``'s rule, in float32), or, given ``exit_after`` (a replayed
-        schedule), after that layer. ``return_exit_logits`` runs every sub-classifier also without ``early_exit``.
+        ``thresholds``: each layer's pruning threshold (already scaled; ``<= 0``: the layer does not prune). With
+        ``early_exit`` the sequence leaves after the first layer whose sub-classifier's uncertainty is at most
+        ``tau`` (``entropy_exit``'s rule, in float32), or, given ``exit_after`` (a replayed schedule), after that
+        layer. ``return_exit_logits`` runs every sub-classifier also without ``early_exit``.
         """
         prunes = tuple(t > 0.0 for t in thresholds)
-        embed = isinstance(inputs, tuple)
-        key = GraphKey(start, prunes, embed, early_exit or return_exit_logits, torch.get_num_threads())
+        key = GraphKey(prunes, early_exit or return_exit_logits, torch.get_num_threads())
         session = self.sessions.get(key)
         if session is None:
             session = self.sessions[key] = self._session(key)
-        feeds = {"input_ids": inputs[0], "token_type_ids": inputs[1]} if embed else {"hidden": inputs}
+        feeds = {"input_ids": input_ids, "token_type_ids": token_type_ids}
         if any(prunes):
             feeds["thresholds"] = np.asarray(thresholds, dtype=np.float32)
         if key.exit_test:  # -1 never passes: the uncertainty lies in [0, 1] (or is NaN), layers count from 1
