@@ -12,36 +12,12 @@ inference paths and for ``mp eval``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 from transformers import BertConfig
 
 Count = TypeVar("Count", int, torch.Tensor)
-
-
-@dataclass(frozen=True)
-class FlopsShape:
-    """The config fields the counts read, copied out of a model's config for hot paths: a transformers config's
-    attribute read costs about a microsecond (ten on cold caches), a plain object's a few tens of nanoseconds.
-    Every function here takes either."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_labels: int
-    exit_hidden_size: int
-
-    @classmethod
-    def of(cls, config: BertConfig) -> FlopsShape:
-        return cls(
-            config.hidden_size,
-            config.intermediate_size,
-            config.num_hidden_layers,
-            config.num_labels,
-            getattr(config, "exit_hidden_size", 128),
-        )
 
 
 def attention_macs(config: BertConfig, n: Count) -> Count:
@@ -107,7 +83,7 @@ def flops_from_outputs(
 
 
 def sequence_flops(
-    config: BertConfig | FlopsShape, length: int, kept_tokens: list[int], exit_layer: int, *, early_exit: bool
+    config: BertConfig, length: int, kept_tokens: list[int], exit_layer: int, *, early_exit: bool
 ) -> int:
     """``flops_from_outputs`` for one example from host integers (the lone-sequence path, with no tensor work).
 

@@ -14,12 +14,11 @@ varlen bucketing and a single sequence is pruned with one comparison; layers who
 importance; exits are counted once per layer on the host, and no compaction runs when no sequence exits;
 profiler ranges are opened only while a profiler runs.
 
-With ``use_ort`` (the model's default on a CPU in float32), a batch of one sequence of at most ``ORT_MAX_TOKENS``
-tokens skips this loop: ONNX Runtime (``mp_model.ort_layers``) runs it to its exit in one session call, from its
-token ids read through numpy (no PyTorch operator). That is where the per-operator overhead above dominated.
-Batches of several sequences and long sequences keep the loop, whose time is in GEMMs over many rows, to the end:
-handing a batch's last sequence over mid-way would need a session per starting layer, each with its own copy of
-the remaining layers' weights (BERT-base ran out of 24 GiB that way).
+With ``use_ort`` (the model's default on a CPU in float32), a lone sequence of at most ``ORT_MAX_TOKENS`` tokens
+leaves this loop for ONNX Runtime (``mp_model.lone_sequence``): at batch size 1 from its token ids, else from the
+layer where every other sequence has exited or pruning brought it under the limit. That is where the
+per-operator overhead above dominated; batches of several sequences and long sequences keep the loop, whose time
+is in GEMMs over many rows.
 """
 
 from __future__ import annotations
@@ -35,13 +34,14 @@ from torch.profiler import record_function
 from mp_kernels import drop_sequences, entropy_exit, prune_tokens, scatter_rows, varlen_attention
 from mp_kernels.dispatch import choose_backend
 from mp_model.exit_head import exit_logits
-from mp_model.flops import FlopsShape, flops_from_outputs, sequence_flops
+from mp_model.flops import flops_from_outputs, sequence_flops
 from mp_model.fused_weights import LayerProjections, packed_path_weights
-from mp_model.ort_layers import LoneResult, ort_layers
+from mp_model.lone_sequence import LoneResult, run_lone_sequence
+from mp_model.ort_layers import OrtLayers, ort_layers
 from mp_model.outputs import MagicPyramidOutput
 
-# A batch of one sequence goes to ONNX Runtime when it has at most this many tokens. Above it the PyTorch loop is as
-# fast or faster (MiniLM, one thread, batch 1: dense 0.91-0.96x ORT's time from 128 to 512 tokens, its per-operator
+# A lone sequence goes to ONNX Runtime once it has at most this many tokens. Above it the PyTorch loop is as fast
+# or faster (MiniLM, one thread, batch 1: dense 0.91-0.96x ORT's time from 128 to 512 tokens, its per-operator
 # overhead then negligible; 0.82x at 32 tokens; bench/NOTES.md, "CPU path").
 ORT_MAX_TOKENS = 128
 
@@ -156,6 +156,46 @@ def _torch_layer(
     return hidden, cu_seqlens, max_seqlen, uniform
 
 
+def _schedule_of(exit_schedule: torch.Tensor | None, row: int) -> int | None:
+    """Row ``row``'s exit layer in the replayed schedule (None without one)."""
+    return None if exit_schedule is None else int(exit_schedule[row])
+
+
+def _run_lone(
+    start: int,
+    inputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    exit_after: int | None,
+    row: int,
+    logits: torch.Tensor,
+    exit_layer: torch.Tensor,
+    kept_tokens: torch.Tensor,
+    every_exit_logits: torch.Tensor | None,
+    runner: OrtLayers,
+    thresholds: list[float],
+    *,
+    tau: float,
+    early_exit: bool,
+    return_exit_logits: bool,
+) -> None:
+    """Layers ``start`` onwards of the lone sequence of batch row ``row`` (``run_lone_sequence``), its results
+    written to that row of the outputs."""
+    result = run_lone_sequence(
+        runner,
+        start,
+        inputs,
+        thresholds,
+        tau=tau,
+        early_exit=early_exit,
+        exit_after=exit_after,
+        return_exit_logits=return_exit_logits,
+    )
+    logits[row] = result.logits[0]
+    exit_layer[row] = result.exit_layer
+    kept_tokens[row, start : start + len(result.counts)] = torch.tensor(result.counts)
+    if every_exit_logits is not None and result.exit_logits:
+        every_exit_logits[row, start : start + len(result.exit_logits)] = torch.cat(result.exit_logits)
+
+
 @torch.no_grad()
 def packed_forward(
     model: MagicPyramidForSequenceClassification,
@@ -180,8 +220,9 @@ def packed_forward(
     exits after layer ``exit_schedule[i]`` (its sub-classifier still runs), for benchmarks that replay a measured
     exit pattern. ``return_exit_logits`` runs every sub-classifier on every example still present and returns
     their logits (``MagicPyramidOutput.exit_logits``), for evaluations that simulate early exit offline.
-    ``use_ort`` (float32 on a CPU, ``mp_model.ort_layers.supports``) runs a batch of one sequence of at most
-    ``ORT_MAX_TOKENS`` tokens through ONNX Runtime (``mp_model.ort_layers``), in one session call.
+    ``use_ort`` (float32 on a CPU, ``mp_model.ort_layers.supports``) runs a lone sequence of at most
+    ``ORT_MAX_TOKENS`` tokens through ONNX Runtime (``mp_model.lone_sequence``): at batch size 1 from its token
+    ids on, else from the first layer it enters alone and short enough.
 
     While a profiler runs, each stage runs inside a ``torch.profiler.record_function`` range named ``mp.<stage>``
     (``qkv``, ``attention``, ``attention_output``, ``prune``, ``feed_forward``, ``exit_head``, ``exit_test``,
@@ -196,26 +237,21 @@ def packed_forward(
     device = input_ids.device
 
     dtype = bert.embeddings.word_embeddings.weight.dtype
-    thresholds = [t * threshold_scale for t in model.thresholds.detach().tolist()] if prune else [0.0] * layers
-    runner = ort_layers(model) if use_ort else None
-    # At batch size 1 the row's real tokens come first (the caller moved any left padding right); the inputs are
-    # on the CPU, read through numpy views.
-    if runner is not None and batch == 1 and (n := int(attention_mask.numpy()[0].sum())) <= ORT_MAX_TOKENS:
-        ids = np.ascontiguousarray(input_ids.numpy()[0, :n], dtype=np.int64)
-        types = np.zeros(n, np.int64) if token_type_ids is None else token_type_ids.numpy()[0, :n]
-        with _stage("mp.ort_layers"):
-            result = runner.run(
-                ids,
-                np.ascontiguousarray(types, dtype=np.int64),
-                thresholds,
-                tau=tau,
-                early_exit=early_exit,
-                exit_after=None if exit_schedule is None else int(exit_schedule.numpy()[0]),
-                return_exit_logits=return_exit_logits,
-            )
-        return _lone_output(runner.shape, n, result, return_exit_logits, early_exit)
-
     lengths = attention_mask.sum(dim=1, dtype=torch.int32)
+    thresholds = (model.thresholds.detach().double() * threshold_scale).tolist() if prune else [0.0] * layers
+    # A lone sequence (here at batch size 1, or once the others exited) runs through ONNX Runtime sessions.
+    runner = ort_layers(model) if use_ort else None
+    lone = dict(tau=tau, early_exit=early_exit, return_exit_logits=return_exit_logits)
+    # At batch size 1 the row's real tokens come first (the caller moved any left padding right).
+    if runner is not None and batch == 1 and (n := int(lengths[0])) <= ORT_MAX_TOKENS:
+        ids = input_ids[0, :n].long()
+        types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids[0, :n].long()
+        with _stage("mp.ort_layers"):
+            result = run_lone_sequence(
+                runner, 0, (ids, types), thresholds, exit_after=_schedule_of(exit_schedule, 0), **lone
+            )
+        return _lone_output(config, n, result, return_exit_logits, early_exit)
+
     logits = torch.empty(batch, config.num_labels, dtype=dtype, device=device)
     exit_layer = torch.full((batch,), layers, dtype=torch.int64, device=device)
     kept_tokens = torch.zeros(batch, layers, dtype=torch.int64, device=device)
@@ -241,6 +277,11 @@ def packed_forward(
     with_heads = early_exit or return_exit_logits
 
     for index, layer in enumerate(bert.encoder.layer):
+        if runner is not None and alive == 1 and hidden.shape[0] <= ORT_MAX_TOKENS:
+            row = int(seq_index[0])
+            with _stage("mp.ort_layers"):
+                _run_lone(index, hidden, _schedule_of(exit_schedule, row), row, *outputs, runner, thresholds, **lone)
+            break
         state = (hidden, cu_seqlens, max_seqlen, uniform, alive, thresholds[index], heads, backend, inline)
         hidden, cu_seqlens, max_seqlen, uniform = _torch_layer(layer, projections[index], *state)
         kept_tokens[seq_index, index] = uniform if uniform is not None else (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -285,17 +326,24 @@ def packed_forward(
 
 
 def _lone_output(
-    shape: FlopsShape, length: int, result: LoneResult, return_exit_logits: bool, early_exit: bool
+    config: MagicPyramidConfig, length: int, result: LoneResult, return_exit_logits: bool, early_exit: bool
 ) -> MagicPyramidOutput:
-    """The model's output for a batch of one sequence of ``length`` tokens that ran entirely in ONNX Runtime, with
-    its FLOPs counted from host integers (``sequence_flops``)."""
-    flops = sequence_flops(shape, length, result.counts.tolist(), int(result.exit_layer), early_exit=early_exit)
+    """The model's output for a batch of one sequence of ``length`` tokens that ran entirely in ONNX Runtime, built
+    from host integers (its FLOPs by ``sequence_flops``)."""
+    layers = config.num_hidden_layers
+    kept = result.counts + [0] * (layers - len(result.counts))
+    every_exit_logits = None
+    if return_exit_logits:
+        every_exit_logits = torch.full((1, max(layers - 1, 0), config.num_labels), float("nan"))
+        if result.exit_logits:
+            every_exit_logits[0, : len(result.exit_logits)] = torch.cat(result.exit_logits)
+    flops = sequence_flops(config, length, kept, result.exit_layer, early_exit=early_exit)
     return MagicPyramidOutput(
         logits=result.logits,
-        exit_layer=result.exit_layer,
-        kept_tokens=result.counts[None],
-        flops=torch.from_numpy(np.array([flops])),
-        exit_logits=result.exit_logits[None] if return_exit_logits else None,
+        exit_layer=torch.tensor([result.exit_layer]),
+        kept_tokens=torch.tensor([kept]),
+        flops=torch.tensor([flops]),
+        exit_logits=every_exit_logits,
     )
 
 
