@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from transformers.utils import ModelOutput
@@ -29,18 +29,6 @@ class MagicPyramidOutput(ModelOutput):
     kept_tokens: torch.Tensor | None = None
     flops: torch.Tensor | None = None
     exit_logits: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        """Set the dict entries of the fields given, as ``ModelOutput`` does, without its checks of the class
-        (fixed here, all fields optional) and of a first field given as an iterable: those cost about 20 us
-        per output, a tenth of a lone short sequence's host time (``bench/NOTES.md``, "CPU path")."""
-        for name in OUTPUT_FIELDS:
-            value = self.__dict__[name]
-            if value is not None:
-                self[name] = value
-
-
-OUTPUT_FIELDS = tuple(field.name for field in fields(MagicPyramidOutput))
 
 
 @dataclass
