@@ -1,38 +1,27 @@
 """A lone sequence's remaining layers through ONNX Runtime sessions (``mp_model.ort_layers``), exits included.
 
-The packed path hands a sequence over once it is the only one left (at batch size 1 from the start, with its token
-ids, so that the embeddings run in the first session too): without sub-classifiers all remaining layers and the
-main classifier are one session call; with them, one call per layer, each returning the layer's sub-classifier
-logits and their uncertainty, which the exit test compares with ``tau`` on the host (``mp_kernels.entropy_exit``'s
-rule: exit when ``uncertainty <= tau``; NaN never exits), or the replayed schedule's layer, to decide whether the
-next layer runs.
+The packed path hands a sequence over once it is the only one left: at batch size 1 from the start, with its token
+ids, so that the embeddings run in the session too, or after the other sequences of its batch exited. Without
+sub-classifiers all remaining layers and the main classifier are one session call. With them, a sequence from its
+token ids is one call too, the exit test inside the graph (``OrtLayers.run_to_exit``); a sequence handed over at a
+later layer runs one call per layer, each returning the layer's sub-classifier logits and their uncertainty, which
+the exit test compares with ``tau`` on the host (``mp_kernels.entropy_exit``'s rule: exit when
+``uncertainty <= tau``; NaN never exits), or the replayed schedule's layer, to decide whether the next layer
+runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
+import numpy as np
 import torch
 
-from mp_model.ort_layers import OrtLayers
-
-
-@dataclass
-class LoneResult:
-    """What the remaining layers gave: ``logits`` ``(1, labels)`` (of the sub-classifier the sequence exited at,
-    or the main classifier), ``exit_layer`` (layers run in all), the token count after each layer run here, and the
-    sub-classifier logits ``(1, labels)`` of each of those layers but the last one of the model."""
-
-    logits: torch.Tensor
-    exit_layer: int
-    counts: list[int]
-    exit_logits: list[torch.Tensor] = field(default_factory=list)
+from mp_model.ort_layers import LoneResult, OrtLayers
 
 
 def run_lone_sequence(
     runner: OrtLayers,
     start: int,
-    inputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    inputs: torch.Tensor | tuple[np.ndarray, np.ndarray],
     thresholds: list[float],
     *,
     tau: float,
@@ -43,24 +32,28 @@ def run_lone_sequence(
     """Layers ``start`` onwards on one sequence.
 
     ``inputs``: hidden states ``(n, d)`` float32 entering layer ``start``, or (``start == 0``) token ids and token
-    type ids ``(n,)`` int64. ``thresholds``: every layer's scaled pruning threshold. ``exit_after``: the replayed
-    schedule's exit layer for this sequence (None: the entropy test at ``tau``). ``return_exit_logits``: run every
-    sub-classifier (also without ``early_exit``).
+    type ids ``(n,)`` int64 numpy arrays. ``thresholds``: every layer's scaled pruning threshold. ``exit_after``:
+    the replayed schedule's exit layer for this sequence (None: the entropy test at ``tau``).
+    ``return_exit_logits``: run every sub-classifier (also without ``early_exit``).
     """
-    layers = len(runner.layers)
+    layers = runner.layer_count
     if not (early_exit or return_exit_logits):
         run = runner.run(start, layers, inputs, thresholds[start:], exit_head=False)
-        return LoneResult(run.logits, layers, run.counts)
-    result = LoneResult(torch.empty(0), layers, [])
+        return LoneResult(run.logits, layers, run.counts, None)
+    if isinstance(inputs, tuple):
+        return runner.run_to_exit(inputs, thresholds, tau if early_exit else -1.0, exit_after if early_exit else None)
+    counts = torch.zeros(layers - start, dtype=torch.int64)
+    exit_logits = torch.full((layers - 1 - start, runner.source.num_labels), float("nan"))
+    result = LoneResult(exit_logits[:0], layers, counts, exit_logits)
     for index in range(start, layers):
         head = index < layers - 1
         run = runner.run(index, index + 1, inputs, thresholds[index : index + 1], exit_head=head)
         inputs = run.hidden
-        result.counts += run.counts
+        counts[index - start] = run.counts[0]
         if not head:
             result.logits = run.logits
             break
-        result.exit_logits.append(run.exit_logits)
+        exit_logits[index - start] = run.exit_logits[0]
         leaves = run.uncertainty <= tau if exit_after is None else exit_after == index + 1
         if early_exit and leaves:
             result.logits, result.exit_layer = run.exit_logits, index + 1

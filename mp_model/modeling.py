@@ -180,7 +180,8 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         self.exits = nn.ModuleList(ExitClassifier(config) for _ in range(config.num_hidden_layers - 1))
         self.thresholds = nn.Parameter(torch.tensor(config.prune_thresholds, dtype=torch.float32))
         self._graph_engine: GraphEngine | None = None
-        self._thresholds_checked: tuple[int, int] = (-1, -1)
+        # The thresholds' (data pointer, version) at the last successful check, and their values then.
+        self._thresholds_checked: tuple[tuple[int, int], list[float]] = ((-1, -1), [])
         self.post_init()
 
     @property
@@ -209,16 +210,19 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
             self.thresholds.copy_(values.to(self.thresholds.device))
         self.config.prune_thresholds = host
 
-    def _check_learned_thresholds(self) -> None:
-        """Raise if a learned threshold is NaN or infinite (it would silently stop or break that layer's pruning).
+    def checked_thresholds(self) -> list[float]:
+        """The learned thresholds as float64 values; raise if one is NaN or infinite (it would silently stop or
+        break that layer's pruning).
 
         The thresholds are read back only when the parameter changed since the last successful check (its
         storage or version), so steady-state inference reads nothing.
         """
         seen = (self.thresholds.data_ptr(), self.thresholds._version)
-        if seen != self._thresholds_checked:
-            check_thresholds(self.thresholds.detach().double().cpu().tolist(), "thresholds")
-            self._thresholds_checked = seen
+        if seen != self._thresholds_checked[0]:
+            values = self.thresholds.detach().double().cpu().tolist()
+            check_thresholds(values, "thresholds")
+            self._thresholds_checked = (seen, values)
+        return self._thresholds_checked[1]
 
     def save_pretrained(self, *args: object, **kwargs: object) -> None:
         """Save weights (safetensors) and config; the config records the current thresholds."""
@@ -315,7 +319,7 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         if not return_exit_logits and (engine == "graph" or (engine is None and input_ids.is_cuda)):
             return self.graph_engine(input_ids, attention_mask, token_type_ids, **knobs)
         if knobs["prune"]:
-            self._check_learned_thresholds()
+            self.checked_thresholds()
         return packed_forward(
             self,
             input_ids,
@@ -324,6 +328,7 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
             max_length=max_length,
             return_exit_logits=return_exit_logits,
             use_ort=ort_runs,
+            lone_length=max_length if validate else None,
             **knobs,
         )
 
@@ -346,7 +351,7 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         _check_knobs(0.0, float(threshold_scale))
         attention_mask, _, left_padded = _check_inputs(self.config, input_ids, attention_mask, token_type_ids)
         if mask_mode != "none":
-            self._check_learned_thresholds()
+            self.checked_thresholds()
         inputs = (input_ids, attention_mask, token_type_ids)
         if left_padded:
             shifts = _shifts(attention_mask)

@@ -191,9 +191,9 @@ def _run_lone(
     )
     logits[row] = result.logits[0]
     exit_layer[row] = result.exit_layer
-    kept_tokens[row, start : start + len(result.counts)] = torch.tensor(result.counts)
-    if every_exit_logits is not None and result.exit_logits:
-        every_exit_logits[row, start : start + len(result.exit_logits)] = torch.cat(result.exit_logits)
+    kept_tokens[row, start:] = result.counts
+    if every_exit_logits is not None and result.exit_logits is not None:
+        every_exit_logits[row, start:] = result.exit_logits
 
 
 @torch.no_grad()
@@ -212,6 +212,7 @@ def packed_forward(
     exit_schedule: torch.Tensor | None = None,
     return_exit_logits: bool = False,
     use_ort: bool = False,
+    lone_length: int | None = None,
 ) -> MagicPyramidOutput:
     """Run validated inputs ``(batch, seq)`` through the model; see ``MagicPyramidForSequenceClassification``.
 
@@ -222,7 +223,8 @@ def packed_forward(
     their logits (``MagicPyramidOutput.exit_logits``), for evaluations that simulate early exit offline.
     ``use_ort`` (float32 on a CPU, ``mp_model.ort_layers.supports``) runs a lone sequence of at most
     ``ORT_MAX_TOKENS`` tokens through ONNX Runtime (``mp_model.lone_sequence``): at batch size 1 from its token
-    ids on, else from the first layer it enters alone and short enough.
+    ids on, else from the first layer it enters alone and short enough. ``lone_length``: at batch size 1, the
+    row's real length where the caller knows it (from validation), else None (read from the mask).
 
     While a profiler runs, each stage runs inside a ``torch.profiler.record_function`` range named ``mp.<stage>``
     (``qkv``, ``attention``, ``attention_output``, ``prune``, ``feed_forward``, ``exit_head``, ``exit_test``,
@@ -237,21 +239,22 @@ def packed_forward(
     device = input_ids.device
 
     dtype = bert.embeddings.word_embeddings.weight.dtype
-    lengths = attention_mask.sum(dim=1, dtype=torch.int32)
-    thresholds = (model.thresholds.detach().double() * threshold_scale).tolist() if prune else [0.0] * layers
+    # Python floats multiply as float64 tensors do.
+    thresholds = [t * threshold_scale for t in model.checked_thresholds()] if prune else [0.0] * layers
     # A lone sequence (here at batch size 1, or once the others exited) runs through ONNX Runtime sessions.
     runner = ort_layers(model) if use_ort else None
     lone = dict(tau=tau, early_exit=early_exit, return_exit_logits=return_exit_logits)
     # At batch size 1 the row's real tokens come first (the caller moved any left padding right).
-    if runner is not None and batch == 1 and (n := int(lengths[0])) <= ORT_MAX_TOKENS:
-        ids = input_ids[0, :n].long()
-        types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids[0, :n].long()
+    if runner is not None and batch == 1 and (n := lone_length or int(attention_mask.sum())) <= ORT_MAX_TOKENS:
+        # numpy's slicing costs a fraction of torch's on one small row (bench/NOTES.md, "CPU path").
+        ids = input_ids.numpy()[0, :n].astype(np.int64, copy=False)
+        types = np.zeros_like(ids) if token_type_ids is None else token_type_ids.numpy()[0, :n].astype(np.int64)
+        exit_after = None if exit_schedule is None else int(exit_schedule.item())
         with _stage("mp.ort_layers"):
-            result = run_lone_sequence(
-                runner, 0, (ids, types), thresholds, exit_after=_schedule_of(exit_schedule, 0), **lone
-            )
+            result = run_lone_sequence(runner, 0, (ids, types), thresholds, exit_after=exit_after, **lone)
         return _lone_output(config, n, result, return_exit_logits, early_exit)
 
+    lengths = attention_mask.sum(dim=1, dtype=torch.int32)
     logits = torch.empty(batch, config.num_labels, dtype=dtype, device=device)
     exit_layer = torch.full((batch,), layers, dtype=torch.int64, device=device)
     kept_tokens = torch.zeros(batch, layers, dtype=torch.int64, device=device)
@@ -328,21 +331,16 @@ def packed_forward(
 def _lone_output(
     config: MagicPyramidConfig, length: int, result: LoneResult, return_exit_logits: bool, early_exit: bool
 ) -> MagicPyramidOutput:
-    """The model's output for a batch of one sequence of ``length`` tokens that ran entirely in ONNX Runtime, built
-    from host integers (its FLOPs by ``sequence_flops``)."""
-    layers = config.num_hidden_layers
-    kept = result.counts + [0] * (layers - len(result.counts))
-    every_exit_logits = None
-    if return_exit_logits:
-        every_exit_logits = torch.full((1, max(layers - 1, 0), config.num_labels), float("nan"))
-        if result.exit_logits:
-            every_exit_logits[0, : len(result.exit_logits)] = torch.cat(result.exit_logits)
-    flops = sequence_flops(config, length, kept, result.exit_layer, early_exit=early_exit)
+    """The model's output for a batch of one sequence of ``length`` tokens that ran entirely in ONNX Runtime (its
+    FLOPs by ``sequence_flops``, from host integers)."""
+    every_exit_logits = result.exit_logits[None] if return_exit_logits else None
+    flops = sequence_flops(config, length, result.counts.tolist(), result.exit_layer, early_exit=early_exit)
     return MagicPyramidOutput(
         logits=result.logits,
-        exit_layer=torch.tensor([result.exit_layer]),
-        kept_tokens=torch.tensor([kept]),
-        flops=torch.tensor([flops]),
+        # torch.from_numpy of a numpy array: about half torch.tensor's time with cold caches (bench/NOTES.md).
+        exit_layer=torch.from_numpy(np.array([result.exit_layer])),
+        kept_tokens=result.counts[None],
+        flops=torch.from_numpy(np.array([flops])),
         exit_logits=every_exit_logits,
     )
 

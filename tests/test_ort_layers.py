@@ -99,8 +99,9 @@ def test_a_long_sequence_is_handed_over_once_pruning_shortens_it(monkeypatch) ->
 def test_every_exit_logit_and_a_replayed_schedule_at_batch_size_one() -> None:
     exact, model = models()
     batch = random_batch([23], TINY["vocab_size"], seed=3)
-    for schedule in (0, 2, 3, 7):
-        knobs = dict(prune=True, early_exit=True, exit_schedule=torch.tensor([schedule]), return_exit_logits=True)
+    never = dict(prune=True, early_exit=False, return_exit_logits=True)  # every sub-classifier, no exit
+    for schedule in (0, 2, 3, 7, None):
+        knobs = never if schedule is None else dict(never, early_exit=True, exit_schedule=torch.tensor([schedule]))
         ours = model(**batch, **knobs, engine="ort", backend="torch")
         reference = exact(**batch, **knobs, engine="packed", backend="torch")
         assert ours.exit_layer.tolist() == reference.exit_layer.tolist(), f"schedule {schedule}"
@@ -178,3 +179,23 @@ def test_every_fused_activation_computes_the_models_own(activation: str) -> None
     knobs = dict(prune=False, early_exit=False, backend="torch")
     ours = model(**batch, **knobs, engine="ort")
     assert_close(ours.logits, exact(**batch, **knobs, engine="packed").logits, torch.float32)
+
+
+def test_a_lone_sequence_runs_to_its_exit_in_one_session_call(monkeypatch) -> None:
+    import onnxruntime
+
+    _, model = models()
+    batch = random_batch(LENGTHS, TINY["vocab_size"], seed=2)
+    calls = []
+    run = onnxruntime.InferenceSession.run
+    monkeypatch.setattr(
+        onnxruntime.InferenceSession, "run", lambda self, *a, **k: calls.append(1) or run(self, *a, **k)
+    )
+    exit_layers = set()
+    for row, n in enumerate(LENGTHS):
+        ids, types = batch["input_ids"][row : row + 1, :n], batch["token_type_ids"][row : row + 1, :n]
+        calls.clear()
+        out = model(ids, torch.ones_like(ids), types, **MIXED_EXITS, engine="ort", backend="torch")
+        assert len(calls) == 1, f"length {n}: the exit test runs inside the session, no call per layer"
+        exit_layers.add(int(out.exit_layer[0]))
+    assert len(exit_layers) > 1, "some sequences exit early, others run every layer"
