@@ -44,7 +44,7 @@ def run_lone_sequence(
         return runner.run_to_exit(inputs, thresholds, tau if early_exit else -1.0, exit_after if early_exit else None)
     counts = torch.zeros(layers - start, dtype=torch.int64)
     exit_logits = torch.full((layers - 1 - start, runner.source.num_labels), float("nan"))
-    result = LoneResult(exit_logits[:0], layers, counts, exit_logits)
+    result = LoneResult(torch.empty(0, runner.source.num_labels), layers, counts, exit_logits)  # logits set below
     for index in range(start, layers):
         head = index < layers - 1
         run = runner.run(index, index + 1, inputs, thresholds[index : index + 1], exit_head=head)
@@ -54,7 +54,8 @@ def run_lone_sequence(
             result.logits = run.logits
             break
         exit_logits[index - start] = run.exit_logits[0]
-        leaves = run.uncertainty <= tau if exit_after is None else exit_after == index + 1
+        # In float32, as ``entropy_exit`` and the graph's exit test compare (NaN never passes).
+        leaves = run.uncertainty <= np.float32(tau) if exit_after is None else exit_after == index + 1
         if early_exit and leaves:
             result.logits, result.exit_layer = run.exit_logits, index + 1
             break

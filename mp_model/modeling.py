@@ -215,7 +215,10 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         break that layer's pruning).
 
         The thresholds are read back only when the parameter changed since the last successful check (its
-        storage or version), so steady-state inference reads nothing.
+        storage or version counter), so steady-state inference reads nothing. Change them with
+        ``set_thresholds`` or any in-place operation on the parameter; a write through ``thresholds.data`` leaves
+        the version counter unchanged and is not seen, as for the weights the packed path, the ONNX Runtime
+        sessions and the GPU engine derive their copies from.
         """
         seen = (self.thresholds.data_ptr(), self.thresholds._version)
         if seen != self._thresholds_checked[0]:
@@ -318,8 +321,6 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         )
         if not return_exit_logits and (engine == "graph" or (engine is None and input_ids.is_cuda)):
             return self.graph_engine(input_ids, attention_mask, token_type_ids, **knobs)
-        if knobs["prune"]:
-            self.checked_thresholds()
         return packed_forward(
             self,
             input_ids,

@@ -126,16 +126,15 @@ class GraphBuilder:
         self.layer_count = len(source.layers)
 
     def shared(self, name: str) -> str:
-        """The graph-wide constant ``name`` (``axis0``, ``zero``, ``one``, ``two``, ``minus_one`` or ``heads``),
-        added on first use."""
+        """The graph-wide constant ``name`` (``zero``, ``one``, ``two``, ``minus_one``: ``(1,)`` int64; ``heads``:
+        a float32 scalar), added on first use."""
         if name not in self.shared_names:
             self.shared_names.add(name)
             values = {
-                "axis0": np.array([0]),
-                "zero": np.array([0]),
-                "one": np.array([1]),
-                "two": np.array([2]),
-                "minus_one": np.array([-1]),
+                "zero": np.array([0], np.int64),
+                "one": np.array([1], np.int64),
+                "two": np.array([2], np.int64),
+                "minus_one": np.array([-1], np.int64),
                 "heads": np.array(float(self.heads), np.float32),
             }
             self.constant(name, values[name], scope=0)
@@ -213,7 +212,7 @@ class GraphBuilder:
         hidden = self.layer(index, x, position if self.key.prunes[position] else None)
         count = self.node("Shape", [hidden], f"l{index}.count", start=0, end=1)
         if index == self.layer_count - 1:
-            exit_layer = self.constant(f"l{index}.exit_layer", np.array([self.layer_count]))
+            exit_layer = self.constant(f"l{index}.exit_layer", np.array([self.layer_count], np.int64))
             empty = self.constant(f"l{index}.no_exit_logits", np.zeros((0, self.source.num_labels), np.float32))
             return self.classify(hidden), exit_layer, count, empty
         head_logits = self.exit_head(index, hidden)
@@ -221,7 +220,7 @@ class GraphBuilder:
         p, later = f"l{index}.", self.layer_count - 1 - index
         self.open_scope()
         stay = [
-            self.constant(p + "left_at", np.array([index + 1])),
+            self.constant(p + "left_at", np.array([index + 1], np.int64)),
             self.constant(p + "no_counts", np.zeros(later, np.int64)),
             self.constant(p + "no_exit_logits", np.full((later - 1, self.source.num_labels), np.nan, np.float32)),
         ]
@@ -263,7 +262,7 @@ class GraphBuilder:
         types = self.read_in_place("embed.type", embeddings.token_type_embeddings.weight)
         positions = self.read_in_place("embed.position", embeddings.position_embeddings.weight)
         n = self.node("Shape", ["input_ids"], "embed.n")
-        position = self.node("Slice", [positions, self.shared("axis0"), n], "embed.positions")
+        position = self.node("Slice", [positions, self.shared("zero"), n], "embed.positions")
         summed = self.node(
             "Add",
             [
@@ -308,10 +307,10 @@ class GraphBuilder:
 
     def fused_attention(self, p: str, x: str, weight: torch.Tensor, bias: torch.Tensor) -> str:
         """Context ``(n, d)`` by ORT's ``Attention`` (the Q/K/V projection inside), no importance."""
-        batched = self.node("Unsqueeze", [x, self.shared("axis0")], p + "batched")
+        batched = self.node("Unsqueeze", [x, self.shared("zero")], p + "batched")
         inputs = [batched, self.constant(p + "wqkv", weight), self.constant(p + "bqkv", bias)]
         context = self.node("Attention", inputs, p + "context3", MS_DOMAIN, num_heads=self.heads)
-        return self.node("Squeeze", [context, self.shared("axis0")], p + "context")
+        return self.node("Squeeze", [context, self.shared("zero")], p + "context")
 
     def explicit_attention(self, p: str, x: str, weight: torch.Tensor, bias: torch.Tensor) -> tuple[str, str]:
         """Context ``(n, d)`` and importance ``(n,)`` from explicit probabilities (``uniform_attention``'s
@@ -329,8 +328,10 @@ class GraphBuilder:
         probs = self.node("Softmax", [scores], p + "probs", axis=-1)
         context = self.node("MatMul", [probs, p + "v"], p + "context_by_head")
         context = self.node("Transpose", [context], p + "context_t", perm=[1, 0, 2])
-        context = self.node("Reshape", [context, self.constant(p + "shape2", np.array([-1, self.d]))], p + "context")
-        sums = self.node("ReduceSum", [probs, self.constant(p + "axes01", np.array([0, 1]))], p + "sums", keepdims=0)
+        shape = self.constant(p + "shape2", np.array([-1, self.d], np.int64))
+        context = self.node("Reshape", [context, shape], p + "context")
+        axes = self.constant(p + "axes01", np.array([0, 1], np.int64))
+        sums = self.node("ReduceSum", [probs, axes], p + "sums", keepdims=0)
         return context, sums
 
     def keep_important(self, p: str, attended: str, sums: str, position: int) -> str:
@@ -342,8 +343,8 @@ class GraphBuilder:
         index = self.constant(p + "position", np.array([2 + position], dtype=np.int64))
         threshold = self.node("Gather", ["knobs", index], p + "threshold", axis=0)
         per_token = self.node("Div", [threshold, n], p + "per_token")
-        one, end = self.constant(p + "one", np.array([1])), self.constant(p + "end", np.array([np.iinfo(np.int64).max]))
-        rest = self.node("Slice", [importance, one, end], p + "rest")
+        end = self.constant(p + "end", np.array([np.iinfo(np.int64).max], np.int64))
+        rest = self.node("Slice", [importance, self.shared("one"), end], p + "rest")
         above = self.node("Greater", [rest, per_token], p + "above")
         keep = self.node("Concat", [self.constant(p + "first", np.array([True])), above], p + "keep", axis=0)
         rows = self.node("Reshape", [self.node("NonZero", [keep], p + "nonzero"), self.shared("minus_one")], p + "rows")
@@ -351,7 +352,7 @@ class GraphBuilder:
 
     def classify(self, hidden: str) -> str:
         """The main classifier's logits ``(1, labels)`` on ``hidden``'s first row."""
-        first = self.node("Gather", [hidden, self.shared("axis0")], "first", axis=0)
+        first = self.node("Gather", [hidden, self.shared("zero")], "first", axis=0)
         pooler = [
             self.constant("pooler.w", self.source.pooler.weight),
             self.constant("pooler.b", self.source.pooler.bias),
@@ -378,7 +379,7 @@ class GraphBuilder:
         terms = self.node("Mul", [p, self.node("Log", [p], e + "log_p")], e + "p_log_p")
         zero = self.constant(e + "zero", np.array(0.0, np.float32))
         terms = self.node("Where", [self.node("Equal", [p, zero], e + "p_zero"), zero, terms], e + "xlogy")
-        entropy = self.node("ReduceSum", [terms, self.constant(e + "axis1", np.array([1]))], e + "entropy", keepdims=0)
+        entropy = self.node("ReduceSum", [terms, self.shared("one")], e + "entropy", keepdims=0)
         scale = self.constant(e + "scale", np.array(-1.0 / math.log(self.source.num_labels), np.float32))
         one = self.constant(e + "one", np.array(1.0, np.float32))
         return self.node("Clip", [self.node("Mul", [entropy, scale], e + "scaled"), zero, one], e + "uncertainty")
@@ -393,4 +394,4 @@ class GraphBuilder:
         layer = self.constant(e + "layer", np.array([index + 1], np.float32))
         scheduled = self.node("Equal", [exit_after, layer], e + "scheduled")
         leave = self.node("Or", [confident, scheduled], e + "leave_1")
-        return self.node("Squeeze", [leave, self.shared("axis0")], e + "leave")
+        return self.node("Squeeze", [leave, self.shared("zero")], e + "leave")

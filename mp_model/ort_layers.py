@@ -72,7 +72,7 @@ class RunOutput:
     hidden: torch.Tensor
     counts: torch.Tensor
     exit_logits: torch.Tensor | None
-    uncertainty: float | None
+    uncertainty: np.float32 | None
     logits: torch.Tensor | None
 
 
@@ -132,7 +132,7 @@ class OrtLayers:
         embed, threads = isinstance(inputs, tuple), torch.get_num_threads()
         key = RunKey(start, stop, _prunes(thresholds), embed, exit_head, classify, False, threads)
         outputs = self._session(key).run(None, _feeds(key, inputs, thresholds, -1.0, -1))
-        head, uncertainty = (torch.from_numpy(outputs[2]), float(outputs[3][0])) if exit_head else (None, None)
+        head, uncertainty = (torch.from_numpy(outputs[2]), outputs[3][0]) if exit_head else (None, None)
         logits = torch.from_numpy(outputs[-1]) if classify else None
         return RunOutput(torch.from_numpy(outputs[0]), torch.from_numpy(outputs[1]), head, uncertainty, logits)
 

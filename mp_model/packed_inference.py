@@ -163,7 +163,7 @@ def _schedule_of(exit_schedule: torch.Tensor | None, row: int) -> int | None:
 
 def _run_lone(
     start: int,
-    inputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    inputs: torch.Tensor,
     exit_after: int | None,
     row: int,
     logits: torch.Tensor,
@@ -249,7 +249,7 @@ def packed_forward(
         # numpy's slicing costs a fraction of torch's on one small row (bench/NOTES.md, "CPU path").
         ids = input_ids.numpy()[0, :n].astype(np.int64, copy=False)
         types = np.zeros_like(ids) if token_type_ids is None else token_type_ids.numpy()[0, :n].astype(np.int64)
-        exit_after = None if exit_schedule is None else int(exit_schedule.item())
+        exit_after = _schedule_of(exit_schedule, 0)
         with _stage("mp.ort_layers"):
             result = run_lone_sequence(runner, 0, (ids, types), thresholds, exit_after=exit_after, **lone)
         return _lone_output(config, n, result, return_exit_logits, early_exit)
@@ -338,9 +338,9 @@ def _lone_output(
     return MagicPyramidOutput(
         logits=result.logits,
         # torch.from_numpy of a numpy array: about half torch.tensor's time with cold caches (bench/NOTES.md).
-        exit_layer=torch.from_numpy(np.array([result.exit_layer])),
+        exit_layer=torch.from_numpy(np.array([result.exit_layer], dtype=np.int64)),
         kept_tokens=result.counts[None],
-        flops=torch.from_numpy(np.array([flops])),
+        flops=torch.from_numpy(np.array([flops], dtype=np.int64)),
         exit_logits=every_exit_logits,
     )
 

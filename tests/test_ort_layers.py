@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
-from mp_model import MagicPyramidConfig, MagicPyramidForSequenceClassification, packed_inference
+from mp_model import MagicPyramidConfig, MagicPyramidForSequenceClassification, lone_sequence, packed_inference
 from mp_model import ort_layers as ort_module
 from mp_model.ort_layers import ort_layers
 from tests.model_reference import run_single
@@ -199,3 +200,66 @@ def test_a_lone_sequence_runs_to_its_exit_in_one_session_call(monkeypatch) -> No
         assert len(calls) == 1, f"length {n}: the exit test runs inside the session, no call per layer"
         exit_layers.add(int(out.exit_layer[0]))
     assert len(exit_layers) > 1, "some sequences exit early, others run every layer"
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_models_of_one_and_two_layers_run_to_their_exit_as_the_packed_path_does(layers: int) -> None:
+    torch.manual_seed(0)
+    config = MagicPyramidConfig(**dict(TINY, num_hidden_layers=layers), prune_thresholds=THRESHOLDS[:layers])
+    model = MagicPyramidForSequenceClassification(config).eval()
+    for head in model.exits:
+        torch.nn.init.normal_(head.classifier.weight, std=2.0)
+    batch = random_batch(LENGTHS, TINY["vocab_size"], seed=2)
+    knobs = dict(tau=0.3, threshold_scale=1.0, prune=True, early_exit=True, return_exit_logits=True)
+    for row, n in enumerate(LENGTHS):
+        ids, types = batch["input_ids"][row : row + 1, :n], batch["token_type_ids"][row : row + 1, :n]
+        ours, packed = (model(ids, None, types, **knobs, engine=e, backend="torch") for e in ("ort", "packed"))
+        assert ours.exit_layer.tolist() == packed.exit_layer.tolist(), f"length {n}"
+        assert ours.kept_tokens.tolist() == packed.kept_tokens.tolist(), f"length {n}"
+        assert ours.exit_logits.shape == packed.exit_logits.shape == (1, layers - 1, TINY["num_labels"])
+        torch.testing.assert_close(ours.exit_logits, packed.exit_logits, atol=1e-5, rtol=1e-5, equal_nan=True)
+        assert_close(ours.logits, packed.logits, torch.float32)
+
+
+def test_thresholds_set_between_calls_are_followed() -> None:
+    exact, model = models()
+    batch = random_batch([29], TINY["vocab_size"], seed=11)
+    for thresholds in ([0.0, 1.2, 0.0, 1.4], [2.0, 0.0, 0.0, 0.0], THRESHOLDS):
+        for m in (exact, model):
+            m.set_thresholds(thresholds)
+        ours = model(**batch, **MIXED_EXITS, engine="ort", backend="torch")
+        single = run_single(exact, batch["input_ids"][0], batch["token_type_ids"][0], **MIXED_EXITS)
+        assert ours.kept_tokens[0].tolist() == single.kept_tokens, f"thresholds {thresholds}"
+        assert int(ours.exit_layer[0]) == single.exit_layer
+    pruning = {key.prunes for key in ort_layers(model).sessions}
+    assert len(pruning) == 3, "a session per set of pruning layers"
+
+
+def test_an_exit_heads_change_rebuilds_the_run_to_the_exit() -> None:
+    _, model = models()
+    batch = random_batch([23], TINY["vocab_size"], seed=12)
+    knobs = dict(MIXED_EXITS, return_exit_logits=True)
+    before = model(**batch, **knobs, engine="ort", backend="torch")
+    with torch.no_grad():
+        model.exits[0].dense.weight.mul_(-1.0)
+    ours, packed = (model(**batch, **knobs, engine=e, backend="torch") for e in ("ort", "packed"))
+    assert not torch.allclose(ours.exit_logits[0, 0], before.exit_logits[0, 0])
+    torch.testing.assert_close(ours.exit_logits, packed.exit_logits, atol=1e-5, rtol=1e-5, equal_nan=True)
+    assert ours.exit_layer.tolist() == packed.exit_layer.tolist()
+
+
+def test_a_handed_over_sequence_compares_tau_in_float32() -> None:
+    _, model = models()
+    runner = ort_layers(model)
+    hidden = torch.randn(9, TINY["hidden_size"])
+    uncertainty = runner.run(1, 2, hidden, [0.0], exit_head=True).uncertainty
+    assert isinstance(uncertainty, np.float32) and 0.0 < uncertainty < 1.0
+    below_in_float64 = float(np.nextafter(float(uncertainty), -1.0))  # rounds to the uncertainty in float32
+    below_in_float32 = float(np.nextafter(uncertainty, np.float32(-1.0)))
+    knobs = dict(early_exit=True, exit_after=None, return_exit_logits=False)
+    exits = [
+        lone_sequence.run_lone_sequence(runner, 1, hidden, [0.0] * 4, tau=tau, **knobs).exit_layer
+        for tau in (below_in_float64, below_in_float32)
+    ]
+    assert exits[0] == 2, "uncertainty <= tau in float32: exits after layer 2"
+    assert exits[1] != 2
