@@ -12,12 +12,13 @@ the same layers faster. ``OrtLayers`` holds, per model, one ``InferenceSession``
   on, the exit test on the host, or all remaining layers in one call where they are off (``run``): a run to the
   exit per starting layer would hold a copy of the remaining weights each.
 
-Sessions are kept per model until one of its parameters changes (data pointer or version counter, as
+Sessions are kept per model, one per graph asked for (its kind, first layer, pruning layers and thread count: a
+handful in serving), until one of the model's parameters changes (data pointer or version counter, as
 ``packed_path_weights`` checks its fused Q/K/V weights, which the graphs take). A session is loaded from a graph
 saved with its weights as external data: loaded from serialized bytes instead, a whole-model session held about
 4 GB more on BERT-base (``bench/NOTES.md``). Apart from the embedding tables, which they read in place, sessions
 hold a copy of the weights and ORT's packed copy of each GEMM's. Their worker threads do not spin: a model holds
-several sessions (one per setting), run in turn. Needs ``onnx`` and ``onnxruntime`` (dependencies of the package;
+several sessions, run in turn. Needs ``onnx`` and ``onnxruntime`` (dependencies of the package;
 ``available()`` says whether they import).
 """
 
@@ -234,7 +235,8 @@ def _new_session(layers: OrtLayers, key: RunKey) -> Any:
         if name not in layers.shared:
             layers.shared[name] = onnxruntime.OrtValue.ortvalue_from_numpy(tensor.detach().numpy())
         options.add_initializer(name, layers.shared[name])
-    with tempfile.TemporaryDirectory(prefix="mp-ort-") as folder:
+    # ORT maps the weights file: where an open file cannot be removed (Windows), the folder outlives the session.
+    with tempfile.TemporaryDirectory(prefix="mp-ort-", ignore_cleanup_errors=True) as folder:
         path = Path(folder) / "graph.onnx"
         onnx.save_model(
             graph,
