@@ -173,6 +173,7 @@ def test_reference_is_a_plain_fine_tune_that_eval_reports_beside_the_selection(
     config = TrainConfig.from_dict(json.loads((run_dir / "train_config.json").read_text()))
     assert [(p["lr"], p["epoch"]) for p in saved["grid"]] == [(lr, e) for lr in (3e-3, 1e-3) for e in range(1, 5)]
     assert saved["dev_accuracy"] == max(p["dev_accuracy"] for p in saved["grid"])
+    assert saved["arithmetic"] == config.arithmetic
     model = BertForSequenceClassification.from_pretrained(run_dir / REFERENCE_DIR)
     assert type(model) is BertForSequenceClassification
     dev = load_data(config).dev
@@ -185,6 +186,7 @@ def test_reference_is_a_plain_fine_tune_that_eval_reports_beside_the_selection(
     assert "plain fine-tune (transformers.BertForSequenceClassification" in out
     assert "point estimate rule, 5 re-splits" in out and "confidence 0.8 rule, 5 re-splits" in out
     meta = json.loads(out_file.read_text())["provenance"]
+    assert meta["training_arithmetic"] == {f"stage{n}": config.arithmetic for n in (1, 2, 3, 4)}
     test = encode(load_data(config).tokenizer, load_data(config).dataset.test, config.max_length)
     assert meta["reference"]["accuracy"] == pytest.approx(accuracy(model, test, batch_size=4, device="cpu"))
     reliability = meta["selection_details"]["reliability"]

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from mp_model.recipe.train_config import TrainConfig
+from mp_model.recipe import train_config
+from mp_model.recipe.train_config import TrainConfig, cpuinfo_has_native_bf16
 
 
 @pytest.mark.parametrize(
@@ -23,11 +24,33 @@ def test_train_config_refuses_a_bad_field_naming_it(field: str, value: object) -
 
 
 @pytest.mark.parametrize(
-    ("precision", "device", "dtype"),
-    [("auto", "cpu", None), ("fp32", "cpu", None), ("bf16", "cpu", torch.bfloat16)],
+    ("precision", "device", "native_cpu", "dtype"),
+    [("auto", "cpu", False, None), ("auto", "cpu", True, torch.bfloat16), ("auto", "cuda", False, torch.bfloat16)]
+    + [("fp32", "cpu", True, None), ("fp32", "cuda", False, None), ("bf16", "cpu", False, torch.bfloat16)],
 )
-def test_precision_names_the_autocast_dtype(precision: str, device: str, dtype: torch.dtype | None) -> None:
-    assert TrainConfig(precision=precision, device=device).autocast_dtype == dtype
+def test_precision_names_the_autocast_dtype(
+    monkeypatch: pytest.MonkeyPatch, precision: str, device: str, native_cpu: bool, dtype: torch.dtype | None
+) -> None:
+    """``auto`` is bf16 on CUDA and on a CPU that multiplies bf16 natively, fp32 on other CPUs."""
+    monkeypatch.setattr(train_config, "cpu_has_native_bf16", lambda: native_cpu)
+    config = TrainConfig(model="m", precision=precision)
+    config.device = device  # after the checks, which refuse cuda on a machine without it
+    assert config.autocast_dtype == dtype
+    assert config.arithmetic == ("fp32" if dtype is None else "bf16")
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "native"),
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n", True),
+        ("flags\t\t: fpu avx512f amx_tile amx_bf16 amx_int8\n", True),
+        ("flags\t\t: fpu sse avx2 avx512f avx512bw\n", False),
+        ("model name\t: a CPU named avx512_bf16\nflags\t\t: fpu sse\n", False),
+        ("", False),
+    ],
+)
+def test_native_bf16_is_read_from_the_cpu_flags(cpuinfo: str, native: bool) -> None:
+    assert cpuinfo_has_native_bf16(cpuinfo) is native
 
 
 def test_precision_refuses_an_unknown_name() -> None:

@@ -49,6 +49,7 @@ def tiny_config(root: Path, run: str, **overrides: object) -> TrainConfig:
         search_epochs_soft=0.5,
         search_epochs_hard=0.5,
         checkpoint_every=5,
+        precision="fp32",  # the same arithmetic on every CPU; test_bf16_autocast_training_... covers bf16
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -109,6 +110,7 @@ def test_run_directory_holds_every_stage_and_state(finished: TrainConfig) -> Non
     directory = finished.directory
     state = json.loads((directory / STATE_FILE).read_text())
     assert state["stages_done"] == [1, 2, 3, 4]
+    assert all(state[f"stage{n}"]["arithmetic"] == "fp32" for n in state["stages_done"])
     assert (directory / DENSE_DIR / "model.safetensors").exists()
     assert (directory / FINAL_DIR / "tokenizer_config.json").exists()
     assert not (directory / PARTIAL_DIR).exists()
@@ -369,6 +371,7 @@ def test_bf16_autocast_training_keeps_the_results_contract(root: Path) -> None:
         assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.bfloat16
     state = train(config, progress=False)
     assert state["stages_done"] == [1, 2, 3, 4]
+    assert [state[f"stage{n}"]["arithmetic"] for n in state["stages_done"]] == ["bf16"] * 4
     final = load(config.directory / FINAL_DIR)
     assert all(p.dtype == torch.float32 for p in final.parameters()), "autocast keeps fp32 weights"
     assert mean_loss(load(stage_dir(config, 1)), config) < 0.7 * mean_loss(load(Path(config.model)), config)

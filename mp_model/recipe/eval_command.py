@@ -92,7 +92,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from mp_model.recipe.data import check_max_length
     from mp_model.recipe.datasets import load_dataset
     from mp_model.recipe.provenance import provenance, write_results
-    from mp_model.recipe.runs import load_run
+    from mp_model.recipe.runs import STAGES, load_run, read_state
     from mp_model.recipe.selection import select_and_report
 
     quiet_transformers()
@@ -167,9 +167,13 @@ def run_eval(args: argparse.Namespace) -> int:
         )
         print(f"within the limit on unseen examples, {name} rule, {args.reliability_splits} re-splits: {shown}")
     if args.json:
+        state = read_state(run_dir)
         meta = provenance(args.device) | {
             "run_dir": str(run_dir.resolve()),
             "train_config": saved,
+            "training_arithmetic": {
+                f"stage{n}": state.get(f"stage{n}", {}).get("arithmetic", "unrecorded") for n in STAGES
+            },
             "selection": f"per method, fewest GFLOPs within {args.max_drop} accuracy of dense on {args.select_split} "
             f"at {rule}",
             "selection_details": selection,

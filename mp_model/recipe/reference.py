@@ -112,7 +112,8 @@ def train_reference(
     """Fine-tune the reference over ``lrs`` (default ``(config.lr,)``); save the best to ``<run>/reference``.
 
     Returns (and writes to ``<run>/reference.json``) ``{"lr", "epoch", "dev_accuracy", "grid", "seconds",
-    "train_config", "train_examples", "dev_examples"}``; ``grid`` lists every ``(lr, epoch)``'s dev accuracy.
+    "arithmetic", "train_config", "train_examples", "dev_examples"}``; ``grid`` lists every ``(lr, epoch)``'s dev
+    accuracy, ``arithmetic`` is ``"bf16"`` (autocast) or ``"fp32"``.
     """
     grid_lrs = (config.lr,) if lrs is None else tuple(check_float("lrs", lr, positive=True) for lr in lrs)
     if not grid_lrs:
@@ -141,6 +142,7 @@ def train_reference(
         **{k: best_point[k] for k in ("lr", "epoch", "dev_accuracy")},
         "grid": grid,
         "seconds": time.perf_counter() - start,
+        "arithmetic": config.arithmetic,
         "train_config": config.to_dict(),
         "train_examples": len(data.train["labels"]),
         "dev_examples": len(data.dev["labels"]),

@@ -259,7 +259,7 @@ class Trainer:
 
     def _finish(self, number: int, model: MagicPyramidForSequenceClassification, metrics: dict[str, Any]) -> None:
         self._save(model, number)
-        self.state[f"stage{number}"] = metrics
+        self.state[f"stage{number}"] = metrics | {"arithmetic": self.config.arithmetic}
         self.state["stages_done"] = sorted(set(self.state["stages_done"]) | {number})
         self._save_state()
         shutil.rmtree(self.directory / PARTIAL_DIR, ignore_errors=True)
