@@ -61,3 +61,9 @@ def test_precision_refuses_an_unknown_name() -> None:
 def test_distillation_refuses_an_unknown_direction() -> None:
     with pytest.raises(ValueError, match="distillation must be one of"):
         TrainConfig(distillation="both")
+
+
+@pytest.mark.parametrize("weight", [-0.5, 1.01, float("nan")])
+def test_exit_label_weight_must_lie_in_zero_one(weight: float) -> None:
+    with pytest.raises(ValueError, match="exit_label_weight"):
+        TrainConfig(exit_label_weight=weight)

@@ -188,11 +188,14 @@ def test_stage4_cache_equals_the_hard_masked_backbone(finished: TrainConfig) -> 
     torch.testing.assert_close(cached.teacher[rows], out.logits, rtol=1e-5, atol=1e-5)
 
 
-def test_stage4_distils_on_every_training_example_not_only_the_labelled_subset(root: Path) -> None:
+def test_stage4_distils_on_every_training_example_and_trains_on_the_labels_of_the_labelled_subset_only(
+    root: Path,
+) -> None:
     config = tiny_config(root, "exit_train", train_size=16, epochs_finetune=1, final_thresholds=(0.8,))
     state = train(config, progress=False)
     assert len(load_data(config).train["labels"]) == 16
     assert state["stage4"]["distillation_examples"] == len(load_data(config).exit_train["labels"]) > 16
+    assert state["stage4"]["labelled_examples"] == 16
     assert len(state["stage4"]["dev_exit_accuracy"]) == 2
 
 

@@ -154,24 +154,26 @@ def collect(
         logits[rows] = out.logits.float().cpu()
         kept[rows] = out.kept_tokens.cpu()
         exit_logits[rows] = out.exit_logits.float().cpu()
-    uncertainty = (
-        torch.stack(
-            [entropy_exit(exit_logits[:, layer].contiguous(), 0.0, backend="torch")[1] for layer in range(layers - 1)],
-            dim=1,
-        )
-        if layers > 1
-        else torch.zeros(count, 0)
-    )
     return Collected(
         lengths=lengths,
         labels=torch.tensor(encoded["labels"], dtype=torch.int64),
         logits=logits,
         exit_logits=exit_logits,
-        uncertainty=uncertainty,
+        uncertainty=exit_uncertainty(exit_logits),
         kept_tokens=kept,
         config=config,
         prune=prune,
         threshold_scale=threshold_scale,
+    )
+
+
+def exit_uncertainty(exit_logits: torch.Tensor) -> torch.Tensor:
+    """``(N, L - 1)`` float32 normalised entropy (``mp_kernels.entropy_exit``) of ``(N, L - 1, C)`` logits."""
+    count, heads = exit_logits.shape[:2]
+    if not heads:
+        return torch.zeros(count, 0)
+    return torch.stack(
+        [entropy_exit(exit_logits[:, layer].contiguous(), 0.0, backend="torch")[1] for layer in range(heads)], dim=1
     )
 
 
@@ -301,6 +303,27 @@ def measure_latency(
     return statistics.median(hf_times), timings
 
 
+def setting_record(
+    collected: Collected, key: SettingKey, dataset: str, split: str, device: str, outcome: bool = False
+) -> dict[str, Any]:
+    """``evaluate``'s record of the setting ``key`` = ``(method, tau, threshold_scale)`` from its pass (untimed)."""
+    method, tau, scale = key
+    summary = summarize(collected, tau=tau, early_exit=tau is not None, outcome=outcome)
+    return {
+        "dataset": dataset,
+        "split": split,
+        "method": method,
+        "tau": tau,
+        "threshold_scale": scale,
+        **summary,
+        "flops_speedup": summary["dense_gflops"] / summary["gflops"],
+        "latency_ms": None,
+        "hf_latency_ms": None,
+        "latency_speedup": None,
+        "device": device,
+    }
+
+
 def evaluate(
     dense_model: MagicPyramidForSequenceClassification,
     model: MagicPyramidForSequenceClassification,
@@ -352,24 +375,10 @@ def evaluate(
             )
         return passes[key]
 
-    records = []
-    for method, tau, scale in sweep:
-        summary = summarize(pass_for(method, scale), tau=tau, early_exit=tau is not None, outcome=keep_outcomes)
-        records.append(
-            {
-                "dataset": dataset,
-                "split": split,
-                "method": method,
-                "tau": tau,
-                "threshold_scale": scale,
-                **summary,
-                "flops_speedup": summary["dense_gflops"] / summary["gflops"],
-                "latency_ms": None,
-                "hf_latency_ms": None,
-                "latency_speedup": None,
-                "device": str(device),
-            }
-        )
+    records = [
+        setting_record(pass_for(method, scale), (method, tau, scale), dataset, split, str(device), keep_outcomes)
+        for method, tau, scale in sweep
+    ]
     if latency is not None:
         keys = [(r["method"], r["tau"], r["threshold_scale"]) for r in records]
         wanted = keys if latency == "all" else [k for k in keys if k in set(latency)]

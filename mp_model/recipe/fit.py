@@ -26,6 +26,9 @@ from mp_model.recipe.data import Encoded, batches
 from mp_model.recipe.runs import CHECKPOINT_FILE, PROGRESS_FILE, TrainingWarning, sha256, write_json
 from mp_model.recipe.train_config import TrainConfig
 
+# The label of a distillation example that stage 4 may not train on (beyond ``TrainConfig.train_size``).
+UNLABELLED = -1
+
 Callback = Callable[[str, dict[str, Any]], None]
 
 
@@ -103,21 +106,53 @@ def _set_trainable(
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad and name != "thresholds"]
 
 
-def distillation_loss(exit_logits: torch.Tensor, main_logits: torch.Tensor, direction: str = "forward") -> torch.Tensor:
+def distillation_loss(
+    exit_logits: torch.Tensor, main_logits: torch.Tensor, direction: str = "forward", *, reduce: bool = True
+) -> torch.Tensor:
     """Sum over sub-classifiers ``l`` of a KL divergence to the main classifier, averaged over the batch.
 
     ``direction="forward"``: ``KL(p_main || p_l)`` (Hinton's knowledge distillation: mass-covering, the student
     keeps the teacher's doubt); ``"reverse"``: ``KL(p_l || p_main)`` (FastBERT's stated loss: mode-seeking, which
     left our students over-confident; see ``TrainConfig.distillation``). ``p_main`` is detached.
-    ``exit_logits`` ``(layers - 1, batch, labels)``, ``main_logits`` ``(batch, labels)``.
+    ``exit_logits`` ``(layers - 1, batch, labels)``, ``main_logits`` ``(batch, labels)``; ``reduce=False``
+    returns the ``(batch,)`` per-example sums instead of their mean.
     """
     student = exit_logits.float().log_softmax(dim=-1)
     teacher = main_logits.detach().float().log_softmax(dim=-1).unsqueeze(0)
     if direction == "forward":
-        return (teacher.exp() * (teacher - student)).sum(dim=-1).sum(dim=0).mean()
-    if direction == "reverse":
-        return (student.exp() * (student - teacher)).sum(dim=-1).sum(dim=0).mean()
-    raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+        per_example = (teacher.exp() * (teacher - student)).sum(dim=-1).sum(dim=0)
+    elif direction == "reverse":
+        per_example = (student.exp() * (student - teacher)).sum(dim=-1).sum(dim=0)
+    else:
+        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    return per_example.mean() if reduce else per_example
+
+
+def exit_loss(
+    exit_logits: torch.Tensor,
+    main_logits: torch.Tensor,
+    labels: torch.Tensor,
+    direction: str = "forward",
+    label_weight: float = 0.0,
+) -> torch.Tensor:
+    """Stage 4's loss: per example ``(1 - label_weight) * KL + label_weight * CE``, averaged over the batch.
+
+    ``KL`` is ``distillation_loss``'s per-example sum over sub-classifiers; ``CE`` the sum over sub-classifiers of
+    the cross-entropy to the gold label. An example whose label is ``UNLABELLED`` (-1: beyond ``train_size``,
+    distilled but not labelled for training) takes ``KL`` alone. ``exit_logits`` ``(layers - 1, batch, labels)``,
+    ``main_logits`` ``(batch, labels)``, ``labels`` ``(batch,)`` int64; ``label_weight`` in [0, 1].
+    """
+    if not 0.0 <= label_weight <= 1.0:
+        raise ValueError(f"label_weight must be in [0, 1], got {label_weight}")
+    kl = distillation_loss(exit_logits, main_logits, direction, reduce=False)
+    labelled = labels != UNLABELLED
+    if label_weight == 0.0:
+        return kl.mean()
+    student = exit_logits.float().log_softmax(dim=-1)
+    index = labels.clamp(min=0).view(1, -1, 1).expand(student.shape[0], -1, 1)
+    cross_entropy = -student.gather(-1, index)[..., 0].sum(dim=0)
+    weight = labelled.float() * label_weight
+    return ((1.0 - weight) * kl + weight * cross_entropy).mean()
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -301,7 +336,7 @@ class ExitTargets:
     Attributes:
         features: ``(N, layers - 1, hidden)`` float32, each sub-classifier's input (mean of the live tokens).
         teacher: ``(N, labels)`` float32 main-classifier logits.
-        labels: ``(N,)`` int64 gold labels (reported, never trained on).
+        labels: ``(N,)`` int64 gold labels, ``UNLABELLED`` where stage 4 may not train on one (``exit_loss``).
         kept_ratio: mean share of real tokens kept over layers (hard masks).
     """
 
@@ -313,9 +348,17 @@ class ExitTargets:
 
 @torch.inference_mode()
 def exit_targets(
-    model: MagicPyramidForSequenceClassification, encoded: Encoded, config: TrainConfig, *, progress: bool = True
+    model: MagicPyramidForSequenceClassification,
+    encoded: Encoded,
+    config: TrainConfig,
+    *,
+    labelled: int | None = None,
+    progress: bool = True,
 ) -> ExitTargets:
-    """Run ``encoded`` once through the hard-masked backbone (eval mode) and cache the sub-classifiers' inputs."""
+    """Run ``encoded`` once through the hard-masked backbone (eval mode) and cache the sub-classifiers' inputs.
+
+    Only the first ``labelled`` examples (None: all) keep their labels; the rest are ``UNLABELLED``.
+    """
     device = torch.device(config.device)
     model.eval().to(device)
     count, layers = len(encoded["labels"]), model.config.num_hidden_layers
@@ -342,7 +385,9 @@ def exit_targets(
         teacher[batch["index"]] = out.logits.float().cpu()
         kept += float(out.kept_ratio.mean()) * len(batch["index"])
         total += len(batch["index"])
-    return ExitTargets(features, teacher, torch.tensor(encoded["labels"], dtype=torch.int64), kept / max(1, total))
+    labels = torch.tensor(encoded["labels"], dtype=torch.int64)
+    labels[count if labelled is None else labelled :] = UNLABELLED
+    return ExitTargets(features, teacher, labels, kept / max(1, total))
 
 
 def fit_exits(
@@ -353,10 +398,10 @@ def fit_exits(
     seed: int,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Stage 4 on the cache: train ``model.exits`` in place by ``distillation_loss`` for ``config.epochs_exits``.
+    """Stage 4 on the cache: train ``model.exits`` in place by ``exit_loss`` for ``config.epochs_exits``.
 
-    Returns the last epoch's running loss, the sub-classifiers' mean accuracy (gold labels) and agreement with
-    the main classifier, per layer, and the kept ratio of the cached pass.
+    Returns the last epoch's running loss, the sub-classifiers' mean accuracy (on the labelled examples) and
+    agreement with the main classifier, per layer, and the kept ratio of the cached pass.
     """
     device = torch.device(config.device)
     model.to(device)
@@ -377,12 +422,12 @@ def fit_exits(
     bar = tqdm(total=total, desc="stage 4 exits", disable=not progress, leave=False)
     while step < total:
         order = torch.randperm(count, generator=generator).to(device)
-        loss_sum, seen = 0.0, 0
+        loss_sum, seen, labelled = 0.0, 0, 0
         correct, agree = torch.zeros(layers, device=device), torch.zeros(layers, device=device)
         for rows in order[: min(count, (total - step) * config.batch_size)].split(config.batch_size):
             teacher = teacher_logits[rows]
             logits = apply_exits(model.exits, cached[:, rows], teacher.shape[-1])
-            loss = distillation_loss(logits, teacher, config.distillation)
+            loss = exit_loss(logits, teacher, labels[rows], config.distillation, config.exit_label_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -393,24 +438,26 @@ def fit_exits(
             correct += (predictions == labels[rows]).sum(dim=1)
             agree += (predictions == teacher_labels[rows]).sum(dim=1)
             seen += rows.numel()
+            labelled += int((labels[rows] != UNLABELLED).sum())
             bar.update(1)
             bar.set_postfix(
                 loss=f"{loss_sum / seen:.4f}",
-                acc=f"{float(correct.mean()) / seen:.3f}",
+                acc=f"{float(correct.mean()) / max(1, labelled):.3f}",
                 kept=f"{targets.kept_ratio:.3f}",
             )
     bar.close()
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(True)
-    seen = max(1, seen)
+    seen, labelled = max(1, seen), max(1, labelled)
     correct, agree = correct.cpu(), agree.cpu()
     return {
         "train_loss": loss_sum / seen,
-        "train_accuracy": float(correct.mean()) / seen,
-        "train_exit_accuracy": (correct / seen).tolist(),
+        "train_accuracy": float(correct.mean()) / labelled,
+        "train_exit_accuracy": (correct / labelled).tolist(),
         "train_exit_agreement": (agree / seen).tolist(),
         "train_kept_ratio": targets.kept_ratio,
         "distillation_examples": count,
+        "labelled_examples": int((targets.labels != UNLABELLED).sum()),
         "steps": total,
     }

@@ -86,7 +86,8 @@ class TrainConfig:
     exit_train_size: int | None = field(
         default=None,
         metadata={
-            "help": "stage 4: first N training examples to distil on, labels unused ('all', the default: every one)"
+            "help": "stage 4: first N training examples to distil on, labels used only within train_size ('all', the "
+            "default: every one)"
         },
     )
     dev_size: int | None = field(
@@ -114,8 +115,14 @@ class TrainConfig:
             "KL(p_exit || p_main) (FastBERT's)"
         },
     )
+    exit_label_weight: float = field(
+        default=0.75,
+        metadata={
+            "help": "stage 4: weight w in [0, 1] of the gold labels; loss (1 - w) * distillation + w * cross-entropy"
+        },
+    )
     epochs_exits: float = field(
-        default=20.0, metadata={"help": "epochs of stage 4 (sub-classifiers, on cached inputs)"}
+        default=40.0, metadata={"help": "epochs of stage 4 (sub-classifiers, on cached inputs)"}
     )
     final_thresholds: tuple[float, ...] = field(
         default=(0.6, 1.2),
@@ -161,6 +168,7 @@ class TrainConfig:
         check_float("weight_decay", self.weight_decay, 0.0)
         check_float("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         check_float("max_drop", self.max_drop, 0.0, 1.0)
+        check_float("exit_label_weight", self.exit_label_weight, 0.0, 1.0)
         check_int("checkpoint_every", self.checkpoint_every, 1)
         for name in ("final_thresholds", "lambdas"):
             values = getattr(self, name)
