@@ -61,10 +61,11 @@ def test_the_ray_engine_gives_the_in_process_rows_each_record_once(ray_local, mo
 
 
 def assert_same_row(row: dict, other: dict) -> None:
-    """The two rows agree exactly but for ``confidence``, to 1e-6."""
+    """The two rows agree exactly but for ``confidence``, printed to 6 decimals: batches of other compositions
+    round the last float bits differently, which can move a value across a rounding boundary (one unit, 1e-6)."""
     assert {k: v for k, v in row.items() if k != "confidence"} == {k: v for k, v in other.items() if k != "confidence"}
     assert (row["confidence"] is None) == (other["confidence"] is None)
-    assert row["confidence"] is None or other["confidence"] == pytest.approx(row["confidence"], abs=1e-6)
+    assert row["confidence"] is None or other["confidence"] == pytest.approx(row["confidence"], abs=1.5e-6)
 
 
 def test_predict_dataset_labels_a_ray_dataset_by_id(ray_local, model_dir: Path, tmp_path: Path) -> None:
