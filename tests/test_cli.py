@@ -116,6 +116,16 @@ def test_train_writes_a_finished_run_and_resumes_from_the_run_dir_alone(
     assert "stage 4" in out
 
 
+def test_train_sets_torch_threads_when_asked(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        code, _ = run_main(["train", "--run-dir", str(run_dir), "--threads", "1", "--no-progress"], capsys)
+        assert code == 0 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_train_reports_a_configuration_clash(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--run-dir", str(run_dir), "--lr", "0.5", "--no-progress"]) == 2
     assert "lr differ" in capsys.readouterr().err
@@ -368,6 +378,17 @@ def test_train_refuses_a_bad_flag_naming_it(
     err = run_error(["train", "--run-dir", str(tmp_path / "run"), flag, value], capsys)
     assert flag[2:].replace("-", "_") in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "reference"])
+@pytest.mark.parametrize("threads", ["0", "-3"])
+def test_a_bad_thread_count_is_refused_naming_the_flag(
+    run_dir: Path, capsys: pytest.CaptureFixture[str], command: str, threads: str
+) -> None:
+    state = (run_dir / STATE_FILE).read_text()
+    err = run_error([command, "--run-dir", str(run_dir), "--threads", threads], capsys)
+    assert f"--threads must be an integer >= 1, got {threads}" in err
+    assert (run_dir / STATE_FILE).read_text() == state
 
 
 def test_a_failed_first_train_leaves_no_configuration_for_the_rerun(tmp_path: Path) -> None:

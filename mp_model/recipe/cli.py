@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mp_model.recipe.cli_support import check_output, optional_int, quiet_transformers
+from mp_model.recipe.cli_support import add_threads_flag, check_output, optional_int, quiet_transformers, use_threads
 from mp_model.recipe.eval_command import configure_eval, run_eval
 
 
@@ -89,6 +89,7 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
         help="run only this stage (1 fine-tune, 2 search + soft pruning, 3 hard pruning, 4 sub-classifiers); "
         "earlier stages must be done. Default: every stage not yet done",
     )
+    add_threads_flag(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
@@ -119,6 +120,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     quiet_transformers()
     config = train_config_from_args(args)
+    use_threads(args.threads)
     state = train(config, None if args.stage is None else [args.stage], progress=not args.no_progress)
     print(f"run directory: {config.directory}")
     for number in sorted(state["stages_done"]):
@@ -234,7 +236,7 @@ def _configure_reference(parser: argparse.ArgumentParser) -> None:
     """``mp reference``'s flags."""
     parser.add_argument("--run-dir", type=Path, required=True, help="a run directory holding train_config.json")
     parser.add_argument("--lrs", type=float, nargs="+", help="learning rates to try (default: the run's lr)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    add_threads_flag(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

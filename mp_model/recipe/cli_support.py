@@ -16,6 +16,22 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
+def add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's CPU threads for the command (checked and set by ``use_threads``)."""
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+
+
+def use_threads(threads: int | None) -> None:
+    """Set torch's CPU threads to ``--threads`` (``None``: torch's default); a count < 1 is a ``ValueError``."""
+    if threads is None:
+        return
+    import torch
+
+    from mp_model.recipe.checks import check_int
+
+    torch.set_num_threads(check_int("--threads", threads))
+
+
 def optional_int(text: str) -> int | None:
     """An integer >= 0, or ``all``/``none`` for no limit."""
     if text.lower() in ("all", "none"):

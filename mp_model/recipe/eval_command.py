@@ -8,7 +8,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mp_model.recipe.cli_support import check_output, model_labels, optional_int, quiet_transformers
+from mp_model.recipe.cli_support import (
+    add_threads_flag,
+    check_output,
+    model_labels,
+    optional_int,
+    quiet_transformers,
+    use_threads,
+)
 
 
 def configure_eval(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +68,7 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--latency-examples", type=int, default=256, help="examples timed (first N of the split)")
     parser.add_argument("--latency-repeats", type=int, default=3, help="timed passes (median) after one warm-up")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    add_threads_flag(parser)
     parser.add_argument("--json", type=Path, help="write the records with provenance to this file")
 
 
@@ -86,7 +93,6 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    import torch
 
     from mp_model.recipe.checks import check_device, check_float, check_int
     from mp_model.recipe.data import check_max_length
@@ -107,13 +113,10 @@ def run_eval(args: argparse.Namespace) -> int:
     check_int("--reliability-splits", args.reliability_splits, 0)
     for name in ("batch_size", "latency_examples", "latency_repeats"):
         check_int("--" + name.replace("_", "-"), getattr(args, name))
-    if args.threads is not None:
-        check_int("--threads", args.threads)
     if args.max_length is not None:
         check_max_length(args.max_length)
     check_output("--json", args.json)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     if args.select_split == args.split:
         warnings.warn(f"selecting on the reported split ({args.split})", stacklevel=1)
     run_dir = Path(args.run_dir)

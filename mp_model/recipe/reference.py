@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mp_model.recipe.checks import check_float, check_int
+from mp_model.recipe.checks import check_float
+from mp_model.recipe.cli_support import use_threads
 from mp_model.recipe.data import Encoded, batches
 from mp_model.recipe.fit import linear_schedule, step_counts, weight_groups
 from mp_model.recipe.runs import CONFIG_FILE, model_folder_problem, write_json
@@ -167,8 +168,7 @@ def run_reference(args: argparse.Namespace) -> int:
     path = args.run_dir / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"{path} does not exist: start the run with `mp train --run-dir {args.run_dir}` first")
-    if args.threads is not None:
-        torch.set_num_threads(check_int("--threads", args.threads))
+    use_threads(args.threads)
     config = TrainConfig.from_dict(json.loads(path.read_text()) | {"run_dir": str(args.run_dir)})
     result = train_reference(config, lrs=args.lrs, progress=not args.no_progress)
     print(json.dumps({k: v for k, v in result.items() if k != "grid"}))
