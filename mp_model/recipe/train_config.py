@@ -116,13 +116,14 @@ class TrainConfig:
         },
     )
     exit_label_weight: float = field(
-        default=0.75,
+        default=0.0,
         metadata={
-            "help": "stage 4: weight w in [0, 1] of the gold labels; loss (1 - w) * distillation + w * cross-entropy"
+            "help": "stage 4: weight w in [0, 1] of the gold labels; loss (1 - w) * distillation + w * cross-entropy "
+            "(0: pure distillation)"
         },
     )
     epochs_exits: float = field(
-        default=40.0, metadata={"help": "epochs of stage 4 (sub-classifiers, on cached inputs)"}
+        default=20.0, metadata={"help": "epochs of stage 4 (sub-classifiers, on cached inputs)"}
     )
     final_thresholds: tuple[float, ...] = field(
         default=(0.6, 1.2),
