@@ -391,6 +391,19 @@ def test_a_bad_thread_count_is_refused_naming_the_flag(
     assert (run_dir / STATE_FILE).read_text() == state
 
 
+def test_train_resumes_an_interrupted_first_stage_with_its_own_configuration(tmp_path: Path) -> None:
+    from mp_model.recipe.runs import CHECKPOINT_FILE, PARTIAL_DIR
+
+    run = tmp_path / "run"
+    (run / PARTIAL_DIR).mkdir(parents=True)
+    (run / PARTIAL_DIR / CHECKPOINT_FILE).write_bytes(b"checkpoint")
+    (run / "train_config.json").write_text(json.dumps(TrainConfig(run_dir=str(run), seed=1, lr=3e-5).to_dict()))
+    args = build_parser().parse_args(["train", "--run-dir", str(run)])
+    assert train_config_from_args(args) == TrainConfig(run_dir=str(run), seed=1, lr=3e-5)
+    args = build_parser().parse_args(["train", "--run-dir", str(run), "--epochs-exits", "5"])
+    assert train_config_from_args(args) == TrainConfig(run_dir=str(run), seed=1, lr=3e-5, epochs_exits=5.0)
+
+
 def test_a_failed_first_train_leaves_no_configuration_for_the_rerun(tmp_path: Path) -> None:
     run = tmp_path / "run"
     argv = ["train", "--run-dir", str(run), "--dataset", str(tmp_path / "missing.csv"), "--lr", "0.5"]

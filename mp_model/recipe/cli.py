@@ -96,17 +96,17 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
 def train_config_from_args(args: argparse.Namespace) -> Any:
     """The ``TrainConfig`` of ``mp train``'s flags.
 
-    If the run directory holds a run, its saved configuration is the starting point and only the flags given
-    override it, so ``mp train --run-dir D`` resumes ``D``.
-    A run that completed no stage (a first attempt that failed) is not a starting point: the flags alone make the
-    configuration, which then replaces the saved one.
+    If the run directory holds a run (a completed stage, or a checkpoint of an interrupted one), its saved
+    configuration is the starting point and only the flags given override it, so ``mp train --run-dir D`` resumes
+    ``D``. A run with neither (a first attempt that failed before its first checkpoint) is not a starting point:
+    the flags alone make the configuration, which then replaces the saved one.
     """
-    from mp_model.recipe.runs import completed_stages, saved_config
+    from mp_model.recipe.runs import CHECKPOINT_FILE, PARTIAL_DIR, completed_stages, saved_config
     from mp_model.recipe.train_config import TrainConfig
 
     given = {field.name: getattr(args, field.name) for field, _ in _train_fields() if hasattr(args, field.name)}
     directory = TrainConfig(**{k: v for k, v in given.items() if k in ("dataset", "run_dir", "model")}).directory
-    if completed_stages(directory):
+    if completed_stages(directory) or (directory / PARTIAL_DIR / CHECKPOINT_FILE).is_file():
         try:
             values = saved_config(directory)
         except ValueError as error:
