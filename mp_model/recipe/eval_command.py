@@ -93,7 +93,6 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-
     from mp_model.recipe.checks import check_device, check_float, check_int
     from mp_model.recipe.data import check_max_length
     from mp_model.recipe.datasets import load_dataset

@@ -145,9 +145,9 @@ def exit_loss(
     if not 0.0 <= label_weight <= 1.0:
         raise ValueError(f"label_weight must be in [0, 1], got {label_weight}")
     kl = distillation_loss(exit_logits, main_logits, direction, reduce=False)
-    labelled = labels != UNLABELLED
     if label_weight == 0.0:
         return kl.mean()
+    labelled = labels != UNLABELLED
     student = exit_logits.float().log_softmax(dim=-1)
     index = labels.clamp(min=0).view(1, -1, 1).expand(student.shape[0], -1, 1)
     cross_entropy = -student.gather(-1, index)[..., 0].sum(dim=0)
@@ -418,10 +418,13 @@ def fit_exits(
     cached = targets.features.to(device).transpose(0, 1)
     teacher_logits = targets.teacher.to(device)
     labels, teacher_labels = targets.labels.to(device), targets.teacher.argmax(dim=-1).to(device)
+    is_labelled = targets.labels != UNLABELLED  # on the host: counting needs no device sync
     step = 0
     bar = tqdm(total=total, desc="stage 4 exits", disable=not progress, leave=False)
     while step < total:
-        order = torch.randperm(count, generator=generator).to(device)
+        order = torch.randperm(count, generator=generator)
+        labelled_before = is_labelled[order].cumsum(0)  # labelled examples among the first i + 1 of the epoch
+        order = order.to(device)
         loss_sum, seen, labelled = 0.0, 0, 0
         correct, agree = torch.zeros(layers, device=device), torch.zeros(layers, device=device)
         for rows in order[: min(count, (total - step) * config.batch_size)].split(config.batch_size):
@@ -438,7 +441,7 @@ def fit_exits(
             correct += (predictions == labels[rows]).sum(dim=1)
             agree += (predictions == teacher_labels[rows]).sum(dim=1)
             seen += rows.numel()
-            labelled += int((labels[rows] != UNLABELLED).sum())
+            labelled = int(labelled_before[seen - 1])
             bar.update(1)
             bar.set_postfix(
                 loss=f"{loss_sum / seen:.4f}",
