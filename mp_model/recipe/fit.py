@@ -353,11 +353,13 @@ def exit_targets(
     config: TrainConfig,
     *,
     labelled: int | None = None,
+    threshold_scale: float | None = 1.0,
     progress: bool = True,
 ) -> ExitTargets:
     """Run ``encoded`` once through the hard-masked backbone (eval mode) and cache the sub-classifiers' inputs.
 
     Only the first ``labelled`` examples (None: all) keep their labels; the rest are ``UNLABELLED``.
+    ``threshold_scale`` multiplies the thresholds of the hard masks (None: no masks, every token kept).
     """
     device = torch.device(config.device)
     model.eval().to(device)
@@ -378,8 +380,9 @@ def exit_targets(
                 batch["input_ids"].to(device),
                 batch["attention_mask"].to(device),
                 batch["token_type_ids"].to(device),
-                mask_mode="hard",
+                mask_mode="none" if threshold_scale is None else "hard",
                 temperature=config.temperature,
+                threshold_scale=1.0 if threshold_scale is None else threshold_scale,
             )
         features[batch["index"]] = out.exit_features.transpose(0, 1).float().cpu()
         teacher[batch["index"]] = out.logits.float().cpu()
