@@ -290,6 +290,7 @@ class GraphEngine:
         flops = flops_from_outputs(config, lengths, kept_tokens, exit_layer, early_exit=key.early_exit)
         return logits, exit_layer, kept_tokens, flops
 
+    @torch.inference_mode(False)
     @torch.no_grad()
     def __call__(
         self,
@@ -306,7 +307,9 @@ class GraphEngine:
     ) -> MagicPyramidOutput:
         """Run validated ``(batch, seq)`` inputs (as ``MagicPyramidForSequenceClassification.forward``).
 
-        Nothing is read back from the device, except the model's pruning thresholds after they change.
+        Nothing is read back from the device, except the model's pruning thresholds after they change. It runs
+        outside inference mode whatever the caller's: its plans are updated in place by later calls, which an
+        inference tensor forbids outside ``torch.inference_mode``.
         """
         self._sync_weights()
         batch, width = input_ids.shape

@@ -158,6 +158,23 @@ def test_moving_the_model_drops_its_plans() -> None:
     torch.testing.assert_close(second.logits.float(), first.logits, atol=1e-5, rtol=1e-5)
 
 
+def test_a_model_used_under_inference_mode_can_be_trained_and_used_again() -> None:
+    """The engine's cached state (plans, fused Q/K/V) made under ``torch.inference_mode`` must not be updated in
+    place outside it: a user evaluates, fine-tunes a step, then evaluates under ``no_grad`` (which raised
+    "Inplace update to inference tensor outside InferenceMode")."""
+    model = tiny_model(THRESHOLDS).float().to(DEVICE)
+    inputs = {n: t.to(DEVICE) for n, t in random_batch([4, 7], TINY["vocab_size"]).items()}
+    with torch.inference_mode():
+        model(**inputs, tau=0.3, engine="graph", backend="torch")
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.self.query.weight.mul_(0.5)
+    with torch.no_grad():
+        out = model(**inputs, tau=0.3, engine="graph", backend="torch")
+    expected = model(**inputs, tau=0.3, engine="packed", backend="torch")
+    torch.testing.assert_close(out.logits, expected.logits, atol=1e-4, rtol=1e-4)
+    assert not out.logits.is_inference()
+
+
 def test_engine_choice_is_checked(model, batch) -> None:
     with pytest.raises(ValueError, match="engine"):
         model(**batch, engine="fast")
