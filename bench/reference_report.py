@@ -5,9 +5,10 @@ reference sits in the run directory).
     python -m bench.reference_report --run-dir runs/bbc_news-reference \\
         --recipe bench/results/bbc_news-all-cpu.json --out bench/results/bbc_news-reference-cpu.json
 
-The reference must have been trained with the recipe run's stage-1 data and budget (``STAGE1_FIELDS`` of both
-``train_config``s equal): otherwise the script stops. Records: one per split, ``{"dataset", "split", "examples",
-"reference_accuracy", "recipe_dense_accuracy", "difference"}`` (``difference`` = recipe - reference).
+The reference must have been trained with the recipe run's stage-1 data and budget
+(``mp_model.recipe.reference.stage1_differences`` empty): otherwise the script stops. Records: one per split,
+``{"dataset", "split", "examples", "reference_accuracy", "recipe_dense_accuracy", "difference"}`` (``difference``
+= recipe - reference).
 """
 
 from __future__ import annotations
@@ -22,28 +23,7 @@ from bench.provenance import provenance, write_results
 from mp_model.recipe.cli_support import quiet_transformers, use_threads
 from mp_model.recipe.data import encode
 from mp_model.recipe.datasets import load_dataset
-from mp_model.recipe.reference import REFERENCE_DIR, REFERENCE_FILE, accuracy, load_reference
-
-# What stage 1 and the reference depend on: a difference in any other field (pruning, exits) is irrelevant here.
-STAGE1_FIELDS = (
-    "model",
-    "dataset",
-    "seed",
-    "max_length",
-    "batch_size",
-    "train_size",
-    "dev_size",
-    "dev_from_train",
-    "lr",
-    "weight_decay",
-    "warmup_ratio",
-    "epochs_finetune",
-)
-
-
-def stage1_differences(reference: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
-    """The ``STAGE1_FIELDS`` on which two ``train_config`` dictionaries differ (a missing field counts)."""
-    return [name for name in STAGE1_FIELDS if reference.get(name) != recipe.get(name)]
+from mp_model.recipe.reference import REFERENCE_DIR, REFERENCE_FILE, accuracy, load_reference, stage1_differences
 
 
 def recipe_dense(payload: dict[str, Any]) -> dict[str, float]:

@@ -206,10 +206,13 @@ def test_reference_is_a_plain_fine_tune_that_eval_reports_beside_the_selection(
         assert all(0.0 <= m["within_limit"] <= 1.0 for m in methods.values())
 
     original = (run_dir / REFERENCE_FILE).read_text()
-    (run_dir / REFERENCE_FILE).write_text(json.dumps(saved | {"train_config": config.to_dict() | {"lr": 1.0}}))
-    main([*argv, "--scales", "1.0", "--reliability-splits", "0"])
+    later_stages = {"lambdas": [9.0], "epochs_exits": 1.0, "exit_label_weight": 0.5, "precision": "bf16"}
+    for changes, warned in (({"lr": 1.0, "seed": 3} | later_stages, True), (later_stages, False)):
+        (run_dir / REFERENCE_FILE).write_text(json.dumps(saved | {"train_config": config.to_dict() | changes}))
+        main([*argv, "--scales", "1.0", "--reliability-splits", "0"])
+        err = capsys.readouterr().err
+        assert ("reference was trained with another stage-1 configuration (seed, lr)" in err) is warned, err
     (run_dir / REFERENCE_FILE).write_text(original)
-    assert "reference was trained with another configuration (lr)" in capsys.readouterr().err
 
 
 def test_a_dev_split_carved_from_train_is_used_by_training_and_by_eval(

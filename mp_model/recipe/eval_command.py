@@ -196,21 +196,19 @@ def reference_accuracy(
     run_dir: Path, dataset: Any, tokenizer: Any, max_length: int, args: argparse.Namespace, run_config: dict[str, Any]
 ) -> dict[str, Any] | None:
     """The run's plain fine-tune (``mp_model.recipe.reference``) with its accuracy on the reported split, if any;
-    a warning if it was trained with another configuration than the run's ``run_config``."""
+    a warning if it was trained with other stage-1 settings than the run's ``run_config`` (``stage1_differences``:
+    the later stages' settings do not concern it)."""
     from mp_model.recipe.data import encode
-    from mp_model.recipe.reference import accuracy, load_reference
+    from mp_model.recipe.reference import accuracy, load_reference, stage1_differences
 
     loaded = load_reference(run_dir, args.device)
     if loaded is None:
         return None
     model, saved = loaded
-    ignored = ("run_dir", "device", "precision")
-    made_with = {k: v for k, v in saved.get("train_config", {}).items() if k not in ignored}
-    run_config = {k: v for k, v in run_config.items() if k not in ignored}
-    if made_with and made_with != run_config:
-        changed = sorted(k for k in made_with.keys() | run_config.keys() if made_with.get(k) != run_config.get(k))
+    changed = stage1_differences(saved.get("train_config", run_config), run_config)
+    if changed:
         warnings.warn(
-            f"the run's reference was trained with another configuration ({', '.join(changed)})", stacklevel=1
+            f"the run's reference was trained with another stage-1 configuration ({', '.join(changed)})", stacklevel=1
         )
     encoded = encode(tokenizer, dataset.split(args.split)[: args.size], max_length)
     score = accuracy(model, encoded, batch_size=args.batch_size, device=args.device)

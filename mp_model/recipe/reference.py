@@ -38,6 +38,27 @@ from mp_model.recipe.training import load_data
 REFERENCE_DIR = "reference"
 REFERENCE_FILE = "reference.json"
 
+# The settings stage 1 (and so the reference, its plain twin) depends on; the later stages' do not concern it.
+STAGE1_FIELDS = (
+    "model",
+    "dataset",
+    "seed",
+    "max_length",
+    "batch_size",
+    "train_size",
+    "dev_size",
+    "dev_from_train",
+    "lr",
+    "weight_decay",
+    "warmup_ratio",
+    "epochs_finetune",
+)
+
+
+def stage1_differences(reference: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
+    """The ``STAGE1_FIELDS`` on which two ``train_config`` dictionaries differ (a missing field counts)."""
+    return [name for name in STAGE1_FIELDS if reference.get(name) != recipe.get(name)]
+
 
 @torch.inference_mode()
 def accuracy(model: torch.nn.Module, encoded: Encoded, *, batch_size: int, device: torch.device | str) -> float:
