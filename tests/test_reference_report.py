@@ -82,6 +82,15 @@ def test_a_reference_of_other_data_or_budget_is_refused_in_one_line(
     assert not out.exists()
 
 
+def test_a_field_older_files_lack_counts_as_its_default(config: TrainConfig, tmp_path: Path) -> None:
+    recipe = recipe_file(tmp_path / "r.json", config, 0.5, 0.5)
+    payload = json.loads(recipe.read_text())
+    del payload["provenance"]["train_config"]["dev_from_train"]  # saved before the field existed: 0
+    recipe.write_text(json.dumps(payload))
+    records, _ = report(config.directory, recipe, device="cpu", batch_size=4)
+    assert [r["split"] for r in records] == ["test", "dev"]
+
+
 def test_a_run_without_a_reference_is_refused_in_one_line(
     config: TrainConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

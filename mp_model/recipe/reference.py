@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -56,8 +57,10 @@ STAGE1_FIELDS = (
 
 
 def stage1_differences(reference: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
-    """The ``STAGE1_FIELDS`` on which two ``train_config`` dictionaries differ (a missing field counts)."""
-    return [name for name in STAGE1_FIELDS if reference.get(name) != recipe.get(name)]
+    """The ``STAGE1_FIELDS`` on which two ``train_config`` dictionaries differ; a field one of them lacks (saved
+    before it existed) counts as ``TrainConfig``'s default, which keeps the earlier behaviour."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return [name for name in STAGE1_FIELDS if reference.get(name, defaults[name]) != recipe.get(name, defaults[name])]
 
 
 @torch.inference_mode()
