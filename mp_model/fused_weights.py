@@ -66,7 +66,8 @@ def refresh_fused_qkv(
         versions = tuple(p._version for trio in projections for m in trio for p in (m.weight, m.bias))
     if versions == fused.versions:
         return
-    with torch.no_grad():
+    # Normal tensors even under ``torch.inference_mode``: a later refresh outside it updates them in place.
+    with torch.inference_mode(False), torch.no_grad():
         for index, trio in enumerate(projections):
             weight = torch.cat([m.weight for m in trio])
             bias = torch.cat([m.bias for m in trio])

@@ -161,6 +161,16 @@ class GraphEngine:
         if plan is not None:
             self._plans.move_to_end(key)
             return plan
+        # The caller's mode only for the call: a plan's tensors made as inference tensors (under
+        # ``torch.inference_mode``) could not be updated in place by a later call outside it.
+        with torch.inference_mode(False), torch.no_grad():
+            plan = self._new_plan(key)
+        self._plans[key] = plan
+        return plan
+
+    def _new_plan(self, key: PlanKey) -> Plan:
+        """A plan's static tensors for ``key`` (and its CUDA graph, where graphs are on); evicts the oldest plan
+        when ``max_graphs`` are kept."""
         device = self.model.thresholds.device
         layers = self.model.config.num_hidden_layers
         shape = (key.batch, key.width)
@@ -179,7 +189,6 @@ class GraphEngine:
             self._plans.popitem(last=False)
         if self._graphs_on(device, key.backend):
             self._capture(plan)
-        self._plans[key] = plan
         return plan
 
     def _graphs_on(self, device: torch.device, backend: str) -> bool:
@@ -290,7 +299,6 @@ class GraphEngine:
         flops = flops_from_outputs(config, lengths, kept_tokens, exit_layer, early_exit=key.early_exit)
         return logits, exit_layer, kept_tokens, flops
 
-    @torch.inference_mode(False)
     @torch.no_grad()
     def __call__(
         self,
@@ -307,9 +315,7 @@ class GraphEngine:
     ) -> MagicPyramidOutput:
         """Run validated ``(batch, seq)`` inputs (as ``MagicPyramidForSequenceClassification.forward``).
 
-        Nothing is read back from the device, except the model's pruning thresholds after they change. It runs
-        outside inference mode whatever the caller's: its plans are updated in place by later calls, which an
-        inference tensor forbids outside ``torch.inference_mode``.
+        Nothing is read back from the device, except the model's pruning thresholds after they change.
         """
         self._sync_weights()
         batch, width = input_ids.shape
