@@ -13,16 +13,19 @@ Reads every ``*.json`` there (``{"provenance": ..., "records": [...]}``) and ren
   its selected threshold scale (the paper's Table 3), under the ``mp train`` and ``mp eval`` commands that made
   them.
 
-Other results files are listed by name only. Usage::
+and, apart from them, a summary of every evaluation file, a row each: dense accuracy and GFLOPs, each method's
+setting chosen on dev as it lands on test (accuracy, drop from dense, FLOPs speedup), and MP's setting chosen on
+test itself. Other results files are listed by name only. Usage::
 
     python scripts/results_tables.py                    # print the markdown
-    python scripts/results_tables.py --update README.md # replace the text between the markers
+    python scripts/results_tables.py --update README.md # replace the text between each pair of markers
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
+SUMMARY_BEGIN = "<!-- summary:begin -->"
+SUMMARY_END = "<!-- summary:end -->"
 E2E_METHODS = ("hf_eager", "dense", "ltp", "fastbert", "mp")
 ORT_METHODS = ("dense", "ltp", "fastbert", "mp")
 EVAL_METHODS = ("dense", "ltp", "fastbert", "mp")
@@ -134,6 +139,14 @@ def ort_table(cells: list[tuple[tuple[str, str, int, int | None], dict[str, dict
     return "\n".join(lines)
 
 
+def unrecorded_flags(train_config: dict[str, Any]) -> list[str]:
+    """The ``mp train`` flags a recorded ``TrainConfig`` lacks: the run was made before they existed, with whatever
+    the code of the time did, which today's defaults need not reproduce."""
+    from mp_model.recipe.train_config import TrainConfig
+
+    return ["--" + key.replace("_", "-") for key in TrainConfig().to_dict() if key not in train_config]
+
+
 def train_command(train_config: dict[str, Any]) -> str:
     """The ``mp train`` command of a recorded ``TrainConfig`` (fields at their defaults left out)."""
     from mp_model.recipe.train_config import TrainConfig
@@ -205,6 +218,49 @@ def on_reported_split(records: list[dict[str, Any]], max_drop: float) -> str:
     return f"Selected on the {split} split itself, as the paper's Table 2 does: " + "; ".join(parts) + "."
 
 
+def _rule(selection: str) -> str:
+    """A short name of an ``mp eval`` selection rule: ``dev, 0.8`` for a paired-bootstrap confidence, else ``dev``."""
+    confidence = re.search(r"confidence ([0-9.]+)", selection)
+    return f"dev, {confidence.group(1)}" if confidence else "dev"
+
+
+def _choice(record: dict[str, Any] | None, dense: dict[str, Any], max_drop: float) -> str:
+    """``accuracy (drop in points), speedup``, marked ``†`` where the drop exceeds ``max_drop``."""
+    if record is None:
+        return "-"
+    drop = record["accuracy"] - dense["accuracy"]
+    mark = " †" if -drop > max_drop + 1e-9 else ""
+    return f"{100 * record['accuracy']:.2f} ({100 * drop:+.2f}), {_speedup(record['flops_speedup'])}{mark}"
+
+
+def summary_table(files: list[tuple[Path, dict[str, Any]]]) -> str:
+    """One row per evaluation file (a dataset each): dense accuracy / GFLOPs on the reported split, each method's
+    setting as chosen by the file's rule, and MP's fewest-GFLOPs setting within the limit on the reported split
+    itself (the paper's reading)."""
+    from mp_model.recipe.selection import select
+
+    header = ["run", "dataset", "chosen on", "dense", "LTP only", "FastBERT only", "MP", "MP, chosen on test"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for path, payload in files:
+        meta = payload["provenance"]
+        max_drop = meta.get("max_drop", 0.01)
+        chosen = {r["method"]: r for r in payload["records"] if r.get("selected")}
+        dense = chosen["dense"]
+        on_test = {r["method"]: r for r in select(payload["records"], max_drop)}
+        row = [f"`{path.stem}`", dense["dataset"], _rule(meta.get("selection", ""))]
+        row.append(f"{100 * dense['accuracy']:.2f} / {dense['gflops']:.3f}")
+        row += [_choice(chosen.get(method), dense, max_drop) for method in ("ltp", "fastbert", "mp")]
+        row.append(_choice(on_test.get("mp"), dense, max_drop))
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "Each cell: accuracy on the reported split (points from dense), FLOPs speedup; † more than "
+        '1 point below dense. "chosen on": dev at a paired-bootstrap confidence of 0.8, or dev by the point '
+        "estimate (older runs).",
+    ]
+    return "\n".join(lines)
+
+
 def details(meta: dict[str, Any]) -> list[str]:
     """Lines on the run's plain fine-tune reference and on how often each selection rule stays within the limit on
     re-split held-out examples (``mp eval``'s ``reference`` and ``selection_details``), where the file has them."""
@@ -251,6 +307,12 @@ def eval_table(path: Path, payload: dict[str, Any]) -> str:
     lines.append(f"Reported on the {split} split ({records[0].get('examples', '?') if records else '?'} examples).")
     if meta.get("train_config"):
         lines += ["", f"Train: `{train_command(meta['train_config'])}`"]
+        missing = unrecorded_flags(meta["train_config"])
+        if missing:
+            lines[-1] += (
+                f" (recorded before {', '.join(f'`{flag}`' for flag in missing)} existed: today's default need not be "
+                "what ran; bench/NOTES.md says what did)"
+            )
     lines += ["", f"Evaluate: `{_eval_command(meta)}`"]
     header = ["dataset", "method", "tau", "scale", "accuracy", "GFLOPs", "x FLOPs", "x latency"]
     header += ["x FLOPs short", "x FLOPs middle", "x FLOPs long"]
@@ -280,18 +342,29 @@ def eval_table(path: Path, payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _payloads(results_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every results file under ``results_dir`` with a list of records, sorted by name."""
+    files = []
+    for path in sorted(results_dir.glob("*.json")):
+        payload = json.loads(path.read_text())
+        if isinstance(payload, dict) and isinstance(payload.get("records"), list):
+            files.append((path, payload))
+    return files
+
+
+def _is_eval(payload: dict[str, Any]) -> bool:
+    records = payload["records"]
+    return bool(records) and all("accuracy" in r and "selected" in r for r in records)
+
+
 def render(results_dir: Path) -> str:
     """The markdown of every results file under ``results_dir``."""
     sections = []
     others = []
-    for path in sorted(results_dir.glob("*.json")):
-        payload = json.loads(path.read_text())
-        records = payload.get("records") if isinstance(payload, dict) else None
-        if not isinstance(records, list):
-            continue
+    for path, payload in _payloads(results_dir):
         if payload.get("provenance", {}).get("benchmark") == "e2e":
             sections.append(e2e_table(path, payload))
-        elif records and all("accuracy" in r and "selected" in r for r in records):
+        elif _is_eval(payload):
             sections.append(eval_table(path, payload))
         else:
             others.append(f"`{path.name}`")
@@ -302,13 +375,22 @@ def render(results_dir: Path) -> str:
     return "\n\n".join(sections)
 
 
-def update(readme: Path, markdown: str) -> None:
-    """Replace the text between ``BEGIN`` and ``END`` in ``readme`` with ``markdown``."""
+def render_summary(results_dir: Path) -> str:
+    """The summary table of every evaluation file under ``results_dir``, by dataset then name."""
+    files = [(path, payload) for path, payload in _payloads(results_dir) if _is_eval(payload)]
+    files.sort(key=lambda item: (item[1]["records"][0]["dataset"], item[0].name))
+    return summary_table(files) if files else f"No evaluation files under {results_dir}."
+
+
+def update(readme: Path, sections: dict[tuple[str, str], str]) -> None:
+    """Replace the text between each ``(begin, end)`` marker pair in ``readme`` with its markdown."""
     text = readme.read_text()
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < start:
-        raise SystemExit(f"{readme}: no {BEGIN} ... {END} markers (in that order)")
-    readme.write_text(text[: start + len(BEGIN)] + "\n" + markdown + "\n" + text[end:])
+    for (begin, end), markdown in sections.items():
+        start, stop = text.find(begin), text.find(end)
+        if start < 0 or stop < start:
+            raise SystemExit(f"{readme}: no {begin} ... {end} markers (in that order)")
+        text = text[: start + len(begin)] + "\n" + markdown + "\n" + text[stop:]
+    readme.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,11 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=REPO_ROOT / "bench" / "results", help="results folder")
     parser.add_argument("--update", type=Path, default=None, help="file whose marked section to replace")
     args = parser.parse_args(argv)
-    markdown = render(args.results)
+    sections = {(SUMMARY_BEGIN, SUMMARY_END): render_summary(args.results), (BEGIN, END): render(args.results)}
     if args.update is None:
-        print(markdown)
+        print("\n\n".join(sections.values()))
     else:
-        update(args.update, markdown)
+        update(args.update, sections)
         print(f"updated {args.update}", file=sys.stderr)
     return 0
 

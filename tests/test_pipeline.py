@@ -67,10 +67,13 @@ def test_e2e_benchmark_writes_every_cell_with_consistent_numbers(toy_model: Path
     assert [p.name for p in figures] == ["bucket_speedup.png", "measured_vs_flops.png"]
 
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- results:begin -->\nold\n<!-- results:end -->\nrest\n")
+    readme.write_text(
+        "intro\n<!-- summary:begin -->\n<!-- summary:end -->\n<!-- results:begin -->\nold\n<!-- results:end -->\nrest\n"
+    )
     script = REPO_ROOT / "scripts" / "results_tables.py"
     command = [sys.executable, str(script), "--results", str(tmp_path), "--update", str(readme)]
     subprocess.run(command, check=True, capture_output=True)
     text = readme.read_text()
-    assert text.startswith("intro\n<!-- results:begin -->\n#### End to end") and text.endswith("rest\n")
+    assert text.startswith("intro\n<!-- summary:begin -->\nNo evaluation files under") and text.endswith("rest\n")
+    assert "<!-- results:begin -->\n#### End to end" in text
     assert "old" not in text and "| minilm | mixed | 4 |" in text

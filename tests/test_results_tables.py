@@ -25,7 +25,7 @@ def tables() -> ModuleType:
 
 def record(method: str, tau: float | None, scale: float | None, accuracy: float, speedup: float, **extra) -> dict:
     return {
-        "dataset": "toy",
+        "dataset": extra.pop("dataset", "toy"),
         "split": "test",
         "examples": 10,
         "method": method,
@@ -47,6 +47,44 @@ def test_train_command_lists_only_the_fields_that_differ_from_the_defaults() -> 
     )
     command = tables().train_command(config.to_dict())
     assert command == "mp train --dataset bbc_news --run-dir runs/bbc --train-size 2000 --lr 0.0001 --lambdas 0.1"
+
+
+def test_a_run_recorded_before_a_flag_existed_says_so_beside_its_command() -> None:
+    config = TrainConfig(dataset="toy.csv").to_dict()
+    del config["exit_label_weight"]
+    assert tables().unrecorded_flags(config) == ["--exit-label-weight"]
+    meta = {"command": "mp eval --run-dir runs/toy", "train_config": config}
+    text = tables().eval_table(
+        Path("toy-cpu.json"), {"provenance": meta, "records": [record("dense", None, None, 0.9, 1.0)]}
+    )
+    assert "Train: `mp train --dataset toy.csv` (recorded before `--exit-label-weight` existed" in text
+    assert tables().unrecorded_flags(TrainConfig().to_dict()) == []
+
+
+def test_summary_has_a_row_per_run_with_each_dev_choice_on_test_and_marks_the_ones_outside_the_limit() -> None:
+    records = [
+        record("dense", None, None, 0.90, 1.0, selected=True),
+        record("ltp", 0.0, 1.0, 0.905, 1.2, selected=True),
+        record("fastbert", 0.1, None, 0.885, 2.0, selected=True),
+        record("fastbert", 0.5, None, 0.80, 4.0),
+        record("mp", 0.3, 2.0, 0.87, 3.0, selected=True),
+        record("mp", 0.1, 2.0, 0.895, 2.5),
+    ]
+    meta = {"selection": "per method, fewest GFLOPs within 0.01 accuracy of dense on dev at confidence 0.8"}
+    older = [dict(r, dataset="other") for r in records[:1]]
+    text = tables().summary_table(
+        [
+            (Path("toy-cpu.json"), {"provenance": meta, "records": records}),
+            (Path("old-cpu.json"), {"provenance": {"selection": "on dev"}, "records": older}),
+        ]
+    )
+    rows = text.splitlines()
+    assert rows[0] == "| run | dataset | chosen on | dense | LTP only | FastBERT only | MP | MP, chosen on test |"
+    assert rows[2] == (
+        "| `toy-cpu` | toy | dev, 0.8 | 90.00 / 1.000 | 90.50 (+0.50), 1.20x | 88.50 (-1.50), 2.00x † "
+        "| 87.00 (-3.00), 3.00x † | 89.50 (-0.50), 2.50x |"
+    )
+    assert rows[3] == "| `old-cpu` | other | dev | 90.00 / 1.000 | - | - | - | - |"
 
 
 def test_eval_table_names_its_commands_and_sweeps_tau_at_the_selected_scale() -> None:
