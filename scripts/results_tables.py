@@ -225,12 +225,14 @@ def _rule(selection: str) -> str:
 
 
 def _choice(record: dict[str, Any] | None, dense: dict[str, Any], max_drop: float) -> str:
-    """``accuracy (drop in points), speedup``, marked ``†`` where the drop exceeds ``max_drop``."""
+    """``accuracy (change in points), speedup``, marked ``†`` where the drop exceeds ``max_drop``."""
+    from mp_model.recipe.selection import within_limit
+
     if record is None:
         return "-"
-    drop = record["accuracy"] - dense["accuracy"]
-    mark = " †" if -drop > max_drop + 1e-9 else ""
-    return f"{100 * record['accuracy']:.2f} ({100 * drop:+.2f}), {_speedup(record['flops_speedup'])}{mark}"
+    change = record["accuracy"] - dense["accuracy"]
+    mark = "" if within_limit(-change, max_drop) else " †"
+    return f"{100 * record['accuracy']:.2f} ({100 * change:+.2f}), {_speedup(record['flops_speedup'])}{mark}"
 
 
 def summary_table(files: list[tuple[Path, dict[str, Any]]]) -> str:

@@ -34,6 +34,12 @@ from mp_model.recipe.evaluation import DEFAULT_SCALES, DEFAULT_TAUS, METHODS, Se
 LATENCY_CHOICES = ("tables", "selected", "all", "none")
 DEFAULT_CONFIDENCE = 0.8
 RESAMPLES = 1000
+ROUNDING = 1e-9  # accuracies are multiples of 1 / examples, far coarser: only float rounding is forgiven
+
+
+def within_limit(drop: Any, max_drop: float) -> Any:
+    """Whether an accuracy drop from dense (a float or a tensor of them, fractions) is within ``max_drop``."""
+    return drop <= max_drop + ROUNDING
 
 
 def setting_key(record: dict[str, Any]) -> SettingKey:
@@ -71,7 +77,7 @@ def within_limit_share(
     dense_accuracy = weights @ dense.float() / count
     accuracy = weights @ candidates.float().T / count
     drop = dense_accuracy[:, None].double() - accuracy.double()
-    return (drop <= max_drop + 1e-9).double().mean(dim=0)
+    return within_limit(drop, max_drop).double().mean(dim=0)
 
 
 def _check_rule(max_drop: float, confidence: float | None) -> None:
@@ -104,8 +110,7 @@ def select(
         if not dense:
             raise ValueError(f"{dataset}: select needs the dense record")
         if confidence is None:
-            floor = dense[0]["accuracy"] - max_drop - 1e-12
-            eligible_rows = [r for r in rows if r["accuracy"] >= floor]
+            eligible_rows = [r for r in rows if within_limit(dense[0]["accuracy"] - r["accuracy"], max_drop)]
         else:
             missing = [setting_key(r) for r in rows if "outcome" not in r]
             if missing:
@@ -199,7 +204,7 @@ def selection_reliability(
         drops = torch.tensor([d for d, _ in rows], dtype=torch.float64)
         speedups = torch.tensor([s for _, s in rows], dtype=torch.float64)
         summary[method] = {
-            "within_limit": float((drops <= max_drop + 1e-9).double().mean()),
+            "within_limit": float(within_limit(drops, max_drop).double().mean()),
             "median_drop": float(drops.median()),
             "median_flops_speedup": float(speedups.median()),
         }

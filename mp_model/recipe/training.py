@@ -85,6 +85,7 @@ from mp_model.recipe.runs import (
     stage_dir,
     write_json,
 )
+from mp_model.recipe.selection import within_limit
 from mp_model.recipe.train_config import TrainConfig
 
 # TrainConfig fields that may differ when a run is resumed.
@@ -382,7 +383,7 @@ def select_candidate(candidates: list[dict[str, Any]], baseline: float, max_drop
     """
     if not candidates:
         raise ValueError("no search candidates")
-    eligible = [c for c in candidates if c["dev_accuracy"] >= baseline - max_drop - 1e-12]
+    eligible = [c for c in candidates if within_limit(baseline - c["dev_accuracy"], max_drop)]
     if eligible:
         return min(eligible, key=lambda c: (c["dev_gflops"], -c["dev_accuracy"]))
     return max(candidates, key=lambda c: (c["dev_accuracy"], -c["dev_gflops"]))
