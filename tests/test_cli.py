@@ -19,6 +19,7 @@ from mp_model.recipe import quickstart
 from mp_model.recipe.cli import COMMANDS, build_parser, main, train_config_from_args
 from mp_model.recipe.evaluation import METHODS
 from mp_model.recipe.runs import FINAL_DIR, STATE_FILE
+from mp_model.recipe.selection import DEFAULT_CONFIDENCE
 from mp_model.recipe.train_config import TrainConfig
 from tests.utils import write_tiny_model, write_toy_dataset
 
@@ -166,6 +167,29 @@ def test_eval_json_holds_one_well_formed_record_per_setting(
             assert record["latency_ms"] is None
     assert sorted(r["method"] for r in records if r["selected"]) == sorted(METHODS)
     assert dense["flops_speedup"] == pytest.approx(1.0)
+
+
+def test_eval_json_lets_each_choice_be_checked_from_the_dev_numbers_of_every_setting(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_file = tmp_path / "results.json"
+    argv = [
+        *("eval", "--run-dir", str(run_dir), "--json", str(out_file), "--taus", "0.1", "0.5", "0.9"),
+        *("--scales", "1.0", "2.0", "--latency", "none", "--batch-size", "4"),
+    ]
+    assert run_main(argv, capsys)[0] == 0
+    records = json.loads(out_file.read_text())["records"]
+    for record in records:
+        assert record["selected_on"] == "dev" and 0.0 <= record["dev_accuracy"] <= 1.0 and record["dev_gflops"] > 0
+        assert 0.0 <= record["within_limit_share"] <= 1.0
+    for method in ("dense", *METHODS):
+        rows = [r for r in records if r["method"] == method]
+        eligible = [r for r in rows if r["within_limit_share"] >= DEFAULT_CONFIDENCE]
+        if eligible:
+            expected = min(eligible, key=lambda r: (r["dev_gflops"], -r["dev_accuracy"]))
+        else:
+            expected = max(rows, key=lambda r: (r["dev_accuracy"], -r["dev_gflops"]))
+        assert [r for r in rows if r["selected"]] == [expected]
 
 
 def test_reference_is_a_plain_fine_tune_that_eval_reports_beside_the_selection(

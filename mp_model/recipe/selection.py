@@ -238,8 +238,9 @@ def select_and_report(
     Both splits are cut to their first ``size`` examples (None: whole) and encoded at ``max_length``. ``latency``
     names the settings timed on ``split``: ``"tables"`` (the selected ones and the tau sweeps of ``table_settings``),
     ``"selected"``, ``"all"`` or ``"none"``. Returns ``evaluate``'s records on ``split``, each with ``selected``
-    and ``selected_on`` (``select_split``) added, and on the selected ones ``<select_split>_accuracy``,
-    ``<select_split>_gflops`` (and ``within_limit_share`` with a ``confidence``); and a dict of the selection:
+    and ``selected_on`` (``select_split``) added, and the same setting's ``<select_split>_accuracy``,
+    ``<select_split>_gflops`` (and ``within_limit_share`` with a ``confidence``), so that the choice can be checked
+    from the records alone; and a dict of the selection:
     its rule, and with ``reliability_splits > 0`` ``selection_reliability`` of this rule and of the plain one.
 
     Raises:
@@ -279,14 +280,14 @@ def select_and_report(
             for name, c in (("point estimate", None), (f"confidence {confidence}", confidence))
             if name == "point estimate" or confidence is not None
         }
+    on_pick = {setting_key(r): r for r in picked_records}
     for record in records:
         record.pop("outcome", None)
-        picked = by_key.get(setting_key(record))
-        record["selected"] = picked is not None
+        key = setting_key(record)
+        record["selected"] = key in by_key
         record["selected_on"] = select_split
-        if picked is not None:
-            record[f"{select_split}_accuracy"] = picked["accuracy"]
-            record[f"{select_split}_gflops"] = picked["gflops"]
-            if "within_limit_share" in picked:
-                record["within_limit_share"] = picked["within_limit_share"]
+        record[f"{select_split}_accuracy"] = on_pick[key]["accuracy"]
+        record[f"{select_split}_gflops"] = on_pick[key]["gflops"]
+        if "within_limit_share" in on_pick[key]:
+            record["within_limit_share"] = on_pick[key]["within_limit_share"]
     return records, selection
