@@ -257,8 +257,8 @@ def select_and_report(
     pick = encode(tokenizer, dataset.split(select_split)[:size], max_length)
     picked_records = evaluate(dense_model, model, pick, split=select_split, keep_outcomes=True, **common)
     chosen = select(picked_records, max_drop, confidence=confidence)
-    by_key = {setting_key(r): r for r in chosen}
-    timed = {"none": None, "all": "all", "selected": list(by_key), "tables": table_settings(chosen, taus)}[latency]
+    chosen_keys = [setting_key(r) for r in chosen]
+    timed = {"none": None, "all": "all", "selected": chosen_keys, "tables": table_settings(chosen, taus)}[latency]
     report = encode(tokenizer, dataset.split(split)[:size], max_length)
     records = evaluate(
         dense_model,
@@ -284,10 +284,11 @@ def select_and_report(
     for record in records:
         record.pop("outcome", None)
         key = setting_key(record)
-        record["selected"] = key in by_key
+        picked = on_pick[key]
+        record["selected"] = key in chosen_keys
         record["selected_on"] = select_split
-        record[f"{select_split}_accuracy"] = on_pick[key]["accuracy"]
-        record[f"{select_split}_gflops"] = on_pick[key]["gflops"]
-        if "within_limit_share" in on_pick[key]:
-            record["within_limit_share"] = on_pick[key]["within_limit_share"]
+        record[f"{select_split}_accuracy"] = picked["accuracy"]
+        record[f"{select_split}_gflops"] = picked["gflops"]
+        if "within_limit_share" in picked:
+            record["within_limit_share"] = picked["within_limit_share"]
     return records, selection
