@@ -45,11 +45,17 @@ class StageSpec:
 
 
 def stage_loss(
-    model: MagicPyramidForSequenceClassification, stage: StageSpec, batch: dict[str, torch.Tensor], config: TrainConfig
+    model: MagicPyramidForSequenceClassification,
+    stage: StageSpec,
+    batch: dict[str, torch.Tensor],
+    config: TrainConfig,
+    teacher: torch.Tensor | None = None,
 ) -> tuple[MagicPyramidTrainingOutput, torch.Tensor]:
     """The forward pass of one training step of ``stage`` under ``config.autocast()``, and its scalar fp32 loss:
     cross-entropy of the ``(batch, labels)`` logits with ``batch["labels"]``, plus ``lambda_`` times the mean soft
-    mask for the ``"soft"`` objective. Returns ``(masked_forward output, loss)``."""
+    mask for the ``"soft"`` objective. With ``teacher`` (``(batch, labels)`` logits of the dense model on the same
+    examples), the cross-entropy becomes ``(1 - w) * CE + w * KL(p_teacher || p)`` at ``w =
+    config.prune_teacher_weight``. Returns ``(masked_forward output, loss)``."""
     with config.autocast():
         out = model.masked_forward(
             batch["input_ids"],
@@ -59,6 +65,9 @@ def stage_loss(
             temperature=config.temperature,
         )
         loss = F.cross_entropy(out.logits.float(), batch["labels"])
+        if teacher is not None:
+            weight = config.prune_teacher_weight
+            loss = (1.0 - weight) * loss + weight * distillation_loss(out.logits.unsqueeze(0), teacher)
         if stage.objective == "soft":
             loss = loss + stage.lambda_ * out.mask_mean.float()
     return out, loss
@@ -207,8 +216,12 @@ def fit(
     callback: Callback | None = None,
     progress: bool = True,
     evaluate: Callable[[], dict[str, float]] | None = None,
+    teacher: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place through stage 1, 2 or 3; returns the last epoch's running loss, accuracy, kept ratio.
+
+    ``teacher``: ``(len(train), labels)`` logits of the dense model on ``train`` for ``stage_loss`` (None: labels
+    only).
 
     With ``evaluate`` (the model's dev metrics, ``dev_accuracy`` among them), it is called after every epoch (and
     after the last step) and the model ends with the weights of the most accurate call (ties: the later, more
@@ -229,6 +242,7 @@ def fit(
         if stage.objective == "soft"
         else None
     )
+    teacher = None if teacher is None else teacher.to(device)
     torch.manual_seed(seed)
     step = 0
     # The best evaluation so far: {"metrics", "epoch", "model"} (a CPU copy), and every evaluation's accuracy.
@@ -259,7 +273,8 @@ def fit(
             if step >= total:
                 break
             batch = _to_device(batch, device)
-            out, loss = stage_loss(model, stage, batch, config)
+            batch_teacher = None if teacher is None else teacher[batch["index"]]
+            out, loss = stage_loss(model, stage, batch, config, batch_teacher)
             correct = (out.logits.argmax(dim=-1) == batch["labels"]).sum()
             optimizer.zero_grad(set_to_none=True)
             if threshold_optimizer is not None:

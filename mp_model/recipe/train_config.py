@@ -108,6 +108,13 @@ class TrainConfig:
     epochs_finetune: float = field(default=3.0, metadata={"help": "epochs of stage 1 (fine-tuning)"})
     epochs_soft: float = field(default=1.0, metadata={"help": "epochs of stage 2 (soft pruning)"})
     epochs_hard: float = field(default=1.0, metadata={"help": "epochs of stage 3 (hard pruning)"})
+    prune_teacher_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "stages 2-3 and the search: weight w in [0, 1] of the dense stage-1 model as teacher; loss (1 - w) "
+            "* cross-entropy + w * KL(p_dense || p) (0: labels only)"
+        },
+    )
     distillation: str = field(
         default="forward",
         metadata={
@@ -170,6 +177,7 @@ class TrainConfig:
         check_float("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         check_float("max_drop", self.max_drop, 0.0, 1.0)
         check_float("exit_label_weight", self.exit_label_weight, 0.0, 1.0)
+        check_float("prune_teacher_weight", self.prune_teacher_weight, 0.0, 1.0)
         check_int("checkpoint_every", self.checkpoint_every, 1)
         for name in ("final_thresholds", "lambdas"):
             values = getattr(self, name)

@@ -7,9 +7,11 @@ epoch of best dev accuracy (stage 1 dense, stages 2-3 pruned; ties go to the lat
    directory for evaluation).
 2. ``soft``: soft pruning. Thresholds start at ``delta_L * l / L`` (layer ``l`` = 1..L) and are learned with their own
    Adam optimizer (``threshold_lr``, no weight decay); masks ``sigmoid((s - threshold) / T)``; loss
-   ``CE + lambda * mask_mean``. Before it, a search trains every ``(delta_L, lambda)`` of the grids through short
-   soft and hard stages from the stage-1 model and keeps the candidate with the fewest dev GFLOPs among those
-   whose dev accuracy is within ``max_drop`` of stage 1's (the most accurate one if none is).
+   ``CE + lambda * mask_mean``, where with ``prune_teacher_weight = w > 0`` (here and in stage 3 and the search)
+   ``CE`` becomes ``(1 - w) * CE + w * KL(p_dense || p)``, the stage-1 model's logits on the train split (eval
+   mode, computed once) as the teacher. Before it, a search trains every ``(delta_L, lambda)`` of the grids
+   through short soft and hard stages from the stage-1 model and keeps the candidate with the fewest dev GFLOPs
+   among those whose dev accuracy is within ``max_drop`` of stage 1's (the most accurate one if none is).
 3. ``hard``: thresholds frozen, binary masks, cross-entropy on the weights.
 4. ``exits``: backbone, main classifier and thresholds frozen, hard masks on; every sub-classifier ``l`` learns
    ``(1 - w) * KL(p_main || p_l) + w * CE(p_l, gold)`` per example (``fit.exit_loss``: self-distillation with
@@ -171,6 +173,7 @@ class Trainer:
         self._check_config()
         self._check_stages()
         self._data: Data | None = None
+        self._teacher: torch.Tensor | None = None
 
     def _check_config(self) -> None:
         """Refuse a configuration that differs from the saved one of a run with completed stages; a run that
@@ -238,6 +241,17 @@ class Trainer:
             self._data = load_data(self.config)
         return self._data
 
+    def teacher(self) -> torch.Tensor | None:
+        """``(len(train), labels)`` float32 logits of the stage-1 model on the train split (eval mode, no masks), the
+        teacher of stages 2-3 and the search; None when ``prune_teacher_weight`` is 0. Computed once per Trainer."""
+        if self.config.prune_teacher_weight == 0.0:
+            return None
+        if self._teacher is None:
+            dense = self._load(self.stage_dir(1))
+            cached = exit_targets(dense, self.data.train, self.config, threshold_scale=None, progress=False)
+            self._teacher = cached.teacher
+        return self._teacher
+
     def _save_state(self) -> None:
         write_json(self.directory / STATE_FILE, self.state)
 
@@ -300,6 +314,7 @@ class Trainer:
             callback=self.callback,
             progress=self.progress,
             evaluate=lambda: dev_metrics(model, self.data.dev, self.config, prune=prune),
+            teacher=self.teacher() if prune else None,
         )
         if "dev_accuracy" not in metrics:
             metrics |= dev_metrics(model, self.data.dev, self.config, prune=prune)
@@ -335,8 +350,9 @@ class Trainer:
             seed = config.seed * 100 + 20
             soft = StageSpec(2, "search soft", config.search_epochs_soft, "soft", "soft", lambda_)
             hard = StageSpec(3, "search hard", config.search_epochs_hard, "hard", "ce")
-            fit(model, soft, self.data.train, config, seed=seed, progress=self.progress)
-            fit(model, hard, self.data.train, config, seed=seed + 1, progress=self.progress)
+            teacher = self.teacher()
+            fit(model, soft, self.data.train, config, seed=seed, progress=self.progress, teacher=teacher)
+            fit(model, hard, self.data.train, config, seed=seed + 1, progress=self.progress, teacher=teacher)
             result = {"final_threshold": final_threshold, "lambda": lambda_}
             result |= dev_metrics(model, self.data.dev, config, prune=True)
             result["thresholds"] = model.thresholds.detach().cpu().tolist()
