@@ -230,7 +230,13 @@ def test_reference_is_a_plain_fine_tune_that_eval_reports_beside_the_selection(
         assert all(0.0 <= m["within_limit"] <= 1.0 for m in methods.values())
 
     original = (run_dir / REFERENCE_FILE).read_text()
-    later_stages = {"lambdas": [9.0], "epochs_exits": 1.0, "exit_label_weight": 0.5, "precision": "bf16"}
+    later_stages = {
+        "lambdas": [9.0],
+        "epochs_exits": 1.0,
+        "exit_label_weight": 0.5,
+        "prune_teacher_weight": 1.0,
+        "precision": "bf16",
+    }
     for changes, warned in (({"lr": 1.0, "seed": 3} | later_stages, True), (later_stages, False)):
         (run_dir / REFERENCE_FILE).write_text(json.dumps(saved | {"train_config": config.to_dict() | changes}))
         main([*argv, "--scales", "1.0", "--reliability-splits", "0"])

@@ -63,7 +63,8 @@ def test_distillation_refuses_an_unknown_direction() -> None:
         TrainConfig(distillation="both")
 
 
+@pytest.mark.parametrize("name", ["exit_label_weight", "prune_teacher_weight"])
 @pytest.mark.parametrize("weight", [-0.5, 1.01, float("nan")])
-def test_exit_label_weight_must_lie_in_zero_one(weight: float) -> None:
-    with pytest.raises(ValueError, match="exit_label_weight"):
-        TrainConfig(exit_label_weight=weight)
+def test_loss_mixing_weights_must_lie_in_zero_one(name: str, weight: float) -> None:
+    with pytest.raises(ValueError, match=name):
+        TrainConfig(**{name: weight})

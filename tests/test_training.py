@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from mp_model import MagicPyramidForSequenceClassification
 from mp_model.recipe.data import batches, encode
 from mp_model.recipe.evaluation import collect, simulate
-from mp_model.recipe.fit import StageSpec, distillation_loss, exit_targets, fit
+from mp_model.recipe.fit import StageSpec, distillation_loss, exit_targets, fit, stage_loss
 from mp_model.recipe.runs import CONFIG_FILE, DENSE_DIR, FINAL_DIR, PARTIAL_DIR, STATE_FILE, TrainingWarning
 from mp_model.recipe.train_config import TrainConfig
 from mp_model.recipe.training import Trainer, initial_thresholds, load_data, select_candidate, train
@@ -366,6 +366,68 @@ def test_fit_ends_with_the_weights_of_its_best_dev_evaluation(root: Path) -> Non
     final = model.state_dict()
     assert all(torch.equal(final[key], snapshots[2][key]) for key in final)
     assert not all(torch.equal(final[key], snapshots[3][key]) for key in final)
+
+
+@pytest.mark.parametrize("objective", ["ce", "soft"])
+@pytest.mark.parametrize("weight", [0.0, 0.4, 1.0])
+def test_stage_loss_with_a_teacher_mixes_cross_entropy_and_kl_to_the_teacher(
+    root: Path, objective: str, weight: float
+) -> None:
+    config = tiny_config(root, "unused", prune_teacher_weight=weight)
+    model = load(Path(config.model))
+    model.set_thresholds([0.2] * model.config.num_hidden_layers)
+    batch = next(batches(load_data(config).train, 8))
+    teacher = torch.randn(8, 2, generator=torch.Generator().manual_seed(3))
+    stage = StageSpec(2, "soft", 1, "soft", objective, lambda_=0.3)
+    out, loss = stage_loss(model, stage, batch, config, teacher)
+    logits, target = out.logits.detach().double(), teacher.double().softmax(dim=-1)
+    kl = (target * (target.log() - logits.log_softmax(dim=-1))).sum(dim=-1).mean()
+    cross_entropy = F.cross_entropy(logits, batch["labels"])
+    penalty = 0.3 * out.mask_mean.detach().double() if objective == "soft" else 0.0
+    assert float(loss.detach()) == pytest.approx(float((1 - weight) * cross_entropy + weight * kl + penalty), rel=1e-5)
+    _, labels_only = stage_loss(model, stage, batch, config)
+    assert float(labels_only.detach()) == pytest.approx(float(cross_entropy + penalty), rel=1e-5), (
+        "no teacher: labels only"
+    )
+
+
+def test_the_teacher_is_the_dense_models_logits_on_the_train_split(root: Path, finished: TrainConfig) -> None:
+    assert Trainer(finished, progress=False).teacher() is None, "weight 0: no teacher pass"
+    config = tiny_config(root, "teacher", prune_teacher_weight=1.0)
+    shutil.rmtree(config.directory, ignore_errors=True)
+    Trainer(config, progress=False).run([1])
+    trainer = Trainer(config, progress=False)
+    teacher = trainer.teacher()
+    dense, train_split = load(trainer.stage_dir(1)), trainer.data.train
+    assert teacher.shape == (len(train_split["labels"]), 2)
+    for batch in batches(train_split, 7):
+        with torch.no_grad():
+            out = dense.masked_forward(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        torch.testing.assert_close(teacher[batch["index"]], out.logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_pure_distillation_makes_the_pruning_stages_ignore_the_labels(root: Path, weight: float) -> None:
+    config = tiny_config(root, "unused", prune_teacher_weight=weight)
+    data = load_data(config)
+    teacher = torch.randn(len(data.train["labels"]), 2, generator=torch.Generator().manual_seed(4))
+    flipped = dict(data.train, labels=[1 - label for label in data.train["labels"]])
+    trained = []
+    for train_split in (data.train, flipped):
+        model = load(Path(config.model))
+        model.set_thresholds(initial_thresholds(1.0, model.config.num_hidden_layers))
+        fit(
+            model,
+            StageSpec(2, "soft", 1, "soft", "soft", 0.1),
+            train_split,
+            config,
+            seed=0,
+            progress=False,
+            teacher=teacher,
+        )
+        trained.append(model)
+    pairs = zip(trained[0].state_dict().values(), trained[1].state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs) == (weight == 1.0)
 
 
 def test_bf16_autocast_training_keeps_the_results_contract(root: Path) -> None:
