@@ -109,10 +109,11 @@ class TrainConfig:
     epochs_soft: float = field(default=1.0, metadata={"help": "epochs of stage 2 (soft pruning)"})
     epochs_hard: float = field(default=1.0, metadata={"help": "epochs of stage 3 (hard pruning)"})
     prune_teacher_weight: float = field(
-        default=0.0,
+        default=1.0,
         metadata={
             "help": "stages 2-3 and the search: weight w in [0, 1] of the dense stage-1 model as teacher; loss (1 - w) "
-            "* cross-entropy + w * KL(p_dense || p) (0: labels only)"
+            "* cross-entropy + w * KL(p_dense || p) (default 1: distillation alone; 0: labels only, the recipe "
+            "before 2026-12-04)"
         },
     )
     distillation: str = field(
