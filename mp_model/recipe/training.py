@@ -245,14 +245,17 @@ class Trainer:
         return self._data
 
     def teacher(self) -> torch.Tensor | None:
-        """``(len(train), labels)`` float32 logits of the stage-1 model on the train split (eval mode, no masks), the
-        teacher of stages 2-3 and the search; None when ``prune_teacher_weight`` is 0. Computed once per Trainer."""
+        """``(len(train), labels)`` float32 logits of the stage-1 model on the train split (packed path, no pruning),
+        the teacher of stages 2-3 and the search; None when ``prune_teacher_weight`` is 0. Computed once per
+        Trainer."""
         if self.config.prune_teacher_weight == 0.0:
             return None
         if self._teacher is None:
             dense = self._load(self.stage_dir(1))
-            cached = exit_targets(dense, self.data.train, self.config, threshold_scale=None, progress=False)
-            self._teacher = cached.teacher
+            config = self.config
+            self._teacher = collect(
+                dense, self.data.train, batch_size=config.eval_batch_size, device=config.device, prune=False
+            ).logits
         return self._teacher
 
     def _save_state(self) -> None:
