@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+SOURCE_COMMIT_VARIABLE = "MP_SOURCE_COMMIT"
+
 
 def _git(*args: str) -> str:
     try:
@@ -47,8 +49,14 @@ def provenance(device: torch.device | str = "cpu", command: str | None = None) -
 
     ``git_dirty``: tracked files differ from ``git_commit``, other than results files under ``bench/results``
     (benchmarks run one after another rewrite those, which says nothing of the code that produced this one).
+    Where the code runs outside a git checkout (a copy of the working tree on a lent GPU machine), ``git_commit``
+    is ``$MP_SOURCE_COMMIT`` (the commit the copy was made from, set by whoever ran it) or ``"unknown"``, and
+    ``git_dirty`` is None (not known).
     """
     device = torch.device(device)
+    commit = _git("rev-parse", "HEAD")
+    from_environment = commit == "unknown" and bool(os.environ.get(SOURCE_COMMIT_VARIABLE))
+    commit = os.environ[SOURCE_COMMIT_VARIABLE] if from_environment else commit
     try:
         import triton
 
@@ -68,10 +76,10 @@ def provenance(device: torch.device | str = "cpu", command: str | None = None) -
         "python": platform.python_version(),
         "cuda": torch.version.cuda,
         "driver": None,
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(
-            _git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)bench/results")
-        ),
+        "git_commit": commit,
+        "git_dirty": None
+        if commit == "unknown" or from_environment
+        else bool(_git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)bench/results")),
         "command": command or " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
