@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from transformers import BertForSequenceClassification
 
 from bench.reference_report import main, report
@@ -15,7 +16,7 @@ from mp_model.recipe.data import encode
 from mp_model.recipe.reference import REFERENCE_DIR, accuracy, train_reference
 from mp_model.recipe.train_config import TrainConfig
 from mp_model.recipe.training import load_data
-from tests.utils import write_tiny_model, write_toy_dataset
+from tests.utils import write_half_copy, write_tiny_model, write_toy_dataset
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +98,14 @@ def test_a_run_without_a_reference_is_refused_in_one_line(
     recipe = recipe_file(tmp_path / "r.json", config, 0.5, 0.5)
     assert main(["--run-dir", str(tmp_path), "--recipe", str(recipe), "--out", str(tmp_path / "o.json")]) == 2
     assert "has no reference: run `mp reference --run-dir" in capsys.readouterr().err
+
+
+def test_a_half_precision_checkpoint_gives_a_reference_with_fp32_weights(config: TrainConfig, tmp_path: Path) -> None:
+    half = write_half_copy(Path(config.model), tmp_path / "half")
+    from_half = TrainConfig(**(config.to_dict() | {"model": str(half), "run_dir": str(tmp_path / "run")}))
+    from_half.directory.mkdir(parents=True)
+    result = train_reference(from_half, progress=False)
+    model = BertForSequenceClassification.from_pretrained(from_half.directory / REFERENCE_DIR)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert result["dev_accuracy"] > 0.6

@@ -23,7 +23,7 @@ from mp_model.recipe.fit import StageSpec, distillation_loss, exit_targets, fit,
 from mp_model.recipe.runs import CONFIG_FILE, DENSE_DIR, FINAL_DIR, PARTIAL_DIR, STATE_FILE, TrainingWarning
 from mp_model.recipe.train_config import TrainConfig
 from mp_model.recipe.training import Trainer, initial_thresholds, load_data, select_candidate, train
-from tests.utils import write_tiny_model, write_toy_dataset
+from tests.utils import write_half_copy, write_tiny_model, write_toy_dataset
 
 
 def tiny_config(root: Path, run: str, **overrides: object) -> TrainConfig:
@@ -442,6 +442,25 @@ def test_bf16_autocast_training_keeps_the_results_contract(root: Path) -> None:
     assert all(p.dtype == torch.float32 for p in final.parameters()), "autocast keeps fp32 weights"
     assert mean_loss(load(stage_dir(config, 1)), config) < 0.7 * mean_loss(load(Path(config.model)), config)
     assert state["stage1"]["dev_accuracy"] >= 0.75
+
+
+def test_a_half_precision_checkpoint_trains_with_fp32_master_weights(root: Path, tmp_path: Path) -> None:
+    """transformers 5 loads a checkpoint in its stored dtype by default; AdamW on float16 weights turns the first
+    update into NaN. Stage 1 must start from fp32 weights and train as from the fp32 checkpoint."""
+    half = write_half_copy(root / "base", tmp_path / "half")
+    assert {p.dtype for p in load(half).bert.parameters()} == {torch.float16}, "the hazard: loaded as stored"
+    config = tiny_config(root, "from-half", model=str(half))
+    state = train(config, stages=[1], progress=False)
+    assert all(p.dtype == torch.float32 for p in load(stage_dir(config, 1)).parameters())
+    assert torch.isfinite(torch.tensor(state["stage1"]["train_loss"]))
+    assert mean_loss(load(stage_dir(config, 1)), config) < 0.7 * mean_loss(load(half).float(), config)
+
+
+def test_a_diverging_stage_stops_with_the_stage_and_step_named(root: Path, tmp_path: Path) -> None:
+    poisoned = write_half_copy(root / "base", tmp_path / "nan", poison="classifier.weight")
+    config = tiny_config(root, "diverges", model=str(poisoned))
+    with pytest.raises(ValueError, match=r"stage 1 finetune: the training loss is nan at step 1 \(weights in float32"):
+        train(config, stages=[1], progress=False)
 
 
 def test_a_run_saved_before_a_field_existed_resumes_with_its_default(finished: TrainConfig, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import csv
 import functools
 import json
 import random
+import shutil
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -240,6 +241,22 @@ def write_tiny_model(folder: Path, seed: int = 0) -> Path:
     MagicPyramidForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def write_half_copy(source: Path, target: Path, *, poison: str | None = None) -> Path:
+    """A copy of the model folder ``source`` in ``target`` with its weights stored in float16 (as a converted,
+    smaller checkpoint ships), ``config.json`` saying so; ``poison`` names one weight set to NaN."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    weights = load_file(source / "model.safetensors")
+    half = {name: t.half() if t.is_floating_point() else t for name, t in weights.items()}
+    if poison is not None:
+        half[poison] = torch.full_like(half[poison], float("nan"))
+    save_file(half, target / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "dtype": "float16", "torch_dtype": "float16"}))
+    return target
 
 
 @functools.cache

@@ -164,6 +164,19 @@ def exit_loss(
     return ((1.0 - weight) * kl + weight * cross_entropy).mean()
 
 
+def finite_loss(loss: torch.Tensor, where: str, step: int, module: torch.nn.Module) -> float:
+    """``loss`` (a scalar tensor) as a Python float, or a ``ValueError`` naming ``where`` and ``step`` if it is NaN or
+    infinite: training has diverged, and every later step would only carry the NaN into the weights."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()})
+        raise ValueError(
+            f"{where}: the training loss is {value} at step {step} (weights in {', '.join(dtypes)}): training "
+            "diverged; lower the learning rate, or check the starting model's weights"
+        )
+    return value
+
+
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {key: value.to(device) for key, value in batch.items()}
 
@@ -286,7 +299,7 @@ def fit(
                 threshold_optimizer.step()
             step += 1
             size = batch["labels"].numel()
-            totals["loss"] += float(loss.detach()) * size
+            totals["loss"] += finite_loss(loss, f"stage {stage.number} {stage.name}", step, model) * size
             totals["correct"] += float(correct)
             totals["kept"] += float(out.kept_ratio.mean())
             totals["examples"] += size
@@ -455,7 +468,7 @@ def fit_exits(
             scheduler.step()
             step += 1
             predictions = logits.detach().argmax(dim=-1)
-            loss_sum += float(loss.detach()) * rows.numel()
+            loss_sum += finite_loss(loss, "stage 4 exits", step, model.exits) * rows.numel()
             correct += (predictions == labels[rows]).sum(dim=1)
             agree += (predictions == teacher_labels[rows]).sum(dim=1)
             seen += rows.numel()

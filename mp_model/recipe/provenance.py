@@ -49,14 +49,13 @@ def provenance(device: torch.device | str = "cpu", command: str | None = None) -
 
     ``git_dirty``: tracked files differ from ``git_commit``, other than results files under ``bench/results``
     (benchmarks run one after another rewrite those, which says nothing of the code that produced this one).
-    Where the code runs outside a git checkout (a copy of the working tree on a lent GPU machine), ``git_commit``
-    is ``$MP_SOURCE_COMMIT`` (the commit the copy was made from, set by whoever ran it) or ``"unknown"``, and
-    ``git_dirty`` is None (not known).
+    Where the code runs on a copy of the working tree (a lent GPU machine, whose copy of ``.git`` may be older than
+    the tree), whoever runs it declares the commit the copy was made from in ``$MP_SOURCE_COMMIT``: it is then
+    ``git_commit``, and ``git_dirty`` is None (not known); so is it outside a git checkout (``"unknown"``).
     """
     device = torch.device(device)
-    commit = _git("rev-parse", "HEAD")
-    from_environment = commit == "unknown" and bool(os.environ.get(SOURCE_COMMIT_VARIABLE))
-    commit = os.environ[SOURCE_COMMIT_VARIABLE] if from_environment else commit
+    declared = os.environ.get(SOURCE_COMMIT_VARIABLE)
+    commit = declared or _git("rev-parse", "HEAD")
     try:
         import triton
 
@@ -78,7 +77,7 @@ def provenance(device: torch.device | str = "cpu", command: str | None = None) -
         "driver": None,
         "git_commit": commit,
         "git_dirty": None
-        if commit == "unknown" or from_environment
+        if declared or commit == "unknown"
         else bool(_git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)bench/results")),
         "command": command or " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),

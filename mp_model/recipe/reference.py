@@ -89,6 +89,7 @@ def _fine_tune(
     labels = data.dataset.labels
     model = BertForSequenceClassification.from_pretrained(
         config.model,
+        dtype=torch.float32,  # as the recipe's stage 1: fp32 master weights from any checkpoint
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
