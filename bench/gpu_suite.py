@@ -7,8 +7,9 @@ Steps, each a subprocess with its own time limit (``--<step>-timeout``; all of t
 ``PYTHONUNBUFFERED=1``, its output teed into ``OUT/<step>.log``; a step that fails or times out is recorded and the
 suite goes on:
 
-1. ``tests``: ``python -m pytest -q -p no:cacheprovider tests`` (junit XML in ``tests.xml``; this file's own test
-   is left out);
+1. ``tests``: ``python -m pytest -v -p no:cacheprovider tests`` (junit XML in ``tests.xml``; this file's own test
+   is left out; ``-v`` names every test in the log as it ends, so that a step killed at its limit, which writes no
+   XML and no summary, still says which tests failed);
 2. ``attention``: ``python -m bench.bench_attention`` (fp16 and bf16) into ``attention.json``;
 3. ``compaction``: ``bench.bench_compaction.run`` in bfloat16 (its CLI times fp16 only), 8k tokens x d 768 first,
    into ``compaction.json`` (rewritten after every size);
@@ -319,7 +320,7 @@ def commands(args: argparse.Namespace, out: Path, e2e_limit: float) -> dict[str,
     e2e += ["--methods", ",".join(args.methods)] if args.methods else []
     e2e += ["--time-limit", f"{max(10.0, e2e_limit - E2E_MARGIN_S):.0f}", *shlex.split(args.e2e_args)]
     return {
-        "tests": [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={out / 'tests.xml'}", *tests],
+        "tests": [python, "-m", "pytest", "-v", "-p", "no:cacheprovider", f"--junitxml={out / 'tests.xml'}", *tests],
         "attention": [python, "-m", "bench.bench_attention", "--out", str(out / "attention.json")]
         + (["--cpu-small", "--threads", "1", "--repeats", "2"] if smoke else []),
         "compaction": [python, "-c", compaction, str(out / "compaction.json"), "smoke" if smoke else "gpu"],

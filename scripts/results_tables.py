@@ -37,6 +37,7 @@ SUMMARY_BEGIN = "<!-- summary:begin -->"
 SUMMARY_END = "<!-- summary:end -->"
 E2E_METHODS = ("hf_eager", "dense", "ltp", "fastbert", "mp")
 ORT_METHODS = ("dense", "ltp", "fastbert", "mp")
+GRAPH_METHODS = ("graph_dense", "graph_ltp", "graph_fastbert", "graph_mp")
 EVAL_METHODS = ("dense", "ltp", "fastbert", "mp")
 LABELS = {
     "hf_eager": "HF eager",
@@ -45,6 +46,10 @@ LABELS = {
     "ltp": "LTP only",
     "fastbert": "FastBERT only",
     "mp": "MP",
+    "graph_dense": "dense (GPU engine)",
+    "graph_ltp": "LTP only (GPU engine)",
+    "graph_fastbert": "FastBERT only (GPU engine)",
+    "graph_mp": "MP (GPU engine)",
 }
 BUCKET_ORDER = {"short": 0, "middle": 1, "long": 2, "mixed": 3}
 
@@ -108,6 +113,36 @@ def e2e_table(path: Path, payload: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     if any(r["method"] == "ort" for r in records):
         lines += ["", ort_table(cells)]
+    if any(r["method"] == "hf_compiled" for r in records):
+        lines += ["", compiled_table(cells)]
+    return "\n".join(lines)
+
+
+def compiled_table(cells: list[tuple[tuple[str, str, int, int | None], dict[str, dict[str, Any]]]]) -> str:
+    """Speedups over the compiled HF baseline (``speedup_vs_compiled``) of the GPU engine's methods present, per
+    cell that ran ``hf_compiled``."""
+    present = [m for m in GRAPH_METHODS if any(m in methods for _, methods in cells)]
+    lines = [
+        "Against HF compiled (`torch.compile` of the same HF model, one graph per batch size and padded width; "
+        "the strongest dense baseline on a GPU): its speedup over HF sdpa, then each GPU-engine method's measured "
+        "speedup over it / its FLOPs speedup; cells the run's time limit left out are absent.",
+        "",
+    ]
+    header = ["model", "bucket", "batch", "compiled ms", "compiled vs HF sdpa"] + [LABELS[m] for m in present]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (model, bucket, batch, _threads), methods in cells:
+        compiled = methods.get("hf_compiled")
+        if compiled is None:
+            continue
+        row = [model, bucket, str(batch), f"{compiled['median_ms']:.2f}", _speedup(compiled.get("latency_speedup"))]
+        for method in present:
+            record = methods.get(method)
+            row.append(
+                "-"
+                if record is None
+                else f"{_speedup(record.get('speedup_vs_compiled'))} / {_speedup(record['flops_speedup'])}"
+            )
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

@@ -130,3 +130,23 @@ def test_eval_details_name_the_reference_and_each_rules_reliability() -> None:
     assert "| rule | MP |" in text
     assert "| point estimate | 90% (2.30x) |" in text and "| confidence 0.8 | - |" in text
     assert tables().details({}) == []
+
+
+def test_a_gpu_e2e_file_gets_a_table_against_the_compiled_baseline() -> None:
+    def cell(method: str, bucket: str, ms: float, vs_compiled: float, flops: float) -> dict[str, object]:
+        return {"model": "minilm", "bucket": bucket, "batch_size": 64, "method": method, "median_ms": ms,
+                "latency_speedup": 6.0 / ms, "flops_speedup": flops, "speedup_vs_compiled": vs_compiled}  # fmt: skip
+
+    records = [
+        cell("hf_sdpa", "long", 6.0, 0.6, 1.0),
+        cell("hf_compiled", "long", 4.0, 1.0, 1.0),
+        cell("graph_mp", "long", 2.0, 2.0, 2.9),
+        cell("hf_sdpa", "short", 6.0, 0.2, 1.0),  # no compiled run in this cell: no row
+    ]
+    payload = {"provenance": {"device": "NVIDIA H200", "device_type": "cuda", "dtype": "bfloat16"}, "records": records}
+    text = tables().e2e_table(Path("e2e-h200-bf16.json"), payload)
+    table = text.split("Against HF compiled")[1]
+    assert "| model | bucket | batch | compiled ms | compiled vs HF sdpa | MP (GPU engine) |" in table
+    assert "| minilm | long | 64 | 4.00 | 1.50x | 2.00x / 2.90x |" in table
+    assert "| minilm | short |" not in table
+    assert "LTP only (GPU engine)" not in table, "only the engine's methods that ran"

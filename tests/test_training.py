@@ -431,10 +431,12 @@ def test_pure_distillation_makes_the_pruning_stages_ignore_the_labels(root: Path
     assert all(torch.equal(a, b) for a, b in pairs) == (weight == 1.0)
 
 
-def test_bf16_autocast_training_keeps_the_results_contract(root: Path) -> None:
-    config = tiny_config(root, "bf16", precision="bf16")
+def test_bf16_autocast_training_keeps_the_results_contract(root: Path, device: torch.device) -> None:
+    """On the test device: every stage on CUDA on a GPU machine (mp train --device cuda), the CPU elsewhere."""
+    config = tiny_config(root, f"bf16-{device.type}", precision="bf16", device=device.type)
     with config.autocast():
-        assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.bfloat16
+        ones = torch.ones(2, 3, device=device), torch.ones(4, 3, device=device)
+        assert torch.nn.functional.linear(*ones).dtype == torch.bfloat16
     state = train(config, progress=False)
     assert state["stages_done"] == [1, 2, 3, 4]
     assert [state[f"stage{n}"]["arithmetic"] for n in state["stages_done"]] == ["bf16"] * 4

@@ -391,9 +391,11 @@ class Trainer:
         labelled = len(self.data.train["labels"])
         targets = exit_targets(model, self.data.exit_train, self.config, labelled=labelled, progress=self.progress)
         metrics = fit_exits(model, targets, self.config, seed=self.config.seed * 100 + 4, progress=self.progress)
-        dev = exit_targets(model, self.data.dev, self.config, progress=False)
+        dev = exit_targets(model, self.data.dev, self.config, progress=False)  # cached on the host
+        device = torch.device(self.config.device)
         with torch.no_grad():
-            predictions = apply_exits(model.exits, dev.features.transpose(0, 1), dev.teacher.shape[-1])
+            features = dev.features.transpose(0, 1).to(device)
+            predictions = apply_exits(model.exits, features, dev.teacher.shape[-1]).cpu()
         metrics["dev_exit_accuracy"] = (predictions.argmax(dim=-1) == dev.labels).double().mean(dim=1).tolist()
         metrics["dev_accuracy"] = float((dev.teacher.argmax(dim=-1) == dev.labels).double().mean())
         self._finish(4, model, metrics)
