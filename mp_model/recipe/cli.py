@@ -215,7 +215,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     texts = open_texts(args.input, args.column, args.pair_column)
     knobs = {"tau": args.tau, "threshold_scale": args.threshold_scale, "max_length": args.max_length}
     knobs |= {"prune": not args.no_prune, "early_exit": not args.no_exit}
-    predict(model, tokenizer, [], pairs=texts.pairs, batch_size=args.batch_size, **knobs)  # checks, before any work
+    predict(model, tokenizer, [], pairs=texts.pairs, batch_size=args.batch_size, device=args.device, **knobs)  # checks
     window = args.window
     if args.engine == "ray":
         knobs |= {"batch_tokens": args.max_batch_tokens, "gpus_per_worker": args.gpus_per_worker}

@@ -181,6 +181,14 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {key: value.to(device) for key, value in batch.items()}
 
 
+def _restore_rng(saved: dict[str, Any], device: torch.device) -> None:
+    """Restore a checkpoint's generator states: the CPU's, and on CUDA the device's (dropout draws from it there).
+    Both setters take CPU byte tensors, whatever ``map_location`` the checkpoint was loaded with."""
+    torch.set_rng_state(saved["rng"].cpu())
+    if device.type == "cuda" and saved.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
+
+
 def _load_checkpoint(partial: Path, device: torch.device) -> dict[str, Any] | None:
     """The partial checkpoint in ``partial`` if it is whole; ``None`` if there is none.
 
@@ -270,7 +278,7 @@ def fit(
             scheduler.load_state_dict(saved["scheduler"])
             if threshold_optimizer is not None:
                 threshold_optimizer.load_state_dict(saved["threshold_optimizer"])
-            torch.set_rng_state(saved["rng"])
+            _restore_rng(saved, device)
             step = saved["step"]
             best, evaluations = saved.get("best"), list(saved.get("evaluations", []))
 
@@ -330,6 +338,7 @@ def fit(
                         "scheduler": scheduler.state_dict(),
                         "threshold_optimizer": threshold_optimizer.state_dict() if threshold_optimizer else None,
                         "rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                         "best": best,
                         "evaluations": evaluations,
                     }
