@@ -48,7 +48,7 @@ from mp_model.recipe.evaluation import (
     setting_record,
     settings,
 )
-from mp_model.recipe.fit import exit_targets, fit_exits
+from mp_model.recipe.fit_exits import exit_targets, fit_exits
 from mp_model.recipe.runs import load_model, load_run, stage_dir
 from mp_model.recipe.selection import DEFAULT_CONFIDENCE, select, selection_reliability, setting_key
 from mp_model.recipe.train_config import TrainConfig

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from mp_model import MagicPyramidForSequenceClassification
 from mp_model.recipe.data import batches, encode
 from mp_model.recipe.evaluation import collect, simulate
-from mp_model.recipe.fit import StageSpec, distillation_loss, exit_targets, fit, stage_loss
+from mp_model.recipe.fit import StageSpec, distillation_loss, fit, stage_loss
+from mp_model.recipe.fit_exits import exit_targets
 from mp_model.recipe.runs import CONFIG_FILE, DENSE_DIR, FINAL_DIR, PARTIAL_DIR, STATE_FILE, TrainingWarning
 from mp_model.recipe.train_config import TrainConfig
 from mp_model.recipe.training import Trainer, initial_thresholds, load_data, select_candidate, train

@@ -17,7 +17,7 @@ epoch of best dev accuracy (stage 1 dense, stages 2-3 pruned; ties go to the lat
    ``max_drop`` of stage 1's (the most accurate one if none is).
 3. ``hard``: thresholds frozen, binary masks, stage 2's loss without the L1 term, on the weights.
 4. ``exits``: backbone, main classifier and thresholds frozen, hard masks on; every sub-classifier ``l`` learns
-   ``(1 - w) * KL(p_main || p_l) + w * CE(p_l, gold)`` per example (``fit.exit_loss``: self-distillation with
+   ``(1 - w) * KL(p_main || p_l) + w * CE(p_l, gold)`` per example (``fit_exits.exit_loss``: self-distillation with
    ``p_main`` detached, optionally mixed with the gold label at ``w = exit_label_weight``, 0 by default), summed
    over layers, for ``epochs_exits`` (20) epochs at ``exit_lr``. FastBERT states pure distillation in the other
    direction, ``KL(p_l || p_main)`` (``distillation="reverse"``, ``exit_label_weight=0``); it is mode-seeking, and
@@ -30,7 +30,7 @@ epoch of best dev accuracy (stage 1 dense, stages 2-3 pruned; ties go to the lat
    each layer) and main logits at every epoch, so one forward pass over the ``exit_train_size`` distillation
    examples (by default the whole train split) caches them, and the sub-classifiers then train on the cache at
    no backbone cost. The result equals training through the backbone each step. Examples beyond ``train_size``
-   are distilled on but their labels are not used (``fit.UNLABELLED``): ``train_size`` is the labelled budget.
+   are distilled on but their labels are not used (``fit_exits.UNLABELLED``): ``train_size`` is the labelled budget.
 
 Scales. Our thresholds are on the length-normalised importance scale (``n`` times the attention a token
 receives, mean 1 over a sequence), LTP's raw scale times 128. Measured on MiniLM, useful ``delta_L`` lie around
@@ -76,7 +76,8 @@ from mp_model.modeling import MagicPyramidForSequenceClassification
 from mp_model.recipe.data import Encoded, TextDataset, check_max_length, encode
 from mp_model.recipe.datasets import load_dataset, warn_overlap
 from mp_model.recipe.evaluation import collect, summarize
-from mp_model.recipe.fit import Callback, StageSpec, exit_targets, fit, fit_exits
+from mp_model.recipe.fit import Callback, StageSpec, fit
+from mp_model.recipe.fit_exits import exit_targets, fit_exits
 from mp_model.recipe.runs import (
     CONFIG_FILE,
     PARTIAL_DIR,
