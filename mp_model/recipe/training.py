@@ -332,7 +332,6 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         model = MagicPyramidForSequenceClassification.from_pretrained(
             self.config.model,
-            dtype=torch.float32,  # master weights in fp32 whatever the checkpoint's dtype (autocast does bf16)
             num_labels=dataset.num_labels,
             id2label=dict(enumerate(dataset.labels)),
             label2id={name: i for i, name in enumerate(dataset.labels)},
