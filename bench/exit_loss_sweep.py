@@ -89,6 +89,13 @@ def with_heads(passed: Pass, model: MagicPyramidForSequenceClassification) -> Co
     return dataclasses.replace(passed.collected, exit_logits=logits.float(), uncertainty=exit_uncertainty(logits))
 
 
+def exit_accuracy(passed: Pass, model: MagicPyramidForSequenceClassification) -> list[float]:
+    """Each sub-classifier's accuracy against the gold labels on ``passed`` (every example, no exiting)."""
+    collected = with_heads(passed, model)
+    right = collected.exit_logits.argmax(dim=-1) == collected.labels[:, None]
+    return right.double().mean(dim=0).tolist()
+
+
 def score(
     passes: dict[tuple[str, float | None], Pass],
     dense: Collected,
@@ -216,7 +223,16 @@ def main(argv: list[str] | None = None) -> int:
             f"confidence {DEFAULT_CONFIDENCE}": report(*records.values(), DEFAULT_CONFIDENCE, args.reliability_splits),
             "point estimate": report(*records.values(), None, args.reliability_splits),
         }
-        results.append({"variant": name, "changes": changes, "reproduces_run": reproduces, "rules": rules})
+        accuracy = {split: exit_accuracy(passes[split, 1.0 if 1.0 in scales else None], model) for split in splits}
+        results.append(
+            {
+                "variant": name,
+                "changes": changes,
+                "reproduces_run": reproduces,
+                "exit_accuracy": accuracy,
+                "rules": rules,
+            }
+        )
         print(summary_line(name, rules[f"confidence {DEFAULT_CONFIDENCE}"], time.perf_counter() - begin), flush=True)
     argv = sys.argv[1:] if argv is None else argv
     meta = provenance(command="python -m bench.exit_loss_sweep " + " ".join(argv))

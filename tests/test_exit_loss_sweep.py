@@ -77,3 +77,6 @@ def test_chosen_variants_on_a_cache_in_another_arithmetic(run_dir: Path, tmp_pat
     assert names == ["forward KL", "CE", "forward KL, 1 epochs", "CE, 1 epochs"]
     assert payload["provenance"]["cache_arithmetic"] == "bf16"
     assert not any(r["reproduces_run"] for r in payload["records"])
+    for record in payload["records"]:
+        for accuracies in record["exit_accuracy"].values():
+            assert len(accuracies) == 2 and all(0.0 <= a <= 1.0 for a in accuracies)  # 3 layers: 2 exits
