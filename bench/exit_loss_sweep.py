@@ -21,6 +21,10 @@ variant:
    re-split reliability of both rules.
 
 The variant equal to the run's configuration must reproduce the run's heads (``reproduces_run``).
+``--cache-scales none 1.0 2.0`` also trains each loss on step 1's cache at those threshold scales (each pass with
+its own main-classifier logits as teacher), concatenated: for the run's epochs divided by the number of scales
+(the same steps) and for the run's epochs. ``--cache-precision`` sets the cache's arithmetic; ``--variants`` picks
+losses. Each record has the sub-classifiers' accuracy per layer on dev and test at threshold scale 1.0.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from mp_model.recipe.evaluation import (
     setting_record,
     settings,
 )
-from mp_model.recipe.fit_exits import exit_targets, fit_exits
+from mp_model.recipe.fit_exits import ExitTargets, exit_targets, fit_exits
 from mp_model.recipe.runs import load_model, load_run, stage_dir
 from mp_model.recipe.selection import DEFAULT_CONFIDENCE, select, selection_reliability, setting_key
 from mp_model.recipe.train_config import TrainConfig
@@ -63,6 +67,28 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("CE", {"distillation": "forward", "exit_label_weight": 1.0}),
     ("reverse KL", {"distillation": "reverse", "exit_label_weight": 0.0}),
 )
+# --cache-scales: the distillation examples cached at each of these threshold scales (None: unpruned), concatenated.
+SCALE_TOKENS = {"none": None}
+
+
+def parse_scale(text: str) -> float | None:
+    """A threshold scale of ``--cache-scales``: a positive number, or ``none`` (no pruning)."""
+    if text.lower() in SCALE_TOKENS:
+        return SCALE_TOKENS[text.lower()]
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"a threshold scale must be positive or 'none', got {text!r}")
+    return value
+
+
+def concatenated(parts: list[ExitTargets]) -> ExitTargets:
+    """One cache of several passes over the same examples (each its own rows; kept ratio averaged)."""
+    return ExitTargets(
+        torch.cat([part.features for part in parts]),
+        torch.cat([part.teacher for part in parts]),
+        torch.cat([part.labels for part in parts]),
+        sum(part.kept_ratio for part in parts) / len(parts),
+    )
 
 
 @dataclasses.dataclass
@@ -167,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         default="run",
         help="arithmetic of step 1's cache of the distillation examples ('run': the run's own, as mp train)",
     )
+    parser.add_argument(
+        "--cache-scales",
+        type=parse_scale,
+        nargs="+",
+        help="also each loss trained on the cache at these threshold scales ('none': unpruned), concatenated, "
+        "for the default epochs divided by their count (the same steps) and for the default epochs",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     begin = time.perf_counter()
@@ -176,7 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     splits = {"dev": data.dev, "test": encode(tokenizer, data.dataset.split("test"), config.max_length)}
     stage3 = load_model(stage_dir(args.run_dir, 3)).eval()
     cached = config if args.cache_precision == "run" else dataclasses.replace(config, precision=args.cache_precision)
-    targets = exit_targets(stage3, data.exit_train, cached, labelled=len(data.train["labels"]), progress=False)
+    labelled = len(data.train["labels"])
+    targets = exit_targets(stage3, data.exit_train, cached, labelled=labelled, progress=False)
+    caches = {"1.0": targets}
+    if args.cache_scales:
+        parts = [
+            targets
+            if scale == 1.0
+            else exit_targets(stage3, data.exit_train, cached, labelled=labelled, threshold_scale=scale, progress=False)
+            for scale in args.cache_scales
+        ]
+        caches["scales"] = concatenated(parts)
     taus, scales = tuple(args.taus), tuple(args.scales)
     passes: dict[tuple[str, float | None], Pass] = {}
     dense: dict[str, Collected] = {}
@@ -203,17 +246,24 @@ def main(argv: list[str] | None = None) -> int:
             passes[split, scale] = passed
         print(f"{split}: passes done at {time.perf_counter() - begin:.0f} s", flush=True)
     losses = [(name, changes) for name, changes in VARIANTS if args.variants is None or name in args.variants]
-    variants = losses + [
-        (f"{name}, {epochs:g} epochs", {**changes, "epochs_exits": epochs})
+    variants = [(name, changes, "1.0") for name, changes in losses] + [
+        (f"{name}, {epochs:g} epochs", {**changes, "epochs_exits": epochs}, "1.0")
         for epochs in args.epochs_exits
         for name, changes in losses
         if name != "reverse KL"
     ]
+    if args.cache_scales:
+        named = ", ".join("unpruned" if scale is None else f"{scale:g}" for scale in args.cache_scales)
+        for epochs in (config.epochs_exits / len(args.cache_scales), config.epochs_exits):
+            variants += [
+                (f"{name}, scales {named}, {epochs:.3g} epochs", {**changes, "epochs_exits": epochs}, "scales")
+                for name, changes in losses
+            ]
     results = []
-    for name, changes in variants:
+    for name, changes, cache in variants:
         model = copy.deepcopy(stage3)
         variant = dataclasses.replace(config, **changes)
-        fit_exits(model, targets, variant, seed=config.seed * 100 + 4, progress=False)
+        fit_exits(model, caches[cache], variant, seed=config.seed * 100 + 4, progress=False)
         pairs = zip(model.exits.state_dict().values(), final.exits.state_dict().values(), strict=True)
         reproduces = all(torch.equal(a, b) for a, b in pairs)
         records = {
@@ -228,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "variant": name,
                 "changes": changes,
+                "cache_scales": [1.0] if cache == "1.0" else args.cache_scales,
                 "reproduces_run": reproduces,
                 "exit_accuracy": accuracy,
                 "rules": rules,
