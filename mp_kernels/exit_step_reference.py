@@ -1,7 +1,8 @@
 """PyTorch implementation of ``exit_step``: the CPU backend and the tests' oracle.
 
-The pooling is the packed path's segment mean (``index_add_`` in ``hidden``'s dtype), the head is
-``ExitClassifier``'s arithmetic and the test ``entropy_exit_torch``, so in float64 it is bitwise the packed path.
+The pooling is the packed path's segment mean (``index_add_`` accumulating in at least float32, as the kernel
+does, then rounded to ``hidden``'s dtype), the head is ``ExitClassifier``'s arithmetic and the test
+``entropy_exit_torch``, so in float64 it is bitwise the packed path.
 It reads the live token count back once (a host synchronisation on a GPU).
 """
 
@@ -33,8 +34,9 @@ def exit_step_torch(
     live = int(bounds[-1])
     batch = lengths.numel()
     sequence = torch.repeat_interleave(torch.arange(batch, device=hidden.device), lengths, output_size=live)
-    sums = hidden.new_zeros(batch, hidden.shape[1]).index_add_(0, sequence, hidden[:live])
-    pooled = sums / lengths.clamp(min=1).unsqueeze(1).to(hidden.dtype)
+    wide = torch.promote_types(hidden.dtype, torch.float32)  # CUDA's index_add_ rounds every atomic add
+    sums = hidden.new_zeros(batch, hidden.shape[1], dtype=wide).index_add_(0, sequence, hidden[:live].to(wide))
+    pooled = (sums / lengths.clamp(min=1).unsqueeze(1).to(wide)).to(hidden.dtype)
     head = F.linear(torch.tanh(F.linear(pooled, dense_weight, dense_bias)), classifier_weight, classifier_bias)
     candidates = alive & (lengths > 0)
     if schedule is None:

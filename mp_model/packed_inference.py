@@ -51,13 +51,15 @@ if TYPE_CHECKING:
 
 
 def segment_mean(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """``(sequences, d)``: the mean of each packed sequence's rows of ``hidden`` ``(tokens, d)``."""
+    """``(sequences, d)``: the mean of each packed sequence's rows of ``hidden`` ``(tokens, d)``, summed in at least
+    float32 and returned in ``hidden``'s dtype."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     sequence = torch.repeat_interleave(
         torch.arange(lengths.numel(), device=hidden.device), lengths, output_size=hidden.shape[0]
     )
-    sums = hidden.new_zeros(lengths.numel(), hidden.shape[1]).index_add_(0, sequence, hidden)
-    return sums / lengths.unsqueeze(1).to(hidden.dtype)
+    wide = torch.promote_types(hidden.dtype, torch.float32)  # CUDA's index_add_ rounds every atomic add
+    sums = hidden.new_zeros(lengths.numel(), hidden.shape[1], dtype=wide).index_add_(0, sequence, hidden.to(wide))
+    return (sums / lengths.unsqueeze(1).to(wide)).to(hidden.dtype)
 
 
 _NO_RANGE = contextlib.nullcontext()
