@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     begin = time.perf_counter()
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    meta = provenance(command="python -m bench.exit_loss_sweep " + command)  # the code as it starts
     dense_model, final, tokenizer, saved = load_run(args.run_dir)
     config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     data = load_data(config)
@@ -285,8 +287,6 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         print(summary_line(name, rules[f"confidence {DEFAULT_CONFIDENCE}"], time.perf_counter() - begin), flush=True)
-    argv = sys.argv[1:] if argv is None else argv
-    meta = provenance(command="python -m bench.exit_loss_sweep " + " ".join(argv))
     meta.update(
         run_dir=str(args.run_dir),
         dataset=data.dataset.name,
