@@ -9,7 +9,7 @@ suite goes on:
 
 1. ``tests``: ``python -m pytest -v -p no:cacheprovider tests`` (junit XML in ``tests.xml``; this file's own test
    is left out; ``-v`` names every test in the log as it ends, so that a step killed at its limit, which writes no
-   XML and no summary, still says which tests failed);
+   XML and no summary, still says which tests failed; ``--tests-args '-n 8'`` adds pytest options);
 2. ``attention``: ``python -m bench.bench_attention`` (fp16 and bf16) into ``attention.json``;
 3. ``compaction``: ``bench.bench_compaction.run`` in bfloat16 (its CLI times fp16 only), 8k tokens x d 768 first,
    into ``compaction.json`` (rewritten after every size);
@@ -320,7 +320,8 @@ def commands(args: argparse.Namespace, out: Path, e2e_limit: float) -> dict[str,
     e2e += ["--methods", ",".join(args.methods)] if args.methods else []
     e2e += ["--time-limit", f"{max(10.0, e2e_limit - E2E_MARGIN_S):.0f}", *shlex.split(args.e2e_args)]
     return {
-        "tests": [python, "-m", "pytest", "-v", "-p", "no:cacheprovider", f"--junitxml={out / 'tests.xml'}", *tests],
+        "tests": [python, "-m", "pytest", "-v", "-p", "no:cacheprovider", f"--junitxml={out / 'tests.xml'}"]
+        + [*shlex.split(args.tests_args), *tests],
         "attention": [python, "-m", "bench.bench_attention", "--out", str(out / "attention.json")]
         + (["--cpu-small", "--threads", "1", "--repeats", "2"] if smoke else []),
         "compaction": [python, "-c", compaction, str(out / "compaction.json"), "smoke" if smoke else "gpu"],
@@ -360,6 +361,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--e2e-methods", default=None, help=f"bench.e2e --methods, or all (default {','.join(E2E_METHODS)})"
     )
     parser.add_argument("--e2e-args", default="", help="more bench.e2e options, one string (e.g. '--no-profile')")
+    parser.add_argument("--tests-args", default="", help="more pytest options, one string (e.g. '-n 8' with xdist)")
     parser.add_argument("--e2e-models", default=None, help="bench.e2e --models (default minilm,bert-base; smoke tiny)")
     parser.add_argument("--fail-step", choices=STEPS, default=None, help=argparse.SUPPRESS)  # tests: a failing step
     args = parser.parse_args(argv)

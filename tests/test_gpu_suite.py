@@ -1,5 +1,6 @@
 """``python -m bench.gpu_suite``: the smoke mode end to end, a failing step, time limits and the target arithmetic."""
 
+import argparse
 import importlib.util
 import json
 import subprocess
@@ -9,7 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu_suite import E2E_PACKAGES, ROOT, STEPS, TARGETS, attention_targets, e2e_targets, junit_counts, run_step
+from bench.gpu_suite import (
+    E2E_PACKAGES,
+    ROOT,
+    STEPS,
+    TARGETS,
+    attention_targets,
+    commands,
+    e2e_targets,
+    junit_counts,
+    run_step,
+)
 from bench.provenance import device_name
 
 STATUSES = ("ok", "failed", "timed out", "skipped")
@@ -128,3 +139,10 @@ def test_attention_targets_read_bfloat16_only() -> None:
     assert found["attention_vs_best_sdpa"][0] == pytest.approx(0.9)
     assert found["attention_mixed_vs_best_sdpa"][0] == pytest.approx(3.5)
     assert found["importance_overhead"][0] == pytest.approx(1.2)
+
+
+def test_tests_args_reach_pytest_before_the_test_paths(tmp_path: Path) -> None:
+    args = argparse.Namespace(smoke=False, tests_args="-n 8 -x", methods=None, e2e_models=None, e2e_args="")
+    command = commands(args, tmp_path, e2e_limit=100.0)["tests"]
+    assert command[command.index("pytest") :][-5:] == ["-n", "8", "-x", "--ignore=tests/test_gpu_suite.py", "tests"]
+    assert f"--junitxml={tmp_path / 'tests.xml'}" in command and "-v" in command
