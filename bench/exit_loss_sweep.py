@@ -8,7 +8,8 @@ Stages 1-3 fix the backbone, the main classifier and the thresholds; only the su
 variants of stage 4. So the script runs the backbone once per split and threshold scale and reuses it for every
 variant:
 
-1. ``exit_targets`` caches stage 3's sub-classifier inputs on the run's distillation examples (as ``mp train``).
+1. ``distillation_cache`` caches stage 3's sub-classifier inputs on the run's distillation examples at the run's
+   ``exit_scales`` (as ``mp train``; a run saved before that field existed: at scale 1.0 only).
 2. Per split (dev, test) and per threshold scale of ``mp eval``'s sweep (and unpruned): ``collect`` runs the run's
    final model through the packed path (kept tokens, main logits, FLOPs), and ``masked_forward`` with hard masks at
    that scale gives each sub-classifier's input. The run's own heads on those inputs must give the packed path's
@@ -21,10 +22,10 @@ variant:
    re-split reliability of both rules.
 
 The variant equal to the run's configuration must reproduce the run's heads (``reproduces_run``).
-``--cache-scales none 1.0 2.0`` also trains each loss on step 1's cache at those threshold scales (each pass with
-its own main-classifier logits as teacher), concatenated: for the run's epochs divided by the number of scales
-(the same steps) and for the run's epochs. ``--cache-precision`` sets the cache's arithmetic; ``--variants`` picks
-losses. Each record has the sub-classifiers' accuracy per layer on dev and test at threshold scale 1.0.
+``--cache-scales 1.0`` (or ``none 1.0 2.0``) also trains each loss on a cache at those threshold scales instead of
+the run's, in the same number of steps (``fit_exits``). ``--cache-precision`` sets the caches' arithmetic;
+``--variants`` picks losses. Each record has the sub-classifiers' accuracy per layer on dev and test at threshold
+scale 1.0.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import torch
 from bench.provenance import RESULTS_DIR, provenance, write_results
 from mp_model.exit_head import apply_exits
 from mp_model.modeling import MagicPyramidForSequenceClassification
+from mp_model.recipe.cli_support import threshold_scale
 from mp_model.recipe.data import Encoded, encode
 from mp_model.recipe.evaluation import (
     DEFAULT_SCALES,
@@ -52,7 +54,7 @@ from mp_model.recipe.evaluation import (
     setting_record,
     settings,
 )
-from mp_model.recipe.fit_exits import ExitTargets, exit_targets, fit_exits
+from mp_model.recipe.fit_exits import distillation_cache, exit_targets, fit_exits
 from mp_model.recipe.runs import load_model, load_run, stage_dir
 from mp_model.recipe.selection import DEFAULT_CONFIDENCE, select, selection_reliability, setting_key
 from mp_model.recipe.train_config import TrainConfig
@@ -67,28 +69,6 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("CE", {"distillation": "forward", "exit_label_weight": 1.0}),
     ("reverse KL", {"distillation": "reverse", "exit_label_weight": 0.0}),
 )
-# --cache-scales: the distillation examples cached at each of these threshold scales (None: unpruned), concatenated.
-SCALE_TOKENS = {"none": None}
-
-
-def parse_scale(text: str) -> float | None:
-    """A threshold scale of ``--cache-scales``: a positive number, or ``none`` (no pruning)."""
-    if text.lower() in SCALE_TOKENS:
-        return SCALE_TOKENS[text.lower()]
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"a threshold scale must be positive or 'none', got {text!r}")
-    return value
-
-
-def concatenated(parts: list[ExitTargets]) -> ExitTargets:
-    """One cache of several passes over the same examples (each its own rows; kept ratio averaged)."""
-    return ExitTargets(
-        torch.cat([part.features for part in parts]),
-        torch.cat([part.teacher for part in parts]),
-        torch.cat([part.labels for part in parts]),
-        sum(part.kept_ratio for part in parts) / len(parts),
-    )
 
 
 @dataclasses.dataclass
@@ -195,10 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--cache-scales",
-        type=parse_scale,
+        type=threshold_scale,
         nargs="+",
-        help="also each loss trained on the cache at these threshold scales ('none': unpruned), concatenated, "
-        "for the default epochs divided by their count (the same steps) and for the default epochs",
+        help="also each loss trained on the cache at these threshold scales ('none': unpruned) instead of the run's "
+        "(TrainConfig.exit_scales), in the same steps",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -206,22 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(sys.argv[1:] if argv is None else argv)
     meta = provenance(command="python -m bench.exit_loss_sweep " + command)  # the code as it starts
     dense_model, final, tokenizer, saved = load_run(args.run_dir)
-    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    # A run saved before exit_scales existed cached its distillation examples at scale 1.0 only.
+    config = TrainConfig(**({"exit_scales": [1.0]} | saved))
     data = load_data(config)
     splits = {"dev": data.dev, "test": encode(tokenizer, data.dataset.split("test"), config.max_length)}
     stage3 = load_model(stage_dir(args.run_dir, 3)).eval()
     cached = config if args.cache_precision == "run" else dataclasses.replace(config, precision=args.cache_precision)
     labelled = len(data.train["labels"])
-    targets = exit_targets(stage3, data.exit_train, cached, labelled=labelled, progress=False)
-    caches = {"1.0": targets}
+    caches = {"run": distillation_cache(stage3, data.exit_train, cached, labelled=labelled, progress=False)}
     if args.cache_scales:
-        parts = [
-            targets
-            if scale == 1.0
-            else exit_targets(stage3, data.exit_train, cached, labelled=labelled, threshold_scale=scale, progress=False)
-            for scale in args.cache_scales
-        ]
-        caches["scales"] = concatenated(parts)
+        other = dataclasses.replace(cached, exit_scales=tuple(args.cache_scales))
+        caches["scales"] = distillation_cache(stage3, data.exit_train, other, labelled=labelled, progress=False)
     taus, scales = tuple(args.taus), tuple(args.scales)
     passes: dict[tuple[str, float | None], Pass] = {}
     dense: dict[str, Collected] = {}
@@ -248,19 +223,19 @@ def main(argv: list[str] | None = None) -> int:
             passes[split, scale] = passed
         print(f"{split}: passes done at {time.perf_counter() - begin:.0f} s", flush=True)
     losses = [(name, changes) for name, changes in VARIANTS if args.variants is None or name in args.variants]
-    variants = [(name, changes, "1.0") for name, changes in losses] + [
-        (f"{name}, {epochs:g} epochs", {**changes, "epochs_exits": epochs}, "1.0")
-        for epochs in args.epochs_exits
+    epochs = [None, *args.epochs_exits]  # None: the run's
+    named = ", ".join("unpruned" if scale is None else f"{scale:g}" for scale in args.cache_scales or ())
+    variants = [
+        (
+            name + (f", scales {named}" if cache == "scales" else "") + ("" if n is None else f", {n:g} epochs"),
+            changes | ({} if n is None else {"epochs_exits": n}),
+            cache,
+        )
+        for cache in caches
+        for n in epochs
         for name, changes in losses
-        if name != "reverse KL"
+        if n is None or name != "reverse KL"
     ]
-    if args.cache_scales:
-        named = ", ".join("unpruned" if scale is None else f"{scale:g}" for scale in args.cache_scales)
-        for epochs in (config.epochs_exits / len(args.cache_scales), config.epochs_exits):
-            variants += [
-                (f"{name}, scales {named}, {epochs:.3g} epochs", {**changes, "epochs_exits": epochs}, "scales")
-                for name, changes in losses
-            ]
     results = []
     for name, changes, cache in variants:
         model = copy.deepcopy(stage3)
@@ -280,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "variant": name,
                 "changes": changes,
-                "cache_scales": [1.0] if cache == "1.0" else args.cache_scales,
+                "cache_scales": list(config.exit_scales if cache == "run" else args.cache_scales),
                 "reproduces_run": reproduces,
                 "exit_accuracy": accuracy,
                 "rules": rules,
@@ -291,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir=str(args.run_dir),
         dataset=data.dataset.name,
         examples={split: len(encoded["labels"]) for split, encoded in splits.items()},
-        distillation_examples=targets.labels.numel(),
+        distillation_examples=caches["run"].labels.numel() // caches["run"].passes,
+        exit_scales=list(config.exit_scales),
         cache_arithmetic=cached.arithmetic,
         taus=list(taus),
         scales=list(scales),

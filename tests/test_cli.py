@@ -413,6 +413,16 @@ def test_train_refuses_a_bad_flag_naming_it(
     assert not (tmp_path / "run").exists()
 
 
+def test_train_takes_exit_scales_with_none_for_unpruned(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = str(tmp_path / "run")
+    args = build_parser().parse_args(["train", "--run-dir", run, "--exit-scales", "none", "1", "2.5"])
+    assert train_config_from_args(args).exit_scales == (None, 1.0, 2.5)
+    for bad in ("0", "nan", "inf", "x"):
+        err = run_error(["train", "--run-dir", run, "--exit-scales", "1", bad], capsys)
+        assert f"--exit-scales: a threshold scale must be a positive number or 'none', got '{bad}'" in err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("command", ["train", "eval", "reference"])
 @pytest.mark.parametrize("threads", ["0", "-3"])
 def test_a_bad_thread_count_is_refused_naming_the_flag(

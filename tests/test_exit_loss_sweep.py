@@ -3,7 +3,6 @@ variant equal to the run's configuration reproduces the run's heads, and the cac
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -66,15 +65,14 @@ def test_every_variant_is_scored_under_both_rules_and_the_runs_own_loss_reproduc
     assert payload["provenance"]["cache_arithmetic"] == "fp32"
 
 
-def test_chosen_variants_on_a_cache_in_another_arithmetic(run_dir: Path, tmp_path: Path) -> None:
+def test_chosen_variants_on_a_cache_in_another_arithmetic_and_at_other_scales(run_dir: Path, tmp_path: Path) -> None:
     """``--cache-precision bf16`` caches the distillation examples under bf16 autocast (as a bf16 run's stage 4
-    does); the heads trained on it differ from the fp32 run's, and only the chosen variants are trained, also on
-    the cache at several threshold scales (``--cache-scales``)."""
+    does), so no variant reproduces the fp32 run's heads; only the chosen losses are trained, on the run's scales
+    and on ``--cache-scales``, at the run's epochs and at ``--epochs-exits``."""
     out = tmp_path / "sweep.json"
     argv = ["--run-dir", str(run_dir), "--out", str(out), "--taus", "0.2", "--scales", "1.0", "--threads", "1"]
     extra = ["--variants", "forward KL", "CE", "--epochs-exits", "1", "--cache-precision", "bf16"]
-    scales = ["--cache-scales", "none", "1.0"]
-    assert exit_loss_sweep.main([*argv, *extra, *scales, "--reliability-splits", "2"]) == 0
+    assert exit_loss_sweep.main([*argv, *extra, "--cache-scales", "1.0", "--reliability-splits", "2"]) == 0
     payload = json.loads(out.read_text())
     names = [r["variant"] for r in payload["records"]]
     assert names == [
@@ -82,22 +80,16 @@ def test_chosen_variants_on_a_cache_in_another_arithmetic(run_dir: Path, tmp_pat
         "CE",
         "forward KL, 1 epochs",
         "CE, 1 epochs",
-        "forward KL, scales unpruned, 1, 1 epochs",  # the run's 2 epochs over two caches: the same steps
-        "CE, scales unpruned, 1, 1 epochs",
-        "forward KL, scales unpruned, 1, 2 epochs",
-        "CE, scales unpruned, 1, 2 epochs",
+        "forward KL, scales 1",
+        "CE, scales 1",
+        "forward KL, scales 1, 1 epochs",
+        "CE, scales 1, 1 epochs",
     ]
-    assert [r["cache_scales"] for r in payload["records"]] == [[1.0]] * 4 + [[None, 1.0]] * 4
-    assert payload["records"][4]["changes"]["epochs_exits"] == 1.0
+    run_scales = json.loads((run_dir / "train_config.json").read_text())["exit_scales"]
+    assert [r["cache_scales"] for r in payload["records"]] == [run_scales] * 4 + [[1.0]] * 4
+    assert payload["provenance"]["exit_scales"] == run_scales
     assert payload["provenance"]["cache_arithmetic"] == "bf16"
     assert not any(r["reproduces_run"] for r in payload["records"])
     for record in payload["records"]:
         for accuracies in record["exit_accuracy"].values():
             assert len(accuracies) == 2 and all(0.0 <= a <= 1.0 for a in accuracies)  # 3 layers: 2 exits
-
-
-def test_cache_scales_are_positive_numbers_or_none() -> None:
-    assert [exit_loss_sweep.parse_scale(t) for t in ("none", "None", "1", "2.5")] == [None, None, 1.0, 2.5]
-    for bad in ("0", "-1", "nan"):
-        with pytest.raises(argparse.ArgumentTypeError, match="positive or 'none'"):
-            exit_loss_sweep.parse_scale(bad)

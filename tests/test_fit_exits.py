@@ -1,13 +1,52 @@
-"""Specification of ``mp_model.recipe.fit_exits``' loss, which needs no training run (stage 4 itself runs in
-``test_training.py``): self-distillation mixed with the gold labels, and distillation alone where there are none."""
+"""Specification of ``mp_model.recipe.fit_exits`` on a tiny random model, without a training run (stage 4 itself
+runs in ``test_training.py``): the loss (self-distillation mixed with the gold labels, distillation alone where
+there are none) and the cache at several threshold scales, trained in the steps of one."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from mp_model import MagicPyramidConfig, MagicPyramidForSequenceClassification
+from mp_model.recipe.data import Encoded
 from mp_model.recipe.fit import distillation_loss
-from mp_model.recipe.fit_exits import UNLABELLED, exit_loss
+from mp_model.recipe.fit_exits import (
+    UNLABELLED,
+    ExitTargets,
+    concatenated,
+    distillation_cache,
+    exit_loss,
+    exit_targets,
+    fit_exits,
+)
+from mp_model.recipe.train_config import TrainConfig
+
+HIDDEN, LAYERS = 32, 3
+
+
+def tiny_model() -> MagicPyramidForSequenceClassification:
+    torch.manual_seed(0)
+    config = MagicPyramidConfig(
+        vocab_size=60, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=64
+    )
+    model = MagicPyramidForSequenceClassification(config).eval()
+    model.set_thresholds([0.6, 0.9, 1.2])
+    return model
+
+
+def random_encoded(lengths: list[int]) -> Encoded:
+    generator = torch.Generator().manual_seed(2)
+    ids = [torch.randint(1, 60, (n,), generator=generator).tolist() for n in lengths]
+    return {
+        "input_ids": ids,
+        "attention_mask": [[1] * n for n in lengths],
+        "token_type_ids": [[0] * n for n in lengths],
+        "labels": [i % 2 for i in range(len(lengths))],
+    }
+
+
+def config(**changes: object) -> TrainConfig:
+    return TrainConfig(model="m", batch_size=4, eval_batch_size=4, epochs_exits=2.0, precision="fp32", **changes)
 
 
 @pytest.mark.parametrize("label_weight", [0.0, 0.3, 1.0])
@@ -42,3 +81,31 @@ def test_exit_loss_distils_alone_on_unlabelled_examples() -> None:
     assert float(exit_loss(exits, main, labels, label_weight=0.6)) == pytest.approx(float(expected) / 3, rel=1e-5)
     nothing = torch.full((3,), UNLABELLED)
     assert float(exit_loss(exits, main, nothing, label_weight=1.0)) == pytest.approx(float(kl.mean()), rel=1e-6)
+
+
+def test_the_cache_holds_one_pass_per_threshold_scale_each_with_its_own_teacher() -> None:
+    model, encoded = tiny_model(), random_encoded([1, 7, 13, 5, 2, 11])
+    cache = distillation_cache(model, encoded, config(exit_scales=(None, 1.0, 3.0)), labelled=4, progress=False)
+    assert cache.passes == 3 and cache.features.shape == (18, LAYERS - 1, HIDDEN)
+    for index, scale in enumerate((None, 1.0, 3.0)):
+        alone = exit_targets(model, encoded, config(), labelled=4, threshold_scale=scale, progress=False)
+        rows = slice(6 * index, 6 * index + 6)
+        assert torch.equal(cache.features[rows], alone.features) and torch.equal(cache.teacher[rows], alone.teacher)
+        assert cache.labels[rows].tolist() == [0, 1, 0, 1, UNLABELLED, UNLABELLED]
+    pruned = exit_targets(model, encoded, config(), threshold_scale=3.0, progress=False)
+    assert pruned.kept_ratio < 1.0 and not torch.equal(pruned.features, cache.features[:6])  # the scales differ
+
+
+def test_more_passes_train_in_the_steps_of_one() -> None:
+    generator = torch.Generator().manual_seed(3)
+
+    def targets(rows: int, passes: int) -> ExitTargets:
+        features = torch.randn(rows, LAYERS - 1, HIDDEN, generator=generator)
+        labels = torch.arange(rows) % 2
+        return ExitTargets(features, torch.randn(rows, 2, generator=generator), labels, 1.0, passes)
+
+    one = fit_exits(tiny_model(), targets(12, 1), config(), seed=0, progress=False)
+    three = fit_exits(tiny_model(), concatenated([targets(12, 1)] * 3), config(), seed=0, progress=False)
+    assert one["steps"] == three["steps"] == 6  # 2 epochs of 12 examples in batches of 4
+    assert (one["distillation_examples"], three["distillation_examples"], three["distillation_rows"]) == (12, 12, 36)
+    assert one["labelled_examples"] == three["labelled_examples"] == 12

@@ -16,7 +16,8 @@ from mp_model.recipe.train_config import TrainConfig, cpuinfo_has_native_bf16
     [("epochs_finetune", -1.0), ("lr", -1e-3), ("lr", 0.0), ("exit_lr", math.inf), ("checkpoint_every", 0)]
     + [("max_drop", math.nan), ("warmup_ratio", 1.5), ("max_length", 1), ("batch_size", 0), ("train_size", 0)]
     + [("temperature", 0.0), ("final_thresholds", (1.0, math.nan)), ("lambdas", ()), ("device", "gpu")]
-    + [("weight_decay", -0.1), ("seed", 1.5), ("search_epochs_soft", math.nan)],
+    + [("weight_decay", -0.1), ("seed", 1.5), ("search_epochs_soft", math.nan)]
+    + [("exit_scales", ()), ("exit_scales", (None, 0.0)), ("exit_scales", (math.inf,)), ("exit_scales", "1.0")],
 )
 def test_train_config_refuses_a_bad_field_naming_it(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field if field != "device" else "device 'gpu'"):
@@ -68,3 +69,10 @@ def test_distillation_refuses_an_unknown_direction() -> None:
 def test_loss_mixing_weights_must_lie_in_zero_one(name: str, weight: float) -> None:
     with pytest.raises(ValueError, match=name):
         TrainConfig(**{name: weight})
+
+
+def test_exit_scales_keep_none_for_unpruned_and_become_a_tuple_of_floats() -> None:
+    assert TrainConfig(model="m").exit_scales == (None, 1.0, 2.0)
+    assert TrainConfig(model="m", exit_scales=[1, None]).exit_scales == (1.0, None)
+    saved = TrainConfig(model="m", exit_scales=(None, 1.5)).to_dict()
+    assert TrainConfig.from_dict(saved).exit_scales == (None, 1.5)

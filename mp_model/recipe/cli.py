@@ -21,7 +21,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mp_model.recipe.cli_support import add_threads_flag, check_output, optional_int, quiet_transformers, use_threads
+from mp_model.recipe.cli_support import (
+    add_threads_flag,
+    check_output,
+    optional_int,
+    quiet_transformers,
+    threshold_scale,
+    use_threads,
+)
 from mp_model.recipe.eval_command import configure_eval, run_eval
 
 
@@ -77,7 +84,9 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
         help_text = field.metadata["help"] + shown
         origin = typing.get_origin(hint)
         if origin is tuple:
-            parser.add_argument(flag, type=float, nargs="+", default=argparse.SUPPRESS, help=help_text)
+            scales = type(None) in typing.get_args(typing.get_args(hint)[0])  # tuple[float | None, ...]
+            parse = threshold_scale if scales else float
+            parser.add_argument(flag, type=parse, nargs="+", default=argparse.SUPPRESS, help=help_text)
         elif origin in (typing.Union, types.UnionType):
             parser.add_argument(flag, type=optional_int, default=argparse.SUPPRESS, metavar="N|all", help=help_text)
         else:

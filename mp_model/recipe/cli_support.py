@@ -42,6 +42,19 @@ def optional_int(text: str) -> int | None:
     return value
 
 
+def threshold_scale(text: str) -> float | None:
+    """A threshold scale given on the command line: a positive number, or ``none`` (no pruning)."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"a threshold scale must be a positive number or 'none', got {text!r}")
+    return value
+
+
 def model_labels(model: Any) -> list[str]:
     """A model's class names in id order (its ``id2label``)."""
     return [model.config.id2label.get(i, str(i)) for i in range(model.config.num_labels)]

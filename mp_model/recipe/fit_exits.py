@@ -1,5 +1,6 @@
 """Stage 4 of the recipe: the ``exit_targets`` cache of what the frozen, hard-pruned backbone gives each
-distillation example, and ``fit_exits``, the sub-classifiers' self-distillation on it (``exit_loss``).
+distillation example (``distillation_cache``: at several threshold scales), and ``fit_exits``, the
+sub-classifiers' self-distillation on it (``exit_loss``).
 See ``mp_model.recipe.training``; stages 1-3 are ``mp_model.recipe.fit``.
 """
 
@@ -65,12 +66,15 @@ class ExitTargets:
         teacher: ``(N, labels)`` float32 main-classifier logits.
         labels: ``(N,)`` int64 gold labels, ``UNLABELLED`` where stage 4 may not train on one (``exit_loss``).
         kept_ratio: mean share of real tokens kept over layers (hard masks).
+        passes: how many passes over the same examples the rows hold (one per threshold scale of
+            ``distillation_cache``): ``N`` is ``passes`` times the number of examples.
     """
 
     features: torch.Tensor
     teacher: torch.Tensor
     labels: torch.Tensor
     kept_ratio: float
+    passes: int = 1
 
 
 @torch.inference_mode()
@@ -120,6 +124,40 @@ def exit_targets(
     return ExitTargets(features, teacher, labels, kept / max(1, total))
 
 
+def concatenated(parts: list[ExitTargets]) -> ExitTargets:
+    """One cache of several caches' rows, in order (kept ratios averaged, passes added)."""
+    return ExitTargets(
+        torch.cat([part.features for part in parts]),
+        torch.cat([part.teacher for part in parts]),
+        torch.cat([part.labels for part in parts]),
+        sum(part.kept_ratio for part in parts) / len(parts),
+        sum(part.passes for part in parts),
+    )
+
+
+def distillation_cache(
+    model: MagicPyramidForSequenceClassification,
+    encoded: Encoded,
+    config: TrainConfig,
+    *,
+    labelled: int | None = None,
+    progress: bool = True,
+) -> ExitTargets:
+    """Stage 4's training cache: ``exit_targets`` of ``encoded`` at each of ``config.exit_scales`` (None:
+    unpruned), each pass with the main classifier's logits at that scale as teacher, concatenated in that order.
+
+    The threshold scale is a serve-time knob, and the mean of the surviving tokens shifts with it; heads trained
+    at scale 1.0 alone never saw the inputs of the scales ``mp eval`` selects (bench/NOTES.md, "Stage 4 on inputs
+    pruned at several threshold scales").
+    """
+    return concatenated(
+        [
+            exit_targets(model, encoded, config, labelled=labelled, threshold_scale=scale, progress=progress)
+            for scale in config.exit_scales
+        ]
+    )
+
+
 def fit_exits(
     model: MagicPyramidForSequenceClassification,
     targets: ExitTargets,
@@ -128,7 +166,9 @@ def fit_exits(
     seed: int,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Stage 4 on the cache: train ``model.exits`` in place by ``exit_loss`` for ``config.epochs_exits``.
+    """Stage 4 on the cache: train ``model.exits`` in place by ``exit_loss`` for ``config.epochs_exits`` epochs of
+    the examples: a cache of ``targets.passes`` passes is traversed ``epochs_exits / passes`` times, so the number
+    of steps does not depend on how many threshold scales were cached.
 
     Returns the last epoch's running loss, the sub-classifiers' mean accuracy (on the labelled examples) and
     agreement with the main classifier, per layer, and the kept ratio of the cached pass.
@@ -138,7 +178,7 @@ def fit_exits(
     named = set_trainable(model, "distill")
     optimizer = torch.optim.AdamW(weight_groups(named, config.weight_decay), lr=config.exit_lr)
     count = targets.labels.numel()
-    per_epoch, total = step_counts(config.epochs_exits, count, config.batch_size)
+    per_epoch, total = step_counts(config.epochs_exits / targets.passes, count, config.batch_size)
     scheduler = linear_schedule(optimizer, math.ceil(config.warmup_ratio * total), total)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -190,7 +230,8 @@ def fit_exits(
         "train_exit_accuracy": (correct / labelled).tolist(),
         "train_exit_agreement": (agree / seen).tolist(),
         "train_kept_ratio": targets.kept_ratio,
-        "distillation_examples": count,
-        "labelled_examples": int((targets.labels != UNLABELLED).sum()),
+        "distillation_examples": count // targets.passes,
+        "distillation_rows": count,
+        "labelled_examples": int((targets.labels != UNLABELLED).sum()) // targets.passes,
         "steps": total,
     }

@@ -53,6 +53,7 @@ class Size:
     dev_examples: int
     eval_examples: int | None
     epochs: tuple[float, float, float, float]
+    exit_scales: tuple[float | None, ...]
     final_thresholds: tuple[float, ...]
     lambdas: tuple[float, ...]
     search_epochs: float
@@ -68,6 +69,7 @@ SIZES = {
         dev_examples=300,
         eval_examples=400,
         epochs=(3.0, 1.0, 1.0, 20.0),
+        exit_scales=(1.0,),  # one cached pass: the default's three add two passes over 4,000 examples
         final_thresholds=(0.6,),
         lambdas=(0.1,),
         search_epochs=0.1,
@@ -81,6 +83,7 @@ SIZES = {
         dev_examples=500,
         eval_examples=None,
         epochs=(3.0, 1.0, 1.0, 20.0),
+        exit_scales=TrainConfig.exit_scales,
         final_thresholds=(0.6, 1.2),
         lambdas=(0.02, 0.1),
         search_epochs=0.25,
@@ -146,6 +149,7 @@ def train_config(args: argparse.Namespace, size: Size) -> TrainConfig:
         epochs_soft=epochs[1],
         epochs_hard=epochs[2],
         epochs_exits=epochs[3],
+        exit_scales=size.exit_scales,
         final_thresholds=size.final_thresholds,
         lambdas=size.lambdas,
         search_epochs_soft=size.search_epochs,

@@ -133,6 +133,13 @@ class TrainConfig:
     epochs_exits: float = field(
         default=20.0, metadata={"help": "epochs of stage 4 (sub-classifiers, on cached inputs)"}
     )
+    exit_scales: tuple[float | None, ...] = field(
+        default=(None, 1.0, 2.0),
+        metadata={
+            "help": "stage 4: threshold scales (none: unpruned) at which the distillation examples are cached; the "
+            "sub-classifiers learn from all of them (the serve-time scale varies) in the steps of one scale"
+        },
+    )
     final_thresholds: tuple[float, ...] = field(
         default=(0.6, 1.2),
         metadata={"help": "grid of the last layer's initial threshold delta_L (layer l starts at delta_L*l/L)"},
@@ -180,6 +187,10 @@ class TrainConfig:
         check_float("exit_label_weight", self.exit_label_weight, 0.0, 1.0)
         check_float("prune_teacher_weight", self.prune_teacher_weight, 0.0, 1.0)
         check_int("checkpoint_every", self.checkpoint_every, 1)
+        scales = self.exit_scales
+        if isinstance(scales, str | bytes) or not isinstance(scales, Sequence) or not scales:
+            raise ValueError(f"exit_scales must be a non-empty list of positive numbers or None, got {scales!r}")
+        self.exit_scales = tuple(None if v is None else check_float("exit_scales", v, positive=True) for v in scales)
         for name in ("final_thresholds", "lambdas"):
             values = getattr(self, name)
             if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:

@@ -77,7 +77,7 @@ from mp_model.recipe.data import Encoded, TextDataset, check_max_length, encode
 from mp_model.recipe.datasets import load_dataset, warn_overlap
 from mp_model.recipe.evaluation import collect, summarize
 from mp_model.recipe.fit import Callback, StageSpec, fit
-from mp_model.recipe.fit_exits import exit_targets, fit_exits
+from mp_model.recipe.fit_exits import distillation_cache, exit_targets, fit_exits
 from mp_model.recipe.runs import (
     CONFIG_FILE,
     PARTIAL_DIR,
@@ -389,7 +389,9 @@ class Trainer:
     def _stage4(self) -> None:
         model = self._load(self.stage_dir(3))
         labelled = len(self.data.train["labels"])
-        targets = exit_targets(model, self.data.exit_train, self.config, labelled=labelled, progress=self.progress)
+        targets = distillation_cache(
+            model, self.data.exit_train, self.config, labelled=labelled, progress=self.progress
+        )
         metrics = fit_exits(model, targets, self.config, seed=self.config.seed * 100 + 4, progress=self.progress)
         dev = exit_targets(model, self.data.dev, self.config, progress=False)  # cached on the host
         device = torch.device(self.config.device)
