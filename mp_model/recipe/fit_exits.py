@@ -65,7 +65,7 @@ class ExitTargets:
         features: ``(N, layers - 1, hidden)`` float32, each sub-classifier's input (mean of the live tokens).
         teacher: ``(N, labels)`` float32 main-classifier logits.
         labels: ``(N,)`` int64 gold labels, ``UNLABELLED`` where stage 4 may not train on one (``exit_loss``).
-        kept_ratio: mean share of real tokens kept over layers (hard masks).
+        kept_ratio: mean share of real tokens kept over layers (hard masks; over the passes, their mean).
         passes: how many passes over the same examples the rows hold (one per threshold scale of
             ``distillation_cache``): ``N`` is ``passes`` times the number of examples.
     """
@@ -171,7 +171,8 @@ def fit_exits(
     of steps does not depend on how many threshold scales were cached.
 
     Returns the last epoch's running loss, the sub-classifiers' mean accuracy (on the labelled examples) and
-    agreement with the main classifier, per layer, and the kept ratio of the cached pass.
+    agreement with the main classifier, per layer, and the kept ratio of the cache (its passes' mean: an
+    unpruned pass counts 1.0).
     """
     device = torch.device(config.device)
     model.to(device)
