@@ -179,7 +179,7 @@ def fit_exits(
     named = set_trainable(model, "distill")
     optimizer = torch.optim.AdamW(weight_groups(named, config.weight_decay), lr=config.exit_lr)
     count = targets.labels.numel()
-    per_epoch, total = step_counts(config.epochs_exits / targets.passes, count, config.batch_size)
+    _, total = step_counts(config.epochs_exits / targets.passes, count, config.batch_size)
     scheduler = linear_schedule(optimizer, math.ceil(config.warmup_ratio * total), total)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
