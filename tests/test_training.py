@@ -200,6 +200,18 @@ def test_stage4_distils_on_every_training_example_and_trains_on_the_labels_of_th
     assert len(state["stage4"]["dev_exit_accuracy"]) == 2
 
 
+def test_a_joint_stage4_trains_the_backbone_for_the_exits_and_keeps_the_thresholds(root: Path) -> None:
+    config = tiny_config(root, "joint", epochs_joint=1, epochs_finetune=1, final_thresholds=(0.8,))
+    state = train(config, progress=False)
+    before, after = load(stage_dir(config, 3)).state_dict(), load(stage_dir(config, 4)).state_dict()
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert {"bert.encoder.layer.0.output.dense.weight", "classifier.weight", "exits.0.dense.weight"} <= changed
+    assert "thresholds" not in changed
+    joint, dev = state["stage4"]["joint"], len(load_data(config).dev["labels"])
+    assert joint["steps"] > 0
+    assert state["stage4"]["dev_accuracy"] == pytest.approx(joint["dev_accuracy"], abs=1.01 / dev), "kept epoch"
+
+
 class Crash(Exception):
     pass
 

@@ -52,7 +52,9 @@ def stage_loss(
     cross-entropy of the ``(batch, labels)`` logits with ``batch["labels"]``, plus ``lambda_`` times the mean soft
     mask for the ``"soft"`` objective. With ``teacher`` (``(batch, labels)`` logits of the dense model on the same
     examples), the cross-entropy becomes ``(1 - w) * CE + w * KL(p_teacher || p)`` at ``w =
-    config.prune_teacher_weight``. Returns ``(masked_forward output, loss)``."""
+    config.prune_teacher_weight``. The ``"joint"`` objective adds the sub-classifiers' mean ``distillation_loss`` (in
+    ``config.distillation``'s direction) to ``teacher``, or to the main classifier's detached logits without one.
+    Returns ``(masked_forward output, loss)``."""
     with config.autocast():
         out = model.masked_forward(
             batch["input_ids"],
@@ -67,6 +69,10 @@ def stage_loss(
             loss = (1.0 - weight) * loss + weight * distillation_loss(out.logits.unsqueeze(0), teacher)
         if stage.objective == "soft":
             loss = loss + stage.lambda_ * out.mask_mean.float()
+        if stage.objective == "joint" and out.exit_logits.shape[0]:
+            target = out.logits if teacher is None else teacher
+            exits = distillation_loss(out.exit_logits, target, config.distillation) / out.exit_logits.shape[0]
+            loss = loss + exits
     return out, loss
 
 
@@ -95,15 +101,29 @@ def weight_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: flo
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def optimizer_groups(named: list[tuple[str, torch.nn.Parameter]], config: TrainConfig) -> list[dict[str, Any]]:
+    """``weight_groups`` of ``named`` at ``config.lr``, except the sub-classifiers', which get groups of their own
+    at ``config.exit_lr`` (they start untrained; the ``"joint"`` objective)."""
+    heads = [(name, p) for name, p in named if name.startswith("exits.")]
+    rest = [(name, p) for name, p in named if not name.startswith("exits.")]
+    groups = [group | {"lr": config.lr} for group in weight_groups(rest, config.weight_decay)]
+    if heads:
+        groups += [group | {"lr": config.exit_lr} for group in weight_groups(heads, config.weight_decay)]
+    return groups
+
+
 def set_trainable(model: MagicPyramidForSequenceClassification, objective: str) -> list[tuple[str, torch.nn.Parameter]]:
     """Switch ``requires_grad`` for ``objective`` and return the weights the AdamW optimizer trains.
 
     ``ce``/``soft``: everything but the sub-classifiers and thresholds (``soft`` also switches the thresholds on,
-    trained by their own optimizer); ``distill``: the sub-classifiers only.
+    trained by their own optimizer); ``distill``: the sub-classifiers only; ``joint``: everything but the
+    thresholds.
     """
     for name, parameter in model.named_parameters():
         if objective == "distill":
             parameter.requires_grad_(name.startswith("exits."))
+        elif objective == "joint":
+            parameter.requires_grad_(name != "thresholds")
         else:
             parameter.requires_grad_(not name.startswith("exits.") and name != "thresholds")
     model.thresholds.requires_grad_(objective == "soft")
@@ -207,7 +227,8 @@ def fit(
     evaluate: Callable[[], dict[str, float]] | None = None,
     teacher: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` in place through stage 1, 2 or 3; returns the last epoch's running loss, accuracy, kept ratio.
+    """Train ``model`` in place through stage 1, 2 or 3 (or stage 4's joint phase); returns the last epoch's running
+    loss, accuracy, kept ratio.
 
     ``teacher``: ``(len(train), labels)`` logits of the dense model on ``train`` for ``stage_loss`` (None: labels
     only).
@@ -222,7 +243,7 @@ def fit(
     device = torch.device(config.device)
     model.to(device)
     named = set_trainable(model, stage.objective)
-    optimizer = torch.optim.AdamW(weight_groups(named, config.weight_decay), lr=config.lr)
+    optimizer = torch.optim.AdamW(optimizer_groups(named, config), lr=config.lr)
     examples = len(train["labels"])
     per_epoch, total = step_counts(stage.epochs, examples, config.batch_size)
     scheduler = linear_schedule(optimizer, math.ceil(config.warmup_ratio * total), total)

@@ -133,6 +133,14 @@ class TrainConfig:
     epochs_exits: float = field(
         default=20.0, metadata={"help": "epochs of stage 4 (sub-classifiers, on cached inputs)"}
     )
+    epochs_joint: float = field(
+        default=0.0,
+        metadata={
+            "help": "stage 4: epochs of joint training before the sub-classifiers are distilled on the cache: every "
+            "weight but the thresholds learns, hard masks on, the main classifier and each sub-classifier from the "
+            "pruning stages' teacher (0, the default: frozen backbone, as FastBERT)"
+        },
+    )
     exit_scales: tuple[float | None, ...] = field(
         default=(None, 1.0, 2.0),
         metadata={
@@ -177,7 +185,7 @@ class TrainConfig:
                 check_int(name, getattr(self, name), 0 if name == "exit_train_size" else 1)
         for name in ("lr", "threshold_lr", "exit_lr", "temperature"):
             check_float(name, getattr(self, name), positive=True)
-        for name in ("epochs_finetune", "epochs_soft", "epochs_hard", "epochs_exits"):
+        for name in ("epochs_finetune", "epochs_soft", "epochs_hard", "epochs_exits", "epochs_joint"):
             check_float(name, getattr(self, name), 0.0)
         for name in ("search_epochs_soft", "search_epochs_hard"):
             check_float(name, getattr(self, name), 0.0)

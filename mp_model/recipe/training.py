@@ -31,6 +31,10 @@ epoch of best dev accuracy (stage 1 dense, stages 2-3 pruned; ties go to the lat
    examples (by default the whole train split) caches them, and the sub-classifiers then train on the cache at
    no backbone cost. The result equals training through the backbone each step. Examples beyond ``train_size``
    are distilled on but their labels are not used (``fit_exits.UNLABELLED``): ``train_size`` is the labelled budget.
+   With ``epochs_joint > 0`` stage 4 first trains every weight but the thresholds for that many epochs (hard masks,
+   ``fit.stage_loss``'s ``"joint"`` objective: stage 3's loss plus the sub-classifiers' mean distillation from the
+   same teacher; the heads at ``exit_lr``, keeping the epoch of best pruned dev accuracy), so that the early
+   layers learn for their own sub-classifier; the cache and the heads' distillation then follow on that backbone.
 
 Scales. Our thresholds are on the length-normalised importance scale (``n`` times the attention a token
 receives, mean 1 over a sequence), LTP's raw scale times 128. Measured on MiniLM, useful ``delta_L`` lie around
@@ -388,6 +392,9 @@ class Trainer:
 
     def _stage4(self) -> None:
         model = self._load(self.stage_dir(3))
+        joint = None
+        if self.config.epochs_joint > 0:
+            joint = self._fit(model, StageSpec(4, "joint", self.config.epochs_joint, "hard", "joint"))
         labelled = len(self.data.train["labels"])
         targets = distillation_cache(
             model, self.data.exit_train, self.config, labelled=labelled, progress=self.progress
@@ -400,6 +407,8 @@ class Trainer:
             predictions = apply_exits(model.exits, features, dev.teacher.shape[-1]).cpu()
         metrics["dev_exit_accuracy"] = (predictions.argmax(dim=-1) == dev.labels).double().mean(dim=1).tolist()
         metrics["dev_accuracy"] = float((dev.teacher.argmax(dim=-1) == dev.labels).double().mean())
+        if joint is not None:
+            metrics["joint"] = joint
         self._finish(4, model, metrics)
 
 
