@@ -16,7 +16,7 @@ from mp_model.recipe.train_config import TrainConfig, cpuinfo_has_native_bf16
     [("epochs_finetune", -1.0), ("lr", -1e-3), ("lr", 0.0), ("exit_lr", math.inf), ("checkpoint_every", 0)]
     + [("max_drop", math.nan), ("warmup_ratio", 1.5), ("max_length", 1), ("batch_size", 0), ("train_size", 0)]
     + [("temperature", 0.0), ("final_thresholds", (1.0, math.nan)), ("lambdas", ()), ("device", "gpu")]
-    + [("weight_decay", -0.1), ("seed", 1.5), ("search_epochs_soft", math.nan)]
+    + [("weight_decay", -0.1), ("seed", 1.5), ("search_epochs_soft", math.nan), ("epochs_joint", -1.0)]
     + [("exit_scales", ()), ("exit_scales", (None, 0.0)), ("exit_scales", (math.inf,)), ("exit_scales", "1.0")],
 )
 def test_train_config_refuses_a_bad_field_naming_it(field: str, value: object) -> None:
