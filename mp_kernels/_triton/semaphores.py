@@ -48,9 +48,11 @@ def counters(count: int, device: torch.device) -> torch.Tensor:
 def arrive(counter_ptr, expected):
     """Take a ticket from the counter at ``counter_ptr``; True in the last of ``expected`` programs to arrive.
 
-    The atomic has acquire-release order: every store the program made before is visible to the last program,
-    which resets the counter to 0 for the next launch.
+    A block barrier first makes every thread's stores precede the ticket (the atomic's release covers the thread
+    that issues it); the atomic has acquire-release order, so every store the program made before is visible to
+    the last program, which resets the counter to 0 for the next launch.
     """
+    tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     last = ticket == expected - 1
     if last:
