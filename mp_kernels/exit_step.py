@@ -41,6 +41,7 @@ def exit_step(
     alive: torch.Tensor,
     *,
     schedule: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
     backend: str | None = None,
 ) -> None:
     """Pool, classify and test every live slot; record and retire the slots that exit (in place).
@@ -60,6 +61,9 @@ def exit_step(
         exit_layer: int64 ``(batch,)``: receives ``layer`` at the exiting slots.
         alive: bool ``(batch,)``: the slots still running; the exiting ones are set to false.
         schedule: optional int64 ``(batch,)``: replaces the entropy test (exit iff ``schedule[b] == layer``).
+        max_seqlen: optional Python int in ``[1, capacity]``, the most rows a slot is expected to hold (e.g. the
+            padded width); it only sizes the Triton grid (``cdiv(max_seqlen, 32)`` programs per slot, at most 64),
+            so a longer slot is still pooled whole, only by fewer programs. ``None``: ``capacity``.
         backend: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA or under ``TRITON_INTERPRET=1``).
     """
     check_tensor("hidden", hidden, ndim=2, dtypes=TORCH_DTYPES)
@@ -97,6 +101,12 @@ def exit_step(
         check_tensor("schedule", schedule, ndim=1, dtypes=(torch.int64,), device=device)
         if schedule.shape[0] != batch:
             raise ValueError(f"schedule must hold one entry per slot ({batch}), got {schedule.shape[0]}")
+    if max_seqlen is None:
+        max_seqlen = hidden.shape[0]
+    elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"max_seqlen must be an int or None, got {type(max_seqlen).__name__}")
+    elif not 1 <= max_seqlen <= hidden.shape[0]:
+        raise ValueError(f"max_seqlen must lie in [1, {hidden.shape[0]}] (the rows of hidden), got {max_seqlen}")
     args = (hidden, cu_seqlens, dense_weight, dense_bias, classifier_weight, classifier_bias, tau, layer)
     outputs = (logits, exit_layer, alive, schedule)
     if choose_backend(backend, device) == "triton":
@@ -104,6 +114,6 @@ def exit_step(
             raise TypeError(f"hidden must be float16, bfloat16 or float32 on the triton backend, got {dtype}")
         from mp_kernels._triton.exit_step import exit_step_triton
 
-        exit_step_triton(*args, *outputs)
+        exit_step_triton(*args, *outputs, max_seqlen)
     else:
         exit_step_torch(*args, *outputs)

@@ -3,7 +3,8 @@
 The pooling is the packed path's segment mean (``index_add_`` accumulating in at least float32, as the kernel
 does, then rounded to ``hidden``'s dtype), the head is ``ExitClassifier``'s arithmetic and the test
 ``entropy_exit_torch``, so in float64 it is bitwise the packed path.
-It reads the live token count back once (a host synchronisation on a GPU).
+It reads the live token count back once (a host synchronisation on a GPU). ``exit_step``'s ``max_seqlen`` only
+sizes the Triton grid, so this path does not take it.
 """
 
 from __future__ import annotations

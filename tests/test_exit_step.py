@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from mp_kernels import exit_step
+from mp_kernels._triton.exit_step import CHUNK
+from mp_kernels._triton.semaphores import counters
 from tests.utils import DEVICE, KERNEL_DTYPES, TOLERANCE, assert_close
 
 BACKENDS = ["triton", "torch"]
@@ -55,14 +57,36 @@ def oracle(hidden, cu, weights):
     return torch.stack(logits), torch.tensor(uncertainty, dtype=torch.float64)
 
 
-def run(backend, hidden, cu, weights, tau, schedule=None, alive=ALIVE, layer=2):
+def run(backend, hidden, cu, weights, tau, schedule=None, alive=ALIVE, layer=2, max_seqlen=None):
     batch = cu.numel() - 1
     logits = torch.full((batch, CLASSES), math.nan, dtype=hidden.dtype, device=DEVICE)
     exit_layer = torch.full((batch,), 99, dtype=torch.int64, device=DEVICE)
     alive = torch.tensor(alive, device=DEVICE)
     tau = torch.tensor([tau], dtype=torch.float32, device=DEVICE)
-    exit_step(hidden, cu, *weights, tau, layer, logits, exit_layer, alive, schedule=schedule, backend=backend)
+    exit_step(
+        hidden,
+        cu,
+        *weights,
+        tau,
+        layer,
+        logits,
+        exit_layer,
+        alive,
+        schedule=schedule,
+        max_seqlen=max_seqlen,
+        backend=backend,
+    )
     return logits.cpu(), exit_layer.cpu(), alive.cpu()
+
+
+def assert_every_live_slot_exits_with_the_oracle_logits(lengths, alive, logits, exit_layer, expected, dtype):
+    """With ``tau = 1`` every live non-empty slot exits with the oracle's logits; the others keep their poison."""
+    for slot, (n, live) in enumerate(zip(lengths, alive, strict=True)):
+        if live and n > 0:
+            assert exit_layer[slot] == 2, f"slot {slot}"
+            assert_close(logits[slot], expected[slot], dtype, scale=LOGIT_SCALE)
+        else:
+            assert logits[slot].isnan().all() and exit_layer[slot] == 99, f"slot {slot} written"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -135,6 +159,62 @@ def test_backends_agree_on_the_logits() -> None:
     torch.testing.assert_close(a[written], b[written], atol=1e-5, rtol=1e-5)
 
 
+LONG = [3 * CHUNK + 5, 1, CHUNK, 2 * CHUNK + 1, 0, 7, CHUNK + 1]  # slots of 1 to 4 row chunks
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("max_seqlen", [1, CHUNK - 1, CHUNK + 1, 3 * CHUNK + 5, None])
+def test_the_grid_hint_never_changes_the_function(dtype: torch.dtype, max_seqlen: int | None) -> None:
+    """``max_seqlen`` sizes the grid only: slots longer than the grid covers are pooled whole, by fewer programs."""
+    hidden, cu, weights = make_case(dtype, seed=3, lengths=LONG)
+    alive = [True] * len(LONG)
+    expected, _ = oracle(hidden, cu, weights)
+    logits, exit_layer, _ = run("triton", hidden, cu, weights, 1.0, alive=alive, max_seqlen=max_seqlen)
+    assert_every_live_slot_exits_with_the_oracle_logits(LONG, alive, logits, exit_layer, expected, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_slots(backend: str) -> None:
+    generator = torch.Generator().manual_seed(11)
+    lengths = torch.randint(0, 2 * CHUNK + 3, (37,), generator=generator).tolist()
+    lengths[:4] = [0, 1, 2 * CHUNK + 2, CHUNK]
+    alive = (torch.rand(37, generator=generator) < 0.8).tolist()
+    hidden, cu, weights = make_case(torch.float32, seed=4, lengths=lengths)
+    expected, _ = oracle(hidden, cu, weights)
+    logits, exit_layer, still_alive = run(backend, hidden, cu, weights, 1.0, alive=alive)
+    assert_every_live_slot_exits_with_the_oracle_logits(lengths, alive, logits, exit_layer, expected, torch.float32)
+    assert still_alive.tolist() == [live and n == 0 for n, live in zip(lengths, alive, strict=True)]
+
+
+@pytest.mark.parametrize(
+    ("lengths", "alive"),
+    [
+        (LONG, [True] * len(LONG)),
+        (LONG, [False] * len(LONG)),
+        (LONG, [True, False, True, False, True, False, True]),
+        ([0, 0, 0], [True, True, True]),
+    ],
+)
+@pytest.mark.parametrize("max_seqlen", [1, None])
+def test_arrival_counters_are_left_at_zero(lengths: list[int], alive: list[bool], max_seqlen: int | None) -> None:
+    """Dead and empty slots never arrive; live ones reset their counter: a CUDA graph can replay the launch."""
+    hidden, cu, weights = make_case(torch.float32, lengths=lengths)
+    buffer = counters(len(lengths), DEVICE)
+    for _ in range(2):
+        run("triton", hidden, cu, weights, 0.5, alive=alive, max_seqlen=max_seqlen)
+        assert int(buffer.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_runs_are_bitwise_identical(backend: str, dtype: torch.dtype) -> None:
+    """Partial sums are added in a fixed order, whichever program arrives last."""
+    hidden, cu, weights = make_case(dtype, seed=6, lengths=LONG)
+    alive = [True] * len(LONG)
+    first, second = (run(backend, hidden, cu, weights, 1.0, alive=alive, max_seqlen=CHUNK)[0] for _ in range(2))
+    torch.testing.assert_close(first, second, rtol=0, atol=0, equal_nan=True)
+
+
 def _args():
     hidden, cu, weights = make_case(torch.float32)
     batch = cu.numel() - 1
@@ -168,6 +248,9 @@ def _args():
         ("exit_layer", torch.zeros(len(LENGTHS), dtype=torch.int32, device=DEVICE), TypeError),
         ("alive", torch.ones(2, dtype=torch.bool, device=DEVICE), ValueError),
         ("schedule", torch.zeros(2, dtype=torch.int64, device=DEVICE), ValueError),
+        ("max_seqlen", 0, ValueError),
+        ("max_seqlen", sum(LENGTHS) + 3, ValueError),
+        ("max_seqlen", 4.0, TypeError),
     ],
 )
 def test_bad_inputs_raise(name: str, value: object, error: type[Exception]) -> None:
