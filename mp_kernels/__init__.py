@@ -9,6 +9,7 @@ from mp_kernels.compact_tokens import compact_tokens
 from mp_kernels.compaction import drop_sequences, prune_tokens, scatter_rows
 from mp_kernels.early_exit import entropy_exit
 from mp_kernels.exit_step import exit_step
+from mp_kernels.finish_slots import finish_slots
 from mp_kernels.hf_backend import capture_importance, register
 from mp_kernels.rows_linear import rows_linear
 
@@ -22,6 +23,7 @@ __all__ = [
     "drop_sequences",
     "entropy_exit",
     "exit_step",
+    "finish_slots",
     "prune_tokens",
     "register",
     "rows_linear",

@@ -49,6 +49,26 @@ def dense_flops(config: BertConfig, n: Count) -> Count:
     return 2 * (config.num_hidden_layers * per_layer + main_head_macs(config))
 
 
+def flops_coefficients(config: BertConfig) -> tuple[int, int, int, int, int]:
+    """The integer FLOPs coefficients of ``flops_from_outputs``, for kernels that count FLOPs on the device.
+
+    Returns ``(attention_linear, attention_quadratic, feed_forward, exit_head, main_head)``, each 2 x the MACs of
+    the per-block functions above, so that one example's FLOPs are the sum over the layers ``i`` it ran of
+    ``attention_linear * n_a + attention_quadratic * n_a**2 + feed_forward * n_f`` (``n_a``: tokens entering layer
+    ``i``, ``n_f``: tokens kept after its pruning), plus ``exit_head`` per sub-classifier run and ``main_head``
+    when it reached the main classifier.
+    """
+    one, two = attention_macs(config, 1), attention_macs(config, 2)
+    quadratic = (two - 2 * one) // 2
+    return (
+        2 * (one - quadratic),
+        2 * quadratic,
+        2 * feed_forward_macs(config, 1),
+        2 * exit_head_macs(config),
+        2 * main_head_macs(config),
+    )
+
+
 def flops_from_outputs(
     config: BertConfig,
     lengths: torch.Tensor,
