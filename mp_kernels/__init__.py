@@ -11,6 +11,7 @@ from mp_kernels.early_exit import entropy_exit
 from mp_kernels.exit_step import exit_step
 from mp_kernels.finish_slots import finish_slots
 from mp_kernels.hf_backend import capture_importance, register
+from mp_kernels.linear_add_layer_norm import linear_add_layer_norm
 from mp_kernels.rows_linear import rows_linear
 
 register()
@@ -24,6 +25,7 @@ __all__ = [
     "entropy_exit",
     "exit_step",
     "finish_slots",
+    "linear_add_layer_norm",
     "prune_tokens",
     "register",
     "rows_linear",
