@@ -8,6 +8,7 @@ from mp_kernels.attention import MAX_SEQLEN, varlen_attention
 from mp_kernels.compact_tokens import compact_tokens
 from mp_kernels.compaction import drop_sequences, prune_tokens, scatter_rows
 from mp_kernels.early_exit import entropy_exit
+from mp_kernels.embed_pack import embed_pack
 from mp_kernels.exit_step import exit_step
 from mp_kernels.finish_slots import finish_slots
 from mp_kernels.hf_backend import capture_importance, register
@@ -22,6 +23,7 @@ __all__ = [
     "capture_importance",
     "compact_tokens",
     "drop_sequences",
+    "embed_pack",
     "entropy_exit",
     "exit_step",
     "finish_slots",
