@@ -9,13 +9,10 @@ a CUDA graph.
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
 from mp_kernels.add_layer_norm_reference import add_layer_norm_torch
-from mp_kernels.checks import check_tensor
+from mp_kernels.checks import check_eps, check_tensor
 from mp_kernels.dispatch import choose_backend
 from mp_kernels.rows_linear import check_n_rows
 
@@ -70,11 +67,7 @@ def add_layer_norm(
             raise TypeError(f"{name} must have x's dtype {x.dtype}, got {tensor.dtype}")
         if tensor.shape[0] != x.shape[1]:
             raise ValueError(f"{name} must have shape ({x.shape[1]},), got {tuple(tensor.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    eps = float(eps)
-    if not (eps > 0.0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite float > 0, got {eps}")
+    eps = check_eps(eps)
     check_n_rows(n_rows, x.device)
     chosen = choose_backend(backend, x.device)
     if chosen == "triton":

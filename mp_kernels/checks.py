@@ -7,11 +7,23 @@ path that build their own inputs pass ``validate=False`` to skip only those.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_eps(eps: object) -> float:
+    """Check a LayerNorm epsilon: a real number (not a bool), finite and above 0; returns it as a float."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (eps > 0.0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite float > 0, got {eps}")
+    return eps
 
 
 def check_tensor(

@@ -16,12 +16,9 @@ back to the host (with ``validate=False``): it can be captured in a CUDA graph.
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
-from mp_kernels.checks import check_tensor
+from mp_kernels.checks import check_eps, check_tensor
 from mp_kernels.dispatch import choose_backend
 from mp_kernels.embed_pack_reference import embed_pack_torch
 
@@ -117,11 +114,7 @@ def embed_pack(
         raise ValueError("token_type_embeddings must have at least one row, got 0")
     _check_table("norm_weight", norm_weight, word_embeddings, 1)
     _check_table("norm_bias", norm_bias, word_embeddings, 1)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    eps = float(eps)
-    if not (eps > 0.0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite float > 0, got {eps}")
+    eps = check_eps(eps)
     if not isinstance(validate, bool):
         raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
     chosen = choose_backend(backend, device)

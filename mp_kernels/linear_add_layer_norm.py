@@ -10,12 +10,9 @@ synchronises with the host: both backends can be captured in a CUDA graph.
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
-from mp_kernels.checks import check_tensor
+from mp_kernels.checks import check_eps, check_tensor
 from mp_kernels.dispatch import choose_backend
 from mp_kernels.linear_add_layer_norm_reference import linear_add_layer_norm_torch
 from mp_kernels.rows_linear import check_n_rows
@@ -93,11 +90,7 @@ def linear_add_layer_norm(
         raise ValueError(f"residual must have shape ({capacity}, {n}), got {tuple(residual.shape)}")
     _check_vector("norm_weight", norm_weight, n, x)
     _check_vector("norm_bias", norm_bias, n, x)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    eps = float(eps)
-    if not (eps > 0.0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite float > 0, got {eps}")
+    eps = check_eps(eps)
     check_n_rows(n_rows, x.device)
     if dest is not None:
         check_tensor("dest", dest, ndim=1, dtypes=(torch.int32,), device=x.device)
