@@ -13,12 +13,54 @@ padded batch.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+from mp_kernels.compact_tokens_reference import keep_rule_torch
 
 BUCKET_SLACK = 1.25
 SCORE_BUDGET = 1 << 26
 IMPORTANCE_SCORE_BUDGET = 1 << 17
+
+
+class PrunePlan(NamedTuple):
+    """Where each token of a packed batch goes when the pruning rule is applied (``varlen_attention``).
+
+    ``importance``: float32 ``(total_tokens,)`` (float64 for float64 inputs), each token's importance;
+    ``dest``: int32 ``(total_tokens,)``, the row a kept token moves to (kept tokens first, in order, slot after
+    slot) or -1 for a dropped one; ``cu_seqlens_out``: int32 ``(batch + 1,)``, the kept lengths' prefix sums.
+    """
+
+    importance: torch.Tensor
+    dest: torch.Tensor
+    cu_seqlens_out: torch.Tensor
+
+
+def prune_plan_torch(
+    importance: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    threshold: torch.Tensor,
+    keep_first: bool,
+    alive: torch.Tensor | None,
+    counts: torch.Tensor | None,
+) -> PrunePlan:
+    """The pruning plan of ``importance`` by ``compact_tokens``' rule (``keep_rule_torch``), as the kernel makes it.
+
+    ``importance`` ``(total_tokens,)``, ``threshold`` ``(1,)`` in its dtype, ``alive`` bool ``(batch,)``,
+    ``counts`` an optional int64 ``(batch,)`` output for each slot's kept count.
+    """
+    chosen, sequence = keep_rule_torch(cu_seqlens, None, importance, threshold, keep_first, alive)
+    per_sequence_kept = torch.zeros(cu_seqlens.numel() - 1, dtype=torch.int64, device=importance.device)
+    per_sequence_kept.index_add_(0, sequence, chosen.long())
+    cu_out = torch.zeros_like(cu_seqlens)
+    cu_out[1:] = per_sequence_kept.cumsum(0)
+    dest = torch.full(importance.shape, -1, dtype=torch.int32, device=importance.device)
+    dest[: chosen.numel()] = torch.where(chosen, chosen.int().cumsum(0, dtype=torch.int32) - 1, -1)
+    if counts is not None:
+        counts.copy_(per_sequence_kept)
+    return PrunePlan(importance, dest, cu_out)
 
 
 def length_buckets(lengths: list[int], heads: int, budget: int = SCORE_BUDGET) -> list[list[int]]:

@@ -5,12 +5,13 @@ The forward kernel runs one program per (query block, head, sequence) with an on
 in base 2 and in the scaled domain: ``lse2_i = log2 sum_j exp2(q_i . k_j * scale * log2(e))``. The importance
 kernel is key-stationary: each program holds a block of keys of one sequence, loops over a group of heads and
 over all query blocks of the sequence, recomputes ``p_ij = exp2(q_i . k_j * scale * log2(e) - lse2_i)`` and sums
-it over valid query rows and heads. No ``n x n`` matrix is written, no atomics are used, and the summation
-order is fixed, so the result is deterministic. When the heads are split into several groups (to fill the GPU
-when the batch is small), each group writes its partial sums to its own row and the rows are added by a
-fixed-order reduction afterwards. Both grids are sized by the host's ``max_seqlen``; each program loops over its
-blocks ``p, p + grid_size, ...`` up to the real length read from ``cu_seqlens``, so a ``max_seqlen`` below a
-real length is slower, never wrong.
+it over valid query rows and heads. No ``n x n`` matrix is written, no value is accumulated by an atomic, and
+the summation order is fixed, so the result is deterministic. When the heads are split into several groups (to
+fill the GPU when the batch is small), each group writes its partial sums to its own row and the last group
+program to arrive (``semaphores.arrive``) adds the rows in order. Given a threshold, that program also applies
+``compact_tokens``' keep rule and ``finish_plan`` makes the compaction plan, in the same launch. Both grids are
+sized by the host's ``max_seqlen``; each program loops over its blocks ``p, p + grid_size, ...`` up to the real
+length read from ``cu_seqlens``, so a ``max_seqlen`` below a real length is slower, never wrong.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
+from mp_kernels._triton.compact_tokens import finish_plan, keep_rule
+from mp_kernels._triton.semaphores import arrive, counters
+from mp_kernels.attention_reference import PrunePlan
 from mp_kernels.dispatch import triton_interpreting
 
 LOG2_E = math.log2(math.e)
 MAX_GRID_YZ = 65535
+PLAN_BLOCK = 1024
 
 
 class _Config(NamedTuple):
@@ -192,14 +197,22 @@ def _varlen_importance_kernel(
     q_ptr,
     k_ptr,
     lse_ptr,
-    importance_ptr,
+    partial_ptr,
     cu_seqlens_ptr,
+    importance_ptr,
+    threshold_ptr,
+    alive_ptr,
+    dest_ptr,
+    slot_ptr,
+    cu_out_ptr,
+    counts_ptr,
+    counter_ptr,
     stride_qt,
     stride_qh,
     stride_kt,
     stride_kh,
     stride_lh,
-    stride_ig,
+    stride_pg,
     heads,
     heads_per_group,
     qk_scale,
@@ -207,14 +220,25 @@ def _varlen_importance_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    REDUCE: tl.constexpr,
+    PLAN: tl.constexpr,
+    KEEP_FIRST: tl.constexpr,
+    HAS_ALIVE: tl.constexpr,
+    HAS_COUNTS: tl.constexpr,
+    SEQ_BLOCK: tl.constexpr,
+    SLOT_BLOCK: tl.constexpr,
+    TOKEN_BLOCK: tl.constexpr,
 ):
     """Attention received by one block of keys of one sequence, summed over a group of heads and all queries.
 
     Grid ``(cdiv(max_seqlen, BLOCK_N), groups, batch)``; program ``p`` handles key blocks ``p, p + grid_size, ...``
     up to the sequence's real length, as in the forward kernel; group ``g`` covers heads
     ``[g * heads_per_group, min((g + 1) * heads_per_group, heads))``. ``q``/``k`` as in the forward kernel,
-    ``lse`` ``(heads, total)`` float32 from it, ``importance`` ``(groups, total)`` float32 (row stride
-    ``stride_ig``, unit token stride) receives ``sum_h sum_i p_ij / (heads * n)`` for the group's heads.
+    ``lse`` ``(heads, total)`` float32 from it, ``partial`` ``(groups, total)`` float32 (row stride ``stride_pg``,
+    unit token stride) receives ``sum_h sum_i p_ij / (heads * n)`` for the group's heads: the importance itself
+    without ``REDUCE``. With ``REDUCE`` the last group program of each (program, sequence) to arrive adds the
+    groups' rows in order into ``importance`` float32 ``(total,)``, and with ``PLAN`` the pruning plan follows in
+    the same launch (``_plan``). ``counter`` int32: ``batch * grid_size + batch + 1`` zeroed arrival counters.
     """
     group = tl.program_id(1)
     seq = tl.program_id(2)
@@ -241,7 +265,45 @@ def _varlen_importance_kernel(
                 s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
                 received += tl.sum(tl.math.exp2(s_t - lse[None, :]), 1)
         received = received / (heads * n).to(tl.float32)
-        tl.store(importance_ptr + group * stride_ig + start + offs_n, received, mask=key_valid)
+        tl.store(partial_ptr + group * stride_pg + start + offs_n, received, mask=key_valid)
+    if REDUCE:
+        tl.debug_barrier()
+        if arrive(counter_ptr + seq * tl.num_programs(0) + tl.program_id(0), tl.num_programs(1)):
+            threshold = 0.0
+            live = n
+            if PLAN:
+                threshold = tl.load(threshold_ptr)
+                if HAS_ALIVE:
+                    live = tl.where(tl.load(alive_ptr + seq) != 0, n, 0)
+            for block in range(tl.program_id(0), tl.cdiv(n, BLOCK_N), tl.num_programs(0)):
+                idx = block * BLOCK_N + tl.arange(0, BLOCK_N)
+                key_valid = idx < n
+                importance = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for g in range(0, tl.num_programs(1)):
+                    row = partial_ptr + g * stride_pg + start + idx
+                    importance += tl.load(row, mask=key_valid, other=0.0, cache_modifier=".cg")
+                tl.store(importance_ptr + start + idx, importance, mask=key_valid)
+                if PLAN:
+                    kept = keep_rule(idx < live, idx < live, idx, importance, threshold, n, True, KEEP_FIRST)
+                    tl.store(dest_ptr + start + idx, kept.to(tl.int32), mask=key_valid)
+            if PLAN:
+                finish_plan(
+                    cu_seqlens_ptr,
+                    dest_ptr,
+                    slot_ptr,
+                    cu_out_ptr,
+                    counts_ptr,
+                    counter_ptr + tl.num_programs(2) * tl.num_programs(0),
+                    seq,
+                    tl.num_programs(2),
+                    tl.num_programs(0),
+                    start,
+                    n,
+                    HAS_COUNTS,
+                    SEQ_BLOCK,
+                    SLOT_BLOCK,
+                    TOKEN_BLOCK,
+                )
 
 
 def _forward_config(head_dim: int, dtype: torch.dtype, max_seqlen: int) -> _Config:
@@ -302,8 +364,12 @@ def varlen_attention_triton(
     out: torch.Tensor | None = None,
     importance: torch.Tensor | None = None,
     head_groups: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Packed attention and optional token importance on the Triton kernels (inputs validated by the caller).
+    prune_threshold: torch.Tensor | None = None,
+    keep_first: bool = False,
+    alive: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | PrunePlan | None]:
+    """Packed attention and optional token importance or pruning plan on the Triton kernels (inputs validated).
 
     Args:
         q, k, v: ``(total_tokens, heads, head_dim)`` float16, bfloat16 or float32, unit stride in ``head_dim``
@@ -317,14 +383,21 @@ def varlen_attention_triton(
         importance: optional contiguous float32 ``(total_tokens,)`` buffer for the importance.
         head_groups: split the heads of the importance pass into this many groups (``None``: enough to fill
             the GPU); the result does not depend on it beyond float32 rounding.
+        prune_threshold: float32 ``(1,)``: make the pruning plan with this length-normalised threshold.
+        keep_first: the plan always keeps the first token of every live, non-empty sequence.
+        alive: bool ``(batch,)``: the plan drops every token of the other sequences.
+        counts: optional int64 ``(batch,)`` contiguous output for each sequence's kept count.
 
     Returns:
-        ``(out, importance)``: ``out`` in the input dtype, ``importance`` float32 ``(total_tokens,)`` or None.
+        ``(out, importance)``: ``out`` in the input dtype, ``importance`` float32 ``(total_tokens,)`` or None; with
+        ``prune_threshold``, ``(out, PrunePlan)`` (two launches, as with importance alone).
     """
     total, heads, head_dim = q.shape
     batch = cu_seqlens.shape[0] - 1
     if batch > MAX_GRID_YZ:
         raise ValueError(f"the triton backend handles at most {MAX_GRID_YZ} sequences per call, got {batch}")
+    plan = prune_threshold is not None
+    return_importance = return_importance or plan
     if out is None:
         out = torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device)
     else:
@@ -378,12 +451,25 @@ def varlen_attention_triton(
         partial = importance.view(1, total)
         if groups > 1:
             partial = torch.empty((groups, total), dtype=torch.float32, device=q.device)
+        unused = cu_seqlens
+        dest, slot = torch.empty((2, total if plan else 1), dtype=torch.int32, device=q.device)
+        cu_out = torch.empty_like(cu_seqlens) if plan else unused
+        reduce = groups > 1 or plan
+        counter = counters(batch * key_blocks + batch + 1, q.device) if reduce else unused
         _varlen_importance_kernel[(key_blocks, groups, batch)](
             q,
             k,
             lse,
             partial,
             cu_seqlens,
+            importance,
+            prune_threshold if plan else unused,
+            alive if alive is not None else unused,
+            dest,
+            slot,
+            cu_out,
+            counts if counts is not None else unused,
+            counter,
             q.stride(0),
             q.stride(1),
             k.stride(0),
@@ -397,9 +483,17 @@ def varlen_attention_triton(
             BLOCK_M=imp.block_m,
             BLOCK_N=imp.block_n,
             PRECISION=precision,
+            REDUCE=reduce,
+            PLAN=plan,
+            KEEP_FIRST=keep_first,
+            HAS_ALIVE=alive is not None,
+            HAS_COUNTS=counts is not None,
+            SEQ_BLOCK=min(max(triton.next_power_of_2(max_seqlen), 16), PLAN_BLOCK),
+            SLOT_BLOCK=min(max(triton.next_power_of_2(batch), 16), PLAN_BLOCK),
+            TOKEN_BLOCK=PLAN_BLOCK,
             num_warps=imp.num_warps,
             num_stages=imp.num_stages,
         )
-        if groups > 1:
-            torch.sum(partial, dim=0, out=importance)
+    if plan:
+        return out, PrunePlan(importance, dest, cu_out)
     return out, importance

@@ -10,7 +10,9 @@
    ``block, block + grid_size, ...`` up to the slot's real length (once when ``max_seqlen`` covers it).
    Programs past the slot's length, and slots with nothing kept, return at once.
 
-The importance rule is ``not importance <= threshold / n`` (a NaN importance or threshold keeps the token).
+The token rule is ``keep_rule``'s, shared with the pruning plan of ``varlen_attention`` (whose importance kernel
+finishes its plan with ``finish_plan``, in its own launch): the importance rule is ``not importance <= threshold /
+n`` (a NaN importance or threshold keeps the token).
 
 Without a token-level rule (only ``alive``), a slot keeps all or nothing, so its count is its length or 0 and
 the first launch is skipped. Sizes come from device memory only; the grid is sized by the host-known
@@ -24,9 +26,91 @@ import triton
 import triton.language as tl
 
 from mp_kernels._triton.compaction import COPY_ROWS, _copy_cols, _copy_rows
+from mp_kernels._triton.semaphores import arrive
 
 COUNT_BLOCK = 1024
 SCAN = 1024
+
+
+@triton.jit
+def keep_rule(chosen, valid, idx, importance, threshold, n, HAS_IMPORTANCE: tl.constexpr, KEEP_FIRST: tl.constexpr):
+    """``compact_tokens``' token rule on a block of one sequence's tokens: the one place it is written on Triton.
+
+    ``chosen`` (BLOCK,) bool: the tokens the other factors keep (in range, ``keep``, ``alive``); ``valid``
+    (BLOCK,) bool: in range and alive; ``idx`` (BLOCK,) int32 positions in the sequence; ``importance`` (BLOCK,)
+    float32 and ``threshold`` a float32 scalar (read only with ``HAS_IMPORTANCE``); ``n`` the sequence's length.
+    Returns ``chosen and (threshold <= 0 or not importance <= threshold / n)`` (division correctly rounded, so a
+    NaN keeps), or-ed with ``valid and idx == 0`` under ``KEEP_FIRST``.
+    """
+    if HAS_IMPORTANCE:
+        per_token = tl.math.div_rn(threshold, tl.maximum(n, 1).to(tl.float32))
+        keep_all = (tl.zeros_like(importance) + threshold) <= 0.0
+        chosen = chosen & (keep_all | ((importance <= per_token) == 0))
+    if KEEP_FIRST:
+        chosen = chosen | (valid & (idx == 0))
+    return chosen
+
+
+@triton.jit
+def finish_plan(
+    cu_seqlens_ptr,
+    dest_ptr,
+    slot_ptr,
+    cu_out_ptr,
+    counts_ptr,
+    counter_ptr,
+    seq,
+    batch,
+    parts,
+    start,
+    n,
+    HAS_COUNTS: tl.constexpr,
+    SEQ_BLOCK: tl.constexpr,
+    SLOT_BLOCK: tl.constexpr,
+    TOKEN_BLOCK: tl.constexpr,
+):
+    """A compaction plan (``keep_rule``'s flags to destination rows) finished in the launch that made the flags.
+
+    Called by each of the ``parts`` programs that stored keep flags (int32 0/1) for the tokens ``[start, start +
+    n)`` of slot ``seq`` (of ``batch``) in ``dest`` int32 ``(total,)``, once their flags are stored.
+    ``counter`` points at ``batch + 1`` zeroed arrival counters. The last of a slot's programs to arrive turns its
+    flags into in-slot ranks (-1 where dropped), marks its tokens' slot in ``slot`` int32 ``(total,)`` and stores
+    its kept count in ``cu_out[seq + 1]``; the last slot scans the counts into ``cu_out`` int32 ``(batch + 1,)``
+    (and ``counts`` int64 ``(batch,)``) and adds each slot's offset to its kept tokens' ranks, so ``dest`` holds
+    each kept token's row in the compacted batch, or -1. Every sum runs in index order: deterministic.
+    """
+    tl.debug_barrier()
+    if arrive(counter_ptr + seq, parts):
+        carry = tl.sum(tl.zeros([SEQ_BLOCK], dtype=tl.int32), axis=0)
+        for offset in range(0, n, SEQ_BLOCK):
+            idx = offset + tl.arange(0, SEQ_BLOCK)
+            valid = idx < n
+            kept = tl.load(dest_ptr + start + idx, mask=valid, other=0, cache_modifier=".cg")
+            rank = tl.cumsum(kept, axis=0) + carry - 1
+            tl.store(dest_ptr + start + idx, tl.where(kept != 0, rank, -1), mask=valid)
+            tl.store(slot_ptr + start + idx, tl.zeros([SEQ_BLOCK], dtype=tl.int32) + seq, mask=valid)
+            carry += tl.sum(kept, axis=0)
+        tl.store(cu_out_ptr + seq + 1, carry)
+        tl.debug_barrier()
+        if arrive(counter_ptr + batch, batch):
+            total = tl.sum(tl.zeros([SLOT_BLOCK], dtype=tl.int32), axis=0)
+            tl.store(cu_out_ptr, total)
+            for first in range(0, batch, SLOT_BLOCK):
+                slots = first + tl.arange(0, SLOT_BLOCK)
+                in_batch = slots < batch
+                count = tl.load(cu_out_ptr + 1 + slots, mask=in_batch, other=0, cache_modifier=".cg")
+                tl.store(cu_out_ptr + 1 + slots, tl.cumsum(count, axis=0) + total, mask=in_batch)
+                if HAS_COUNTS:
+                    tl.store(counts_ptr + slots, count.to(tl.int64), mask=in_batch)
+                total += tl.sum(count, axis=0)
+            tl.debug_barrier()
+            for first in range(0, tl.load(cu_seqlens_ptr + batch), TOKEN_BLOCK):
+                rows = first + tl.arange(0, TOKEN_BLOCK)
+                live = rows < tl.load(cu_seqlens_ptr + batch)
+                rank = tl.load(dest_ptr + rows, mask=live, other=-1, cache_modifier=".cg")
+                slot = tl.load(slot_ptr + rows, mask=live, other=0, cache_modifier=".cg")
+                offset = tl.load(cu_out_ptr + slot, mask=live & (rank >= 0), other=0, cache_modifier=".cg")
+                tl.store(dest_ptr + rows, tl.where(rank >= 0, offset + rank, -1), mask=live)
 
 
 @triton.jit
@@ -50,9 +134,9 @@ def _count_kernel(
     n = tl.load(cu_ptr + seq + 1) - start
     if HAS_ALIVE:
         n = tl.where(tl.load(alive_ptr + seq) != 0, n, 0)
+    threshold = 0.0
     if HAS_IMPORTANCE:
         threshold = tl.load(threshold_ptr)
-        per_token = tl.math.div_rn(threshold, tl.maximum(n, 1).to(tl.float32))
     carry = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
     for offset in range(0, n, BLOCK):
         idx = offset + tl.arange(0, BLOCK)
@@ -61,12 +145,10 @@ def _count_kernel(
         chosen = valid
         if HAS_KEEP:
             chosen = chosen & (tl.load(keep_ptr + rows, mask=valid, other=0) != 0)
+        importance = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_IMPORTANCE:
             importance = tl.load(importance_ptr + rows, mask=valid, other=0.0)
-            keep_all = (tl.zeros([BLOCK], dtype=tl.float32) + threshold) <= 0.0
-            chosen = chosen & (keep_all | ((importance <= per_token) == 0))
-        if KEEP_FIRST:
-            chosen = chosen | (valid & (idx == 0))
+        chosen = keep_rule(chosen, valid, idx, importance, threshold, n, HAS_IMPORTANCE, KEEP_FIRST)
         kept = chosen.to(tl.int32)
         tl.store(prefix_ptr + rows, tl.cumsum(kept, axis=0) + carry, mask=valid)
         carry += tl.sum(kept, axis=0)
