@@ -6,8 +6,13 @@ device memory that the host never reads. The Triton backend reads it inside the 
 row block starts at or after ``n_rows`` return at once, so pruned tokens really save time; the PyTorch backend
 computes every row (a static shape, no host read), which is the "compute everything" alternative.
 
-Nothing here synchronises with the host, and the only allocation is the output: both backends can be captured in
-a CUDA graph.
+On the Triton backend each shape follows a plan (``mp_kernels._triton.rows_linear.plan_rows_linear``, fixed per
+shape and device): tile sizes, and a split of ``K`` over several programs per output tile (summed in a fixed
+order, so deterministic) when the tiles alone would leave SMs idle, or, where the measured table says cuBLAS is
+faster for the shape on this device, ``F.linear`` over the whole capacity (the PyTorch backend).
+
+Nothing here synchronises with the host, and the only allocations are the output and a split's workspace: both
+backends can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -66,10 +71,11 @@ def rows_linear(
         activation: None, ``"gelu"`` (erf form, as ``F.gelu``), ``"gelu_tanh"`` (``approximate="tanh"``),
             ``"relu"`` or ``"tanh"``, applied in float32 (float64 for float64) before rounding to ``x``'s dtype.
         backend: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA or under ``TRITON_INTERPRET=1``).
+            ``"triton"`` runs the plan of the shape, which the measured table may set to cuBLAS (``"torch"``).
 
     Returns:
         ``y`` ``(capacity, N)`` in ``x``'s dtype. Rows ``< n_rows`` hold the result; rows ``>= n_rows`` are
-        unspecified: the Triton backend never writes them (they keep whatever the new allocation held), the
+        unspecified: the Triton kernel never writes them (they keep whatever the new allocation held), the
         PyTorch backend computes them from the dead rows of ``x``. The product accumulates in float32 with
         IEEE float32 products for float32 inputs (no TF32, as PyTorch's default).
     """
@@ -93,7 +99,9 @@ def rows_linear(
     if chosen == "triton":
         if x.dtype not in TRITON_DTYPES:
             raise TypeError(f"x must be float16, bfloat16 or float32 on the triton backend, got {x.dtype}")
-        from mp_kernels._triton.rows_linear import rows_linear_triton
+        from mp_kernels._triton import rows_linear as kernel
 
-        return rows_linear_triton(x, weight, bias, n_rows, activation=activation)
+        plan = kernel.device_plan(x.dtype, x.shape[1], weight.shape[0], x.shape[0], x.device)
+        if plan.backend == "triton":
+            return kernel.rows_linear_triton(x, weight, bias, n_rows, activation=activation, plan=plan)
     return rows_linear_torch(x, weight, bias, n_rows, activation=activation)

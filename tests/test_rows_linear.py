@@ -7,6 +7,7 @@ untouched; the PyTorch backend computes every row, which is checked too as it is
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mp_kernels._triton.semaphores import counters
 from mp_kernels.rows_linear import rows_linear
 from tests.utils import (
     DEVICE,
@@ -250,3 +252,142 @@ def test_cuda_graph_replays_with_new_row_counts(backend: str) -> None:
         graph.replay()
         torch.cuda.synchronize()
         check(y, want, live, backend, torch.float16)
+
+
+# Plans: the GEMMs of BERT-base (d 768, d_ff 3072) and MiniLM (d 384, d_ff 1536) as (k, n): fused QKV, attention
+# output, feed-forward in and out; buffers of batch 1 and 8 times every width bucket.
+MODEL_GEMMS = {
+    "bert-base": ((768, 2304), (768, 768), (768, 3072), (3072, 768)),
+    "minilm": ((384, 1152), (384, 384), (384, 1536), (1536, 384)),
+}
+CAPACITIES = sorted({batch * width for batch in (1, 8) for width in (16, 32, 64, 128, 256, 512)})
+SMS = 132
+
+
+def check_triton_plan(plan: triton_rows_linear.GemmPlan, k: int, n: int, capacity: int) -> None:
+    """Tiles are powers of two from 16, ``programs`` is tiles times ``split_k``, and no chunk of ``K`` is empty."""
+    assert plan.backend == "triton" and plan.split_k >= 1
+    for side in (plan.tiles.block_m, plan.tiles.block_n, plan.tiles.block_k):
+        assert side >= 16 and side & (side - 1) == 0, plan
+    tiles = -(-capacity // plan.tiles.block_m) * -(-n // plan.tiles.block_n)
+    assert plan.programs == tiles * plan.split_k, plan
+    k_steps = -(-k // plan.tiles.block_k)
+    assert (plan.split_k - 1) * -(-k_steps // plan.split_k) < k_steps, f"an empty chunk of K: {plan}"
+
+
+@pytest.mark.parametrize("device_name", ["NVIDIA H100 80GB HBM3", "NVIDIA H200"])
+@pytest.mark.parametrize(("model", "index"), [(m, i) for m in MODEL_GEMMS for i in range(4)])
+def test_model_gemms_fill_every_sm(device_name: str, model: str, index: int) -> None:
+    """At every bucket of batch 1 and 8 a bfloat16 GEMM launches at least one program per SM (splitting K only
+    where the tiles alone are too few), unless the measured table sends the shape to cuBLAS."""
+    k, n = MODEL_GEMMS[model][index]
+    for capacity in CAPACITIES:
+        plan = triton_rows_linear.plan_rows_linear(torch.bfloat16, k, n, capacity, SMS, device_name)
+        if plan.backend == "cublas":
+            assert plan.source == "table"
+            continue
+        check_triton_plan(plan, k, n, capacity)
+        assert plan.programs >= SMS, (capacity, plan)
+        if plan.source == "heuristic" and plan.split_k > 1:
+            assert plan.programs // plan.split_k < SMS, f"split although the tiles fill the SMs: {plan}"
+
+
+def test_heuristic_does_not_split_a_full_launch() -> None:
+    plan = triton_rows_linear.plan_rows_linear(torch.bfloat16, 768, 3072, 4096, SMS, "NVIDIA H100 80GB HBM3")
+    assert plan.split_k == 1 and plan.programs >= SMS
+
+
+def test_shipped_table_is_well_formed() -> None:
+    table = json.loads(triton_rows_linear.TABLE_PATH.read_text())
+    assert table["_schema"] and isinstance(table["provenance"], dict)
+    keys = [(e["device"], e["dtype"], e["k"], e["n"], e["capacity"]) for e in table["entries"]]
+    assert len(keys) == len(set(keys)), "a shape appears twice"
+    for entry in table["entries"]:
+        assert entry["device"] in table["provenance"] and entry["backend"] in triton_rows_linear.BACKENDS
+        if entry["backend"] == "triton":
+            plan = triton_rows_linear.plan_rows_linear(
+                getattr(torch, entry["dtype"]), entry["k"], entry["n"], entry["capacity"], SMS, entry["device"]
+            )
+            assert plan.source == "table" and plan.split_k == entry["split_k"]
+            check_triton_plan(plan, entry["k"], entry["n"], entry["capacity"])
+
+
+def forced_plan(
+    dtype: torch.dtype, k: int, n: int, capacity: int, split_k: int, backend: str = "triton"
+) -> triton_rows_linear.GemmPlan:
+    """The heuristic plan on ``DEVICE`` (the interpreter's on the CPU) with ``BLOCK_K`` 32, ``split_k`` and
+    ``backend`` forced."""
+    plan = triton_rows_linear.device_plan(dtype, k, n, capacity, DEVICE, use_table=False)
+    return plan._replace(tiles=plan.tiles._replace(block_k=32), split_k=split_k, backend=backend)
+
+
+def run_plan(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    live: int,
+    plan: triton_rows_linear.GemmPlan,
+    activation: str | None,
+) -> torch.Tensor:
+    """The Triton wrapper with an explicit plan, outputs and workspace poisoned."""
+    with poisoned_allocations():
+        return triton_rows_linear.rows_linear_triton(
+            x, weight, bias, live_count(live), activation=activation, plan=plan
+        )
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("split_k", [2, 3, 4])
+@pytest.mark.parametrize("live", [0, 1, 37, 50])
+def test_split_k_matches_float64(dtype: torch.dtype, split_k: int, live: int) -> None:
+    """K = 150 in steps of 32 (the last one partial) cut into 2, 3 or 4 chunks (4 leaves one empty), with bias and
+    an activation, live rows 0, 1, odd and all; counters are left at zero."""
+    activation = ACTIVATIONS[(split_k + live) % len(ACTIVATIONS)]
+    x, weight, bias = make_inputs(50, 150, 72, dtype, seed=split_k * 100 + live)
+    plan = forced_plan(dtype, 150, 72, 50, split_k)
+    y = run_plan(x, weight, bias, live, plan, activation)
+    check(y, expected(x, weight, bias, activation), live, "triton", dtype)
+    assert int(counters(1, DEVICE).abs().sum()) == 0, "arrival counters not left at zero"
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_split_k_is_bitwise_reproducible(dtype: torch.dtype) -> None:
+    x, weight, bias = make_inputs(64, 200, 64, dtype, seed=11)
+    plan = forced_plan(dtype, 200, 64, 64, split_k=3)
+    first = run_plan(x, weight, bias, 61, plan, "gelu")
+    for _ in range(2):
+        assert torch.equal(run_plan(x, weight, bias, 61, plan, "gelu")[:61], first[:61])
+
+
+def test_default_plan_splits_a_narrow_launch() -> None:
+    """A shape with fewer tiles than the device has SMs (the interpreter's planner assumes 4) is split by
+    ``rows_linear`` itself."""
+    x, weight, bias = make_inputs(20, 200, 40, torch.float32, seed=12)
+    assert triton_rows_linear.device_plan(torch.float32, 200, 40, 20, DEVICE).split_k > 1
+    y = run(x, weight, bias, live_count(19), "triton", "relu")
+    check(y, expected(x, weight, bias, "relu"), 19, "triton", torch.float32)
+
+
+def test_table_entries_override_the_heuristic(monkeypatch) -> None:
+    """A "triton" entry sets tiles and split; a "cublas" entry runs ``F.linear`` over every row."""
+    x, weight, bias = make_inputs(40, 64, 48, torch.float32, seed=13)
+    sm_count, device_name = triton_rows_linear.device_traits(x.device)
+    key = {"device": device_name, "dtype": "float32", "k": 64, "n": 48, "capacity": 40}
+    tiles = {"block_m": 16, "block_n": 16, "block_k": 16, "group_m": 1, "num_warps": 2, "num_stages": 1}
+    entry = {**key, "backend": "triton", **tiles, "split_k": 2}
+    monkeypatch.setattr(triton_rows_linear, "gemm_table", lambda: {tuple(key.values()): entry})
+    plan = triton_rows_linear.plan_rows_linear(torch.float32, 64, 48, 40, sm_count, device_name)
+    assert plan.source == "table" and plan.tiles._asdict() == tiles and plan.split_k == 2 and plan.programs == 18
+    check(run(x, weight, bias, live_count(23), "triton"), expected(x, weight, bias, None), 23, "triton", torch.float32)
+    entry["backend"] = "cublas"
+    plan = triton_rows_linear.plan_rows_linear(torch.float32, 64, 48, 40, sm_count, device_name)
+    assert plan.backend == "cublas" and plan.source == "table" and plan.programs == 0
+    y = run(x, weight, bias, live_count(23), "triton")
+    check(y, expected(x, weight, bias, None), 23, "torch", torch.float32)
+
+
+def test_wrapper_rejects_a_cublas_plan() -> None:
+    x, weight, bias = make_inputs(8, 16, 16, torch.float32, seed=14)
+    plan = forced_plan(torch.float32, 16, 16, 8, split_k=1, backend="cublas")
+    with pytest.raises(ValueError, match="plan"):
+        triton_rows_linear.rows_linear_triton(x, weight, bias, live_count(8), plan=plan)
