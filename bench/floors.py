@@ -52,18 +52,30 @@ def engine_launches(layers: int) -> dict[str, dict[str, int]]:
     model = MagicPyramidForSequenceClassification(config).float().eval().to(device)
     ids = torch.ones(2, 16, dtype=torch.int64, device=device)
     counts = {}
-    for name, prune, early_exit in (("dense", False, False), ("ltp", True, False), ("fastbert", False, True)):
-        model.graph_engine(ids, torch.ones_like(ids), None, tau=0.0, threshold_scale=1.0, prune=prune,
-                           early_exit=early_exit, backend="triton")  # fmt: skip
+    settings = (("dense", False, False), ("ltp", True, False), ("fastbert", False, True), ("mp", True, True))
+    for name, prune, early_exit in settings:
+        knobs = dict(tau=0.0, threshold_scale=1.0, prune=prune, early_exit=early_exit, backend="triton")
+        model.graph_engine(ids, torch.ones_like(ids), None, **knobs)  # one-time work: fused weights, counters
         with record_launches() as calls:
-            model.graph_engine(ids, torch.ones_like(ids), None, tau=0.0, threshold_scale=1.0, prune=prune,
-                               early_exit=early_exit, backend="triton")  # fmt: skip
+            model.graph_engine(ids, torch.ones_like(ids), None, **knobs)
         counts[name] = count_launches(calls)
-    with record_launches() as calls:
-        model.graph_engine(ids, torch.ones_like(ids), None, tau=0.0, threshold_scale=1.0, prune=True,
-                           early_exit=True, backend="triton")  # fmt: skip
-    counts["mp"] = count_launches(calls)
     return counts
+
+
+def per_layer_launches() -> dict[str, dict[str, dict[str, int]]]:
+    """Launches of one layer and of everything outside the layers, for each switch setting.
+
+    Differences of ``engine_launches`` at 3 and 2 layers (every layer identical, all of them pruning):
+    ``layer = launches(3) - launches(2)``, ``outside = launches(2) - 2 x layer``; each split into ``triton``,
+    ``aten`` and ``total`` as ``count_launches``.
+    """
+    two, three = engine_launches(2), engine_launches(3)
+    result = {}
+    for name in two:
+        layer = {kind: three[name][kind] - two[name][kind] for kind in two[name]}
+        outside = {kind: two[name][kind] - 2 * layer[kind] for kind in two[name]}
+        result[name] = {"layer": layer, "outside": outside}
+    return result
 
 
 def case_floors(config: BertConfig, lengths: list[int], width: int) -> dict[str, Any]:
@@ -120,6 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     for layers in (6, 12):
         for name, count in engine_launches(layers).items():
             print(f"| {layers} | {name} | {count['triton']} | {count['aten']} | {count['total']} |")
+    print()
+    print("| switches | per layer: Triton | per layer: ATen | outside the layers: Triton | outside: ATen |")
+    print("|---|---|---|---|---|")
+    for name, split in per_layer_launches().items():
+        layer, outside = split["layer"], split["outside"]
+        print(f"| {name} | {layer['triton']} | {layer['aten']} | {outside['triton']} | {outside['aten']} |")
 
 
 if __name__ == "__main__":

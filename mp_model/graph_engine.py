@@ -10,17 +10,30 @@ the same arithmetic but gives every tensor a shape fixed by a *bucket*, the batc
 * the packed tokens live in a buffer of ``batch x width`` rows; ``cu_seqlens[-1]``, in device memory, says how
   many are live, and every kernel reads its sizes from there: ``rows_linear`` (projections, feed-forward) and
   ``add_layer_norm`` skip the dead rows, ``varlen_attention`` the empty slots and blocks;
-* ``compact_tokens`` packs the padded embeddings, prunes tokens and drops exited slots (1-2 launches, counts in
-  device memory), ``exit_step`` pools, classifies, tests and records the exits (1 launch);
+* a layer is at most 7 launches: the fused Q/K/V GEMM, attention, the importance pass that also decides the
+  pruning (``varlen_attention(..., prune_threshold=...)``: head-group sum, keep rule, counts and each row's
+  destination, in one launch), the attention-output GEMM whose epilogue adds the residual, normalises and moves
+  each kept row to its destination (``linear_add_layer_norm(..., dest=...)``), the two feed-forward GEMMs (the
+  second with the same epilogue) and ``exit_step`` (pools, classifies, tests and records the exits); a dense
+  layer is 5. An exited slot is not moved away: the next pruning layer drops it with the pruned tokens
+  (``alive``); only before a layer that does not prune does ``compact_tokens`` drop exited slots (1 launch);
+* ``embed_pack`` embeds, normalises and packs the padded batch (1 launch) and ``finish_slots`` runs the pooler and
+  classifier of the slots still running, completes ``kept_tokens`` and counts FLOPs (1 launch): no ATen kernel
+  runs inside the forward, and a call adds at most 4 (copying the inputs in, one copy of the outputs out);
+* the GEMMs (``rows_linear``, ``linear_add_layer_norm``) split K over several programs where the bucket has too
+  few rows to fill the GPU, with a deterministic fix-up in the same launch (``mp_kernels/_triton/semaphores.py``);
 * the knobs ``tau`` and ``threshold_scale`` are copied into device tensors before each replay, so one captured
   graph serves any setting; only the set of layers that prune (thresholds above 0) and the switches
   ``prune`` / ``early_exit`` / ``exit_schedule`` select another graph;
-* FLOPs come from the outputs (``mp_model.flops.flops_from_outputs``), as on the packed path.
+* FLOPs follow ``mp_model.flops`` (its coefficients, ``flops_coefficients``), as on the packed path.
 
 On CUDA with the Triton backend each bucket's forward is captured once into a ``torch.cuda.CUDAGraph`` (all
 graphs share one memory pool; at most ``max_graphs`` are kept, least recently used dropped) and replayed; on the
 CPU, or with ``use_graphs=False``, the same static forward runs eagerly. When every sequence has exited, the
-remaining layers still launch their kernels, which return at once (a few microseconds each).
+remaining layers still launch their kernels, which return at once (a few microseconds each). Where the packed
+and graph loops run the same six steps (unpad, project, attend, add and normalise, prune, exit and drop), they are
+written separately: the packed path sizes every step from the host, this one fuses steps that the packed path
+cannot (the move into the normalisation, the decision into the importance pass).
 """
 
 from __future__ import annotations
@@ -33,10 +46,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mp_kernels import add_layer_norm, compact_tokens, exit_step, rows_linear, varlen_attention
+from mp_kernels import (
+    compact_tokens,
+    embed_pack,
+    exit_step,
+    finish_slots,
+    linear_add_layer_norm,
+    rows_linear,
+    varlen_attention,
+)
 from mp_kernels.dispatch import choose_backend
 from mp_model.config import check_thresholds
-from mp_model.flops import flops_from_outputs
+from mp_model.flops import flops_coefficients
 from mp_model.fused_weights import FusedWeights, refresh_fused_qkv
 from mp_model.outputs import MagicPyramidOutput
 
@@ -68,21 +89,37 @@ class PlanKey:
 
 @dataclass
 class Plan:
-    """Static input, knob and output tensors of one bucket, and its CUDA graph (None when run eagerly)."""
+    """Static input, knob and output tensors of one bucket, and its CUDA graph (None when run eagerly).
+
+    ``inputs`` int64 ``(3, batch, width)`` holds the input ids, the attention mask and the token types, so that one
+    copy fills them; ``outputs`` is one byte buffer holding every output (``output_views``), so that one copy
+    takes them out.
+    """
 
     key: PlanKey
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    token_type_ids: torch.Tensor
+    inputs: torch.Tensor
     schedule: torch.Tensor
     tau: torch.Tensor
     thresholds: torch.Tensor
-    padded_cu: torch.Tensor
+    outputs: torch.Tensor
     graph: torch.cuda.CUDAGraph | None = None
-    outputs: tuple[torch.Tensor, ...] | None = None
     memory_bytes: int = 0
     capture_s: float = 0.0
     knobs: tuple[Any, ...] = ()
+
+
+def output_views(store: torch.Tensor, batch: int, layers: int, classes: int, dtype: torch.dtype):
+    """Typed views of an output byte buffer: ``exit_layer (B,)``, ``flops (B,)``, ``kept (layers, B)`` int64 and
+    ``logits (B, classes)`` in ``dtype``; ``store`` holds ``output_bytes(...)`` uint8."""
+    ints = batch * (layers + 2)
+    words = store[: ints * 8].view(torch.int64)
+    logits = store[ints * 8 : ints * 8 + batch * classes * dtype.itemsize].view(dtype).view(batch, classes)
+    return words[:batch], words[batch : 2 * batch], words[2 * batch :].view(layers, batch), logits
+
+
+def output_bytes(batch: int, layers: int, classes: int, dtype: torch.dtype) -> int:
+    """Bytes of the output buffer of ``output_views``."""
+    return batch * (layers + 2) * 8 + batch * classes * dtype.itemsize
 
 
 class GraphEngine:
@@ -126,6 +163,7 @@ class GraphEngine:
             (a.query, a.key, a.value) for a in (layer.attention.self for layer in model.bert.encoder.layer)
         ]
         self._projection_tensors = [p for trio in self._projections for m in trio for p in (m.weight, m.bias)]
+        self._coefficients = flops_coefficients(model.config)
 
     # ----------------------------------------------------------------------------------------------- state
     def _sync_weights(self) -> None:
@@ -172,18 +210,17 @@ class GraphEngine:
         """A plan's static tensors for ``key`` (and its CUDA graph, where graphs are on); evicts the oldest plan
         when ``max_graphs`` are kept."""
         device = self.model.thresholds.device
-        layers = self.model.config.num_hidden_layers
-        shape = (key.batch, key.width)
+        config = self.model.config
+        layers = config.num_hidden_layers
         score_dtype = torch.float64 if self.model.dtype == torch.float64 else torch.float32
+        size = output_bytes(key.batch, layers, config.num_labels, self.model.dtype)
         plan = Plan(
             key=key,
-            input_ids=torch.zeros(shape, dtype=torch.int64, device=device),
-            attention_mask=torch.zeros(shape, dtype=torch.bool, device=device),
-            token_type_ids=torch.zeros(shape, dtype=torch.int64, device=device),
+            inputs=torch.zeros((3, key.batch, key.width), dtype=torch.int64, device=device),
             schedule=torch.zeros(key.batch, dtype=torch.int64, device=device),
             tau=torch.zeros(1, dtype=torch.float32, device=device),
             thresholds=torch.zeros(layers, dtype=score_dtype, device=device),
-            padded_cu=torch.arange(0, key.batch * key.width + 1, key.width, dtype=torch.int32, device=device),
+            outputs=torch.zeros(size, dtype=torch.uint8, device=device),
         )
         while len(self._plans) >= self.max_graphs:
             self._plans.popitem(last=False)
@@ -197,7 +234,7 @@ class GraphEngine:
 
     def _capture(self, plan: Plan) -> None:
         """Compile and warm up on a side stream, then capture the static forward into a CUDA graph."""
-        device = plan.input_ids.device
+        device = plan.inputs.device
         started = time.perf_counter()
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
@@ -210,16 +247,16 @@ class GraphEngine:
         before = torch.cuda.memory_allocated(device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool), torch.no_grad():
-            plan.outputs = self._static_forward(plan)
+            self._static_forward(plan)
         plan.graph = graph
         plan.memory_bytes = torch.cuda.memory_allocated(device) - before
         plan.capture_s = time.perf_counter() - started
 
     # --------------------------------------------------------------------------------------------- forward
-    def _static_forward(self, plan: Plan) -> tuple[torch.Tensor, ...]:
+    def _static_forward(self, plan: Plan) -> None:
         """The forward pass on the plan's static tensors: shapes fixed by the bucket, no host read.
 
-        Returns ``logits (B, classes)``, ``exit_layer (B,)``, ``kept_tokens (B, layers)``, ``flops (B,)``.
+        Writes ``plan.outputs`` (``output_views``: ``exit_layer``, ``flops``, ``kept (layers, B)``, ``logits``).
         """
         model, key = self.model, plan.key
         config, bert = model.config, model.bert
@@ -228,52 +265,74 @@ class GraphEngine:
         heads = config.num_attention_heads
         head_dim = config.hidden_size // heads
         capacity = batch * width
-        embeddings = bert.embeddings(input_ids=plan.input_ids, token_type_ids=plan.token_type_ids)
-        lengths = plan.attention_mask.sum(dim=1)
-        alive = lengths > 0
-        keep = plan.attention_mask.view(-1)
-        hidden, cu = compact_tokens(
-            embeddings.view(capacity, -1), plan.padded_cu, width, keep=keep, backend=backend, validate=False
+        exit_layer, flops, kept, logits = output_views(plan.outputs, batch, layers, config.num_labels, model.dtype)
+        embeddings = bert.embeddings
+        norm = embeddings.LayerNorm
+        hidden, cu, lengths, alive = embed_pack(
+            plan.inputs[0],
+            plan.inputs[2],
+            plan.inputs[1],
+            embeddings.word_embeddings.weight,
+            embeddings.position_embeddings.weight,
+            embeddings.token_type_embeddings.weight,
+            norm.weight,
+            norm.bias,
+            norm.eps,
+            backend=backend,
+            validate=False,
         )
-        logits = torch.zeros(batch, config.num_labels, dtype=hidden.dtype, device=hidden.device)
-        exit_layer = torch.full((batch,), layers, dtype=torch.int64, device=hidden.device)
-        kept = torch.zeros(layers, batch, dtype=torch.int64, device=hidden.device)
         schedule = plan.schedule if key.scheduled else None
         for index, layer in enumerate(bert.encoder.layer):
             rows = cu[-1:]
             qkv = rows_linear(hidden, self._fused.weight[index], self._fused.bias[index], rows, backend=backend)
             q, k, v = qkv.view(capacity, 3, heads, head_dim).unbind(1)
-            prunes = key.prune_layers[index]
-            result = varlen_attention(q, k, v, cu, width, return_importance=prunes, backend=backend, validate=False)
-            context, importance = result if prunes else (result, None)
-            block = layer.attention.output
-            attended = rows_linear(
-                context.view(capacity, -1), block.dense.weight, block.dense.bias, rows, backend=backend
-            )
-            norm = block.LayerNorm
-            attended = add_layer_norm(attended, hidden, norm.weight, norm.bias, norm.eps, rows, backend=backend)
-            if prunes:
-                threshold = plan.thresholds[index : index + 1]
-                attended, cu = compact_tokens(
-                    attended,
+            dest, after = None, cu
+            if key.prune_layers[index]:
+                context, pruning = varlen_attention(
+                    q,
+                    k,
+                    v,
                     cu,
                     width,
-                    importance=importance,
-                    threshold=threshold,
+                    prune_threshold=plan.thresholds[index : index + 1],
                     keep_first=True,
+                    alive=alive,
                     counts=kept[index],
                     backend=backend,
                     validate=False,
                 )
-                rows = cu[-1:]
+                dest, after = pruning.dest, pruning.cu_seqlens_out
             else:
-                kept[index].copy_(cu[1:] - cu[:-1])
+                context = varlen_attention(q, k, v, cu, width, backend=backend, validate=False)
+            block = layer.attention.output
+            attended = linear_add_layer_norm(
+                context.view(capacity, -1),
+                block.dense.weight,
+                block.dense.bias,
+                hidden,
+                block.LayerNorm.weight,
+                block.LayerNorm.bias,
+                block.LayerNorm.eps,
+                rows,
+                dest=dest,
+                backend=backend,
+            )
+            cu = after
+            rows = cu[-1:]
             dense = layer.intermediate.dense
             inner = rows_linear(attended, dense.weight, dense.bias, rows, activation=self.activation, backend=backend)
             out = layer.output
-            hidden = rows_linear(inner, out.dense.weight, out.dense.bias, rows, backend=backend)
-            norm = out.LayerNorm
-            hidden = add_layer_norm(hidden, attended, norm.weight, norm.bias, norm.eps, rows, backend=backend)
+            hidden = linear_add_layer_norm(
+                inner,
+                out.dense.weight,
+                out.dense.bias,
+                attended,
+                out.LayerNorm.weight,
+                out.LayerNorm.bias,
+                out.LayerNorm.eps,
+                rows,
+                backend=backend,
+            )
             if key.early_exit and index < layers - 1:
                 head = model.exits[index]
                 exit_step(
@@ -289,15 +348,30 @@ class GraphEngine:
                     exit_layer,
                     alive,
                     schedule=schedule,
+                    max_seqlen=width,
                     backend=backend,
                 )
-                hidden, cu = compact_tokens(hidden, cu, width, alive=alive, backend=backend, validate=False)
-        first = cu[:-1].long().clamp(max=capacity - 1)
-        pooled = bert.pooler.activation(bert.pooler.dense(hidden.index_select(0, first)))
-        logits = torch.where(alive[:, None], model.classifier(pooled), logits)
-        kept_tokens = kept.T
-        flops = flops_from_outputs(config, lengths, kept_tokens, exit_layer, early_exit=key.early_exit)
-        return logits, exit_layer, kept_tokens, flops
+                if not key.prune_layers[index + 1]:
+                    hidden, cu = compact_tokens(hidden, cu, width, alive=alive, backend=backend, validate=False)
+        pooler = bert.pooler.dense
+        finish_slots(
+            hidden,
+            cu,
+            pooler.weight,
+            pooler.bias,
+            model.classifier.weight,
+            model.classifier.bias,
+            alive,
+            lengths,
+            logits,
+            exit_layer,
+            kept,
+            flops,
+            key.prune_layers,
+            self._coefficients,
+            early_exit=key.early_exit,
+            backend=backend,
+        )
 
     @torch.no_grad()
     def __call__(
@@ -329,17 +403,15 @@ class GraphEngine:
             scheduled=exit_schedule is not None,
         )
         plan = self._plan(key)
-        exact = (batch, width) == (key.batch, key.width)
-        for name, source in (
-            ("input_ids", input_ids),
-            ("attention_mask", attention_mask),
-            ("token_type_ids", token_type_ids),
-        ):
-            target = getattr(plan, name)
-            if source is None or not exact:
-                target.zero_()
-            if source is not None:
-                target[:batch, :width].copy_(source)
+        types = token_type_ids is not None
+        sources = (input_ids, attention_mask, token_type_ids) if types else (input_ids, attention_mask)
+        if (batch, width) == (key.batch, key.width):
+            torch.stack(sources, out=plan.inputs[: len(sources)])
+            if not types:
+                plan.inputs[2].zero_()
+        else:
+            plan.inputs.zero_()
+            plan.inputs[: len(sources), :batch, :width].copy_(torch.stack(sources))
         if exit_schedule is not None:
             plan.schedule[:batch].copy_(exit_schedule)
         knobs = (tau, threshold_scale, self._thresholds_seen)
@@ -349,11 +421,15 @@ class GraphEngine:
             plan.knobs = knobs
         if plan.graph is not None:
             plan.graph.replay()
-            outputs = plan.outputs
         else:
-            outputs = self._static_forward(plan)
-        logits, exit_layer, kept_tokens, flops = (t[:batch].clone() for t in outputs)
-        return MagicPyramidOutput(logits=logits, exit_layer=exit_layer, kept_tokens=kept_tokens, flops=flops)
+            self._static_forward(plan)
+        config = self.model.config
+        exit_layer, flops, kept, logits = output_views(
+            plan.outputs.clone(), key.batch, layers, config.num_labels, self.model.dtype
+        )
+        return MagicPyramidOutput(
+            logits=logits[:batch], exit_layer=exit_layer[:batch], kept_tokens=kept.T[:batch], flops=flops[:batch]
+        )
 
     # ------------------------------------------------------------------------------------------- capture
     def warm_up(

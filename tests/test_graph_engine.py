@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.floors import per_layer_launches
 from bench.launches import record_launches
 from mp_model.graph_engine import bucket
 from tests.test_model import KNOB_SETTINGS as KNOBS
@@ -116,6 +117,7 @@ def test_different_outcomes_run_the_same_launches(model, batch) -> None:
     try:
         runs = []
         for inputs, tau, scale in ((batch, 0.0, 0.5), (other, 0.6, 1.5)):
+            engine(**inputs, tau=tau, threshold_scale=scale, prune=True, early_exit=True, backend="triton")
             with record_launches() as calls:
                 out = engine(**inputs, tau=tau, threshold_scale=scale, prune=True, early_exit=True, backend="triton")
             runs.append((calls, out))
@@ -123,8 +125,23 @@ def test_different_outcomes_run_the_same_launches(model, batch) -> None:
         engine.use_graphs = None
     (first, a), (second, b) = runs
     assert not torch.equal(a.exit_layer, b.exit_layer) and not torch.equal(a.kept_tokens, b.kept_tokens)
-    assert any(call[0] == "_move_kernel" for call in first)
+    assert any(call[0] == "_varlen_importance_kernel" for call in first), "the pruning plan must run"
     assert first == second
+
+
+@pytest.mark.slow
+def test_launch_budget_of_a_layer_and_of_the_forward_around_it() -> None:
+    """Issue #37's structure targets: a pruning and exiting layer is 7 launches (Q/K/V, attention, importance
+    with the pruning plan, output projection with add, norm and move, two feed-forward GEMMs, exit step), a dense
+    layer 5, a layer without pruning but with exits 7 (exited slots dropped by ``compact_tokens``); no ATen kernel
+    inside a layer; outside the layers at most 2 Triton launches (``embed_pack``, ``finish_slots``) and 4 ATen
+    kernels per call (copying the inputs in and the outputs out)."""
+    split = per_layer_launches()
+    expected = {"dense": 5, "ltp": 6, "fastbert": 7, "mp": 7}
+    assert {name: parts["layer"]["total"] for name, parts in split.items()} == expected
+    for name, parts in split.items():
+        assert parts["layer"]["aten"] == 0, name
+        assert parts["outside"]["triton"] <= 2 and parts["outside"]["aten"] <= 4, (name, parts["outside"])
 
 
 def test_buckets_and_knobs_reuse_one_plan(model) -> None:
