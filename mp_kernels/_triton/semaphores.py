@@ -21,13 +21,17 @@ import triton
 import triton.language as tl
 
 _BUFFERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown buffers: CUDA graphs captured earlier still point at them
+MIN_COUNTERS = 65536
 
 
 def counters(count: int, device: torch.device) -> torch.Tensor:
     """A zeroed int32 buffer of at least ``count`` arrival counters on ``device``, shared by every launch.
 
-    Grown (to the next power of two) when too small; growth allocates and zeroes a new buffer, which a CUDA graph
-    under capture must not do: it raises ``RuntimeError`` there (run the shape once before capturing).
+    At least ``MIN_COUNTERS`` (256 KB); grown to the next power of two when too small. Growth allocates and
+    zeroes a new buffer, which a CUDA graph under capture must not do: it raises ``RuntimeError`` there (run the
+    shape once before capturing). An outgrown buffer is kept alive, never freed: graphs captured before the
+    growth go on using it.
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -39,7 +43,9 @@ def counters(count: int, device: torch.device) -> torch.Tensor:
                 f"arrival counters must grow to {count} during CUDA-graph capture: run the same shapes once "
                 "before capturing"
             )
-        buffer = torch.zeros(max(triton.next_power_of_2(max(count, 1)), 1024), dtype=torch.int32, device=device)
+        if buffer is not None:
+            _RETIRED.append(buffer)
+        buffer = torch.zeros(max(triton.next_power_of_2(count), MIN_COUNTERS), dtype=torch.int32, device=device)
         _BUFFERS[device] = buffer
     return buffer
 
