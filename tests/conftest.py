@@ -1,4 +1,7 @@
-"""Test session set-up: the Triton interpreter on machines without CUDA, the ``device`` fixture, the header.
+"""Test session set-up: the Triton interpreter on machines without CUDA, the ``device`` fixture, the header, and
+``--bounds-check``: every test under ``tests.utils.bounds_checked`` (each address a Triton kernel touches under the
+interpreter checked against its tensors, ``torch.empty`` in guard zones), e.g.
+``python -m pytest --bounds-check tests/test_compaction.py``.
 
 On a machine without CUDA the Triton kernels run under the interpreter (``TRITON_INTERPRET=1``, which must be
 set before triton is imported, hence here, first). The same tests run unchanged on a GPU, where bfloat16 is
@@ -15,7 +18,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tests.utils import DEVICE, KERNEL_DTYPES, ON_GPU, tf32_matmuls, write_toy_bert  # noqa: E402
+from tests.utils import DEVICE, KERNEL_DTYPES, ON_GPU, bounds_checked, tf32_matmuls, write_toy_bert  # noqa: E402
 
 if ON_GPU:
     # The tolerance table assumes half-precision matmuls accumulate in float32, as the kernels do; by default cuBLAS
@@ -27,6 +30,21 @@ if ON_GPU:
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--bounds-check", action="store_true", help="run every test under tests.utils.bounds_checked (CPU interpreter)"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _bounds_check(request: pytest.FixtureRequest) -> Iterator[None]:
+    if not request.config.getoption("--bounds-check"):
+        yield
+        return
+    with bounds_checked():
+        yield
 
 
 def pytest_report_header(config: pytest.Config) -> str:

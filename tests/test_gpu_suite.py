@@ -3,6 +3,7 @@
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -10,17 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu_suite import (
-    E2E_PACKAGES,
-    ROOT,
-    STEPS,
-    TARGETS,
-    attention_targets,
-    commands,
-    e2e_targets,
-    junit_counts,
-    run_step,
-)
+from bench.gpu_suite import E2E_PACKAGES, STEPS, TARGETS, attention_targets, commands, e2e_targets
+from bench.gpu_tests import ROOT, junit_counts, pytest_command, run_step, run_tests
+from bench.outcome_log import TEXT_CHARS, read_outcomes
 from bench.provenance import device_name
 
 STATUSES = ("ok", "failed", "timed out", "skipped")
@@ -146,3 +139,77 @@ def test_tests_args_reach_pytest_before_the_test_paths(tmp_path: Path) -> None:
     command = commands(args, tmp_path, e2e_limit=100.0)["tests"]
     assert command[command.index("pytest") :][-5:] == ["-n", "8", "-x", "--ignore=tests/test_gpu_suite.py", "tests"]
     assert f"--junitxml={tmp_path / 'tests.xml'}" in command and "-v" in command
+
+
+SAMPLE_TESTS = """
+import os
+import pytest
+
+def test_passes():
+    pass
+
+def test_fails():
+    assert 1 == 2, "x" * 10000
+
+def test_a_cuda_error():
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+def test_after_the_cuda_error():
+    pass
+
+@pytest.fixture
+def broken():
+    raise ValueError("set-up fails")
+
+def test_errors(broken):
+    pass
+
+def test_skips():
+    pytest.skip("not here")
+
+@pytest.mark.xfail(reason="known")
+def test_xfails():
+    assert False
+
+@pytest.mark.out_of_range
+def test_isolated_passes():
+    pass
+
+@pytest.mark.out_of_range
+def test_isolated_crash():
+    os.abort()
+"""
+
+
+def test_the_tests_step_survives_crashes_and_cuda_errors_and_counts_by_name(tmp_path: Path) -> None:
+    """Out-of-range tests run alone (a crash is named), the main run resumes after a CUDA error in a fresh process,
+    and every outcome, with failure text cut to a few KB, is in the outcome log as it happened."""
+    sample = tmp_path / "test_sample.py"
+    sample.write_text(SAMPLE_TESTS)
+    out = tmp_path / "out"
+    out.mkdir()
+    paths = [str(sample)]
+    command = [*pytest_command(out), "-v", "--stop-on-cuda-error", "-m", "not out_of_range"]
+    command += [f"--junitxml={out / 'tests.xml'}", *paths]
+    record = run_tests(command, paths, 120.0, out, {**os.environ, "PYTHONUNBUFFERED": "1"}, smoke=True)
+    outcomes = read_outcomes(out / "tests-outcomes.jsonl")
+    by_name = {nodeid.split("::")[1]: r["outcome"] for nodeid, r in outcomes.items()}
+    assert by_name == {
+        "test_isolated_passes": "passed",
+        "test_isolated_crash": "crashed",
+        "test_passes": "passed",
+        "test_fails": "failed",
+        "test_a_cuda_error": "failed",
+        "test_after_the_cuda_error": "passed",  # in the resumed process
+        "test_errors": "error",
+        "test_skips": "skipped",
+        "test_xfails": "xfailed",
+    }
+    assert record["resumed"] == 1 and record["isolated"]["tests"] == 2
+    counts = record["counts"]
+    assert (counts["passed"], counts["failed"], counts["errors"], counts["skipped"]) == (3, 2, 2, 1)
+    assert counts["crashed"] == 1 and any(name.endswith("test_isolated_crash") for name in counts["failed_tests"])
+    assert all(len(r.get("text", "")) <= TEXT_CHARS for r in outcomes.values())
+    failures = (out / "tests-failures.txt").read_text()
+    assert "test_isolated_crash (crashed)" in failures and "illegal memory access" in failures
+    assert record["sanitizer"]["status"] == "skipped"

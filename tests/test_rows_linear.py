@@ -110,6 +110,7 @@ def test_live_row_counts(backend: str, live: int) -> None:
     check(y, expected(x, weight, None, None), live, backend, torch.float32)
 
 
+@pytest.mark.out_of_range
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("live", [-3, 71])
 def test_out_of_range_counts_are_clamped(backend: str, live: int) -> None:

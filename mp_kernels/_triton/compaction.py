@@ -17,7 +17,8 @@ Every launch is balanced over tokens whatever the mix of sequence lengths, and l
 tokens with one program per block of output rows. ``scatter_rows_triton`` is one launch and never synchronises.
 
 Outputs are allocated with ``torch.empty`` and every element is written by a kernel; no kernel is handed an empty
-tensor.
+tensor. The scans clamp ``cu_seqlens`` values into ``[0, total]`` (they are checked only with ``validate=True``), so
+that bad offsets give unspecified results, never an access outside a tensor (``tests/test_kernel_bounds.py``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ def _find_segment(cu_ptr, rows, n_segments, n_steps):
         lo = tl.where(below, mid, lo)
         hi = tl.where(below, hi, mid - 1)
     return tl.minimum(lo, n_segments - 1)
+
+
+@triton.jit
+def _clamp(offsets, total):
+    """``offsets`` clamped into ``[0, total]``: ``cu_seqlens`` values are only checked with ``validate=True``, and
+    out-of-range ones must not send a kernel outside its tensors (they give unspecified results instead)."""
+    return tl.minimum(tl.maximum(offsets, 0), total)
 
 
 @triton.jit
@@ -115,6 +123,7 @@ def _prune_scan_kernel(
     stats_ptr,
     n_blocks,
     batch,
+    total,
     BLOCK: tl.constexpr,
     SCAN: tl.constexpr,
 ):
@@ -132,8 +141,8 @@ def _prune_scan_kernel(
     for start in range(0, batch, SCAN):
         seq = start + tl.arange(0, SCAN)
         in_range = seq < batch
-        first = tl.load(cu_ptr + seq, mask=in_range, other=0)
-        last = tl.load(cu_ptr + seq + 1, mask=in_range, other=0)
+        first = _clamp(tl.load(cu_ptr + seq, mask=in_range, other=0), total)
+        last = _clamp(tl.load(cu_ptr + seq + 1, mask=in_range, other=0), total)
         begin = _kept_before(block_offset_ptr, prefix_ptr, first, in_range, BLOCK)
         end = _kept_before(block_offset_ptr, prefix_ptr, last, in_range, BLOCK)
         tl.store(cu_kept_ptr + seq + 1, end, mask=in_range)
@@ -208,6 +217,7 @@ def prune_tokens_triton(
         stats,
         n_blocks,
         batch,
+        total,
         BLOCK=MASK_BLOCK,
         SCAN=SCAN_BLOCK,
     )
@@ -241,6 +251,7 @@ def _drop_scan_kernel(
     source_start_ptr,
     stats_ptr,
     batch,
+    total,
     SCAN: tl.constexpr,
 ):
     tokens = tl.sum(tl.zeros([SCAN], dtype=tl.int32), axis=0)
@@ -250,8 +261,8 @@ def _drop_scan_kernel(
     for start in range(0, batch, SCAN):
         seq = start + tl.arange(0, SCAN)
         in_range = seq < batch
-        begin = tl.load(cu_ptr + seq, mask=in_range, other=0)
-        length = tl.load(cu_ptr + seq + 1, mask=in_range, other=0) - begin
+        begin = _clamp(tl.load(cu_ptr + seq, mask=in_range, other=0), total)
+        length = tl.maximum(_clamp(tl.load(cu_ptr + seq + 1, mask=in_range, other=0), total) - begin, 0)
         keep = tl.load(keep_ptr + seq, mask=in_range, other=0) != 0
         kept_length = tl.where(keep, length, 0)
         rank = tl.cumsum(keep.to(tl.int32), axis=0) + sequences - 1
@@ -306,7 +317,16 @@ def drop_sequences_triton(
     source_start = torch.empty(batch, dtype=torch.int32, device=device)
     stats = torch.empty(3, dtype=torch.int32, device=device)
     _drop_scan_kernel[(1,)](
-        cu_seqlens, keep, seq_index, cu_buffer, seq_index_buffer, source_start, stats, batch, SCAN=SCAN_BLOCK
+        cu_seqlens,
+        keep,
+        seq_index,
+        cu_buffer,
+        seq_index_buffer,
+        source_start,
+        stats,
+        batch,
+        hidden.shape[0],
+        SCAN=SCAN_BLOCK,
     )
     total_kept, max_seqlen_kept, n_kept = stats.tolist()
     hidden_kept = torch.empty((total_kept, width), dtype=hidden.dtype, device=device)
