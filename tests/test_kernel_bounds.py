@@ -10,6 +10,8 @@ guard zones still apply; ``bench.gpu_suite`` runs these tests under ``compute-sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import triton
@@ -220,56 +222,110 @@ def test_exit_step_reads_only_live_slots() -> None:
     assert_close(got[0].nan_to_num(7.0), want[0].nan_to_num(7.0), torch.float32, scale=10.0)
 
 
-BAD_CU = {"past-the-end": [0, 30, 50, 90, 200], "decreasing": [0, 40, 10, 60, 66], "negative": [0, -5, 12, 30, 66]}
-# Kernels that still follow unchecked offsets out of their tensors (issue #38: clamps recommended to their owners),
-# with the cases that send them out; the interpreter's check must keep catching them until they are fixed. On a
-# GPU they run like the others, each in its own process.
-UNCLAMPED = {
-    "compact_tokens": ("past-the-end", "decreasing", "negative"),
-    "varlen_attention": ("past-the-end", "negative"),
-    "exit_step": ("past-the-end", "negative"),
+BAD_CU = {
+    "past-the-end": [0, 30, 50, 90, 200],
+    "decreasing": [0, 40, 10, 60, 66],
+    "negative": [0, -5, 12, 30, 66],
+    "late-start": [9, 20, 20, 50, 60],
 }
-UNFIXED = pytest.mark.xfail(
-    not ON_GPU, reason="offsets outside [0, capacity] not clamped yet (issue #38)", raises=InterpreterError, strict=True
+BAD_OFFSET_KERNELS = (
+    "prune_tokens",
+    "drop_sequences",
+    "compact_tokens",
+    "varlen_attention",
+    "pruning_plan",
+    "exit_step",
+    "finish_slots",
 )
-KERNEL_CASES = [
-    pytest.param(kernel, case, marks=[OUT_OF_RANGE, *([UNFIXED] if case in UNCLAMPED.get(kernel, ()) else [])])
-    for kernel in ("prune_tokens", "drop_sequences", *UNCLAMPED)
-    for case in BAD_CU
-]
 
 
-@pytest.mark.parametrize(("kernel", "case"), KERNEL_CASES)
-def test_unvalidated_bad_offsets_never_leave_the_tensors(kernel: str, case: str) -> None:
-    """``cu_seqlens`` out of range or decreasing, with validation off: the results are unspecified, but no kernel
-    touches memory outside its tensors."""
-    hidden, importance = randn(66, 32), torch.rand(66, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    alive = torch.ones(4, dtype=torch.bool, device=DEVICE)
-    with bounds_checked() as zones:
-        cu, h = zones.copy(torch.tensor(BAD_CU[case], dtype=torch.int32, device=DEVICE)), zones.copy(hidden)
+Written = list[tuple[torch.Tensor, int, int]]
+Place = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _run_on_bad_offsets(kernel: str, cu: torch.Tensor, hidden: torch.Tensor, place: Place) -> Written:
+    """Call ``kernel`` on the Triton backend, validation off, with ``cu`` and the other inputs ``place``d (guarded).
+
+    Returns what it writes for later kernels to follow: ``(offsets, low, high)``, the range they must stay in.
+    """
+    importance = place(torch.rand(66, generator=torch.Generator().manual_seed(3)).to(DEVICE))
+    alive = place(torch.ones(4, dtype=torch.bool, device=DEVICE))
+    threshold = place(torch.tensor([0.5], device=DEVICE))
+    if kernel in ("prune_tokens", "drop_sequences"):
         if kernel == "prune_tokens":
-            mp_kernels.prune_tokens(h, zones.copy(importance), cu, 0.5, backend="triton", validate=False)
-        elif kernel == "drop_sequences":
-            keep, index = zones.copy(alive), zones.copy(torch.arange(4, device=DEVICE))
-            mp_kernels.drop_sequences(h, cu, keep, index, backend="triton", validate=False)
-        elif kernel == "compact_tokens":
-            threshold = zones.copy(torch.tensor([0.5], device=DEVICE))
-            mp_kernels.compact_tokens(
-                h, cu, 16, importance=zones.copy(importance), threshold=threshold, backend="triton", validate=False
-            )
-        elif kernel == "varlen_attention":
-            q, k, v = (zones.copy(randn(66, 2, 16, seed=s)) for s in range(3))
-            mp_kernels.varlen_attention(q, k, v, cu, 40, return_importance=True, backend="triton", validate=False)
+            kept, cu_kept, _, _ = mp_kernels.prune_tokens(hidden, importance, cu, 0.5, backend="triton", validate=False)
         else:
-            weights = [randn(24, 32) * 0.3, randn(24), randn(3, 24), randn(3)]
-            mp_kernels.exit_step(
-                h,
-                cu,
-                *(zones.copy(w) for w in weights),
-                zones.copy(torch.tensor([0.9], device=DEVICE)),
-                2,
-                zones.copy(torch.zeros(4, 3, device=DEVICE)),
-                zones.copy(torch.zeros(4, dtype=torch.int64, device=DEVICE)),
-                zones.copy(alive),
-                backend="triton",
-            )
+            index = place(torch.arange(4, device=DEVICE))
+            kept, cu_kept, _, _ = mp_kernels.drop_sequences(hidden, cu, alive, index, backend="triton", validate=False)
+        return [(cu_kept, 0, kept.shape[0])]
+    if kernel == "compact_tokens":
+        _, cu_out = mp_kernels.compact_tokens(
+            hidden, cu, 16, importance=importance, threshold=threshold, backend="triton", validate=False
+        )
+        return [(cu_out, 0, 66)]
+    if kernel in ("varlen_attention", "pruning_plan"):
+        q, k, v = (place(randn(66, 2, 16, seed=s)) for s in range(3))
+        if kernel == "varlen_attention":
+            mp_kernels.varlen_attention(q, k, v, cu, 40, return_importance=True, backend="triton", validate=False)
+            return []
+        counts = place(torch.zeros(4, dtype=torch.int64, device=DEVICE))
+        _, plan = mp_kernels.varlen_attention(
+            q,
+            k,
+            v,
+            cu,
+            40,
+            prune_threshold=threshold,
+            keep_first=True,
+            alive=alive,
+            counts=counts,
+            backend="triton",
+            validate=False,
+        )
+        read = min(max(int(cu[-1]), 0), 66)  # the rows whose destinations a later kernel follows
+        return [(plan.cu_seqlens_out, 0, 66), (plan.dest[:read], -1, 65)]
+    if kernel == "exit_step":
+        weights = [randn(24, 32) * 0.3, randn(24), randn(3, 24), randn(3)]
+        mp_kernels.exit_step(
+            hidden,
+            cu,
+            *(place(w) for w in weights),
+            place(torch.tensor([0.9], device=DEVICE)),
+            2,
+            place(torch.zeros(4, 3, device=DEVICE)),
+            place(torch.zeros(4, dtype=torch.int64, device=DEVICE)),
+            alive,
+            backend="triton",
+        )
+        return []
+    mp_kernels.finish_slots(
+        hidden,
+        cu,
+        *(place(w) for w in (randn(32, 32), randn(32), randn(3, 32), randn(3))),
+        alive,
+        place(torch.tensor([5, 9, 0, 7], device=DEVICE)),
+        place(torch.zeros(4, 3, device=DEVICE)),
+        place(torch.zeros(4, dtype=torch.int64, device=DEVICE)),
+        place(torch.zeros(2, 4, dtype=torch.int64, device=DEVICE)),
+        place(torch.zeros(4, dtype=torch.int64, device=DEVICE)),
+        (True, False),
+        (1, 1, 1, 1, 1),
+        early_exit=True,
+        backend="triton",
+    )
+    return []
+
+
+@OUT_OF_RANGE
+@pytest.mark.parametrize("case", BAD_CU)
+@pytest.mark.parametrize("kernel", BAD_OFFSET_KERNELS)
+def test_unvalidated_bad_offsets_never_leave_the_tensors(kernel: str, case: str) -> None:
+    """``cu_seqlens`` out of range, decreasing or not starting at 0, with validation off: the results are
+    unspecified, but no kernel touches memory outside its tensors (each reads a slot's rows through
+    ``segments.segment``), and the offsets and destinations it writes for later kernels stay inside the buffers
+    they index."""
+    with bounds_checked() as zones:
+        cu = zones.copy(torch.tensor(BAD_CU[case], dtype=torch.int32, device=DEVICE))
+        written = _run_on_bad_offsets(kernel, cu, zones.copy(randn(66, 32)), zones.copy)
+    for offsets, low, high in written:
+        assert int(offsets.min()) >= low and int(offsets.max()) <= high, (offsets.tolist(), low, high)

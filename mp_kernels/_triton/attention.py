@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from mp_kernels._triton.compact_tokens import finish_plan, keep_rule
+from mp_kernels._triton.segments import segment
 from mp_kernels._triton.semaphores import arrive, counters
 from mp_kernels.attention_reference import PrunePlan
 from mp_kernels.dispatch import triton_interpreting
@@ -114,6 +115,7 @@ def _varlen_forward_kernel(
     stride_oh,
     stride_lh,
     qk_scale,
+    total,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -127,13 +129,13 @@ def _varlen_forward_kernel(
     over when it covers the lengths, a loop (slower, same result) when it does not. ``q``/``k``/``v``
     ``(total, heads, HEAD_DIM)`` fp16, bf16 or fp32 with unit stride in ``HEAD_DIM``; ``out`` likewise in the
     input dtype; ``lse`` ``(heads, total)`` float32 with unit token stride (written only if ``STORE_LSE``);
-    ``cu_seqlens`` int32 ``(batch + 1,)``. ``qk_scale`` is ``scale * log2(e)``; ``PRECISION`` as in
-    ``_forward_inner``.
+    ``cu_seqlens`` int32 ``(batch + 1,)``, read through ``segment`` (clamped into ``[0, total]``). ``qk_scale`` is
+    ``scale * log2(e)``; ``PRECISION`` as in ``_forward_inner``.
     """
     head = tl.program_id(1)
     seq = tl.program_id(2)
-    start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
-    n = (tl.load(cu_seqlens_ptr + seq + 1) - start).to(tl.int32)
+    start, n = segment(cu_seqlens_ptr, seq, total)
+    start = start.to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q_base = q_ptr + start * stride_qt + head * stride_qh
@@ -216,6 +218,7 @@ def _varlen_importance_kernel(
     heads,
     heads_per_group,
     qk_scale,
+    total,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -238,12 +241,13 @@ def _varlen_importance_kernel(
     unit token stride) receives ``sum_h sum_i p_ij / (heads * n)`` for the group's heads: the importance itself
     without ``REDUCE``. With ``REDUCE`` the last group program of each (program, sequence) to arrive adds the
     groups' rows in order into ``importance`` float32 ``(total,)``, and with ``PLAN`` the pruning plan follows in
-    the same launch (``_plan``). ``counter`` int32: ``batch * grid_size + batch + 1`` zeroed arrival counters.
+    the same launch (``finish_plan``). ``counter`` int32: ``batch * grid_size + batch + 1`` zeroed arrival
+    counters. A sequence's rows come from ``segment`` (clamped into ``[0, total]``), as in the forward kernel.
     """
     group = tl.program_id(1)
     seq = tl.program_id(2)
-    start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
-    n = (tl.load(cu_seqlens_ptr + seq + 1) - start).to(tl.int32)
+    start, n = segment(cu_seqlens_ptr, seq, total)
+    start = start.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     head_lo = group * heads_per_group
@@ -299,6 +303,7 @@ def _varlen_importance_kernel(
                     tl.num_programs(0),
                     start,
                     n,
+                    total,
                     HAS_COUNTS,
                     SEQ_BLOCK,
                     SLOT_BLOCK,
@@ -432,6 +437,7 @@ def varlen_attention_triton(
             out.stride(1),
             lse.stride(0),
             qk_scale,
+            total,
             HEAD_DIM=head_dim,
             BLOCK_M=fwd.block_m,
             BLOCK_N=fwd.block_n,
@@ -479,6 +485,7 @@ def varlen_attention_triton(
             heads,
             heads_per_group,
             qk_scale,
+            total,
             HEAD_DIM=head_dim,
             BLOCK_M=imp.block_m,
             BLOCK_N=imp.block_n,

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from mp_kernels._triton.compaction import COPY_ROWS, _copy_cols, _copy_rows
+from mp_kernels._triton.segments import segment
 from mp_kernels._triton.semaphores import arrive
 
 COUNT_BLOCK = 1024
@@ -64,6 +65,7 @@ def finish_plan(
     parts,
     start,
     n,
+    capacity,
     HAS_COUNTS: tl.constexpr,
     SEQ_BLOCK: tl.constexpr,
     SLOT_BLOCK: tl.constexpr,
@@ -72,12 +74,17 @@ def finish_plan(
     """A compaction plan (``keep_rule``'s flags to destination rows) finished in the launch that made the flags.
 
     Called by each of the ``parts`` programs that stored keep flags (int32 0/1) for the tokens ``[start, start +
-    n)`` of slot ``seq`` (of ``batch``) in ``dest`` int32 ``(total,)``, once their flags are stored.
+    n)`` of slot ``seq`` (of ``batch``; ``segment``'s rows) in ``dest`` int32 ``(capacity,)``, once their flags
+    are stored.
     ``counter`` points at ``batch + 1`` zeroed arrival counters. The last of a slot's programs to arrive turns its
-    flags into in-slot ranks (-1 where dropped), marks its tokens' slot in ``slot`` int32 ``(total,)`` and stores
+    flags into in-slot ranks (-1 where dropped), marks its tokens' slot in ``slot`` int32 ``(capacity,)`` and stores
     its kept count in ``cu_out[seq + 1]``; the last slot scans the counts into ``cu_out`` int32 ``(batch + 1,)``
     (and ``counts`` int64 ``(batch,)``) and adds each slot's offset to its kept tokens' ranks, so ``dest`` holds
     each kept token's row in the compacted batch, or -1. Every sum runs in index order: deterministic.
+
+    Bad ``cu_seqlens`` (unchecked without validation) can make slots overlap, keep more than ``capacity`` rows or
+    leave rows that no slot flagged: ``cu_out`` is clamped into ``[0, capacity]``, a destination outside
+    ``[0, capacity)`` becomes -1 and an unflagged row's stale slot is never followed outside ``cu_out``.
     """
     tl.debug_barrier()
     if arrive(counter_ptr + seq, parts):
@@ -93,24 +100,28 @@ def finish_plan(
         tl.store(cu_out_ptr + seq + 1, carry)
         tl.debug_barrier()
         if arrive(counter_ptr + batch, batch):
-            total = tl.sum(tl.zeros([SLOT_BLOCK], dtype=tl.int32), axis=0)
-            tl.store(cu_out_ptr, total)
+            kept_total = tl.sum(tl.zeros([SLOT_BLOCK], dtype=tl.int32), axis=0)
+            tl.store(cu_out_ptr, kept_total)
             for first in range(0, batch, SLOT_BLOCK):
                 slots = first + tl.arange(0, SLOT_BLOCK)
                 in_batch = slots < batch
                 count = tl.load(cu_out_ptr + 1 + slots, mask=in_batch, other=0, cache_modifier=".cg")
-                tl.store(cu_out_ptr + 1 + slots, tl.cumsum(count, axis=0) + total, mask=in_batch)
+                ends = tl.minimum(tl.cumsum(count, axis=0) + kept_total, capacity)
+                tl.store(cu_out_ptr + 1 + slots, ends, mask=in_batch)
                 if HAS_COUNTS:
                     tl.store(counts_ptr + slots, count.to(tl.int64), mask=in_batch)
-                total += tl.sum(count, axis=0)
+                kept_total += tl.sum(count, axis=0)
             tl.debug_barrier()
-            for first in range(0, tl.load(cu_seqlens_ptr + batch), TOKEN_BLOCK):
+            last_start, last_n = segment(cu_seqlens_ptr, batch - 1, capacity)
+            for first in range(0, last_start + last_n, TOKEN_BLOCK):
                 rows = first + tl.arange(0, TOKEN_BLOCK)
-                live = rows < tl.load(cu_seqlens_ptr + batch)
+                live = rows < last_start + last_n
                 rank = tl.load(dest_ptr + rows, mask=live, other=-1, cache_modifier=".cg")
                 slot = tl.load(slot_ptr + rows, mask=live, other=0, cache_modifier=".cg")
-                offset = tl.load(cu_out_ptr + slot, mask=live & (rank >= 0), other=0, cache_modifier=".cg")
-                tl.store(dest_ptr + rows, tl.where(rank >= 0, offset + rank, -1), mask=live)
+                planned = live & (rank >= 0) & (slot >= 0) & (slot < batch)
+                target = tl.load(cu_out_ptr + slot, mask=planned, other=0, cache_modifier=".cg") + rank
+                lands = planned & (target >= 0) & (target < capacity)
+                tl.store(dest_ptr + rows, tl.where(lands, target, -1), mask=live)
 
 
 @triton.jit
@@ -122,6 +133,7 @@ def _count_kernel(
     alive_ptr,
     prefix_ptr,
     count_ptr,
+    capacity,
     HAS_KEEP: tl.constexpr,
     HAS_IMPORTANCE: tl.constexpr,
     KEEP_FIRST: tl.constexpr,
@@ -130,8 +142,7 @@ def _count_kernel(
 ):
     """Kept flags of one slot's tokens: in-sequence inclusive prefix ``prefix`` (int32) and the slot's count."""
     seq = tl.program_id(0)
-    start = tl.load(cu_ptr + seq)
-    n = tl.load(cu_ptr + seq + 1) - start
+    start, n = segment(cu_ptr, seq, capacity)
     if HAS_ALIVE:
         n = tl.where(tl.load(alive_ptr + seq) != 0, n, 0)
     threshold = 0.0
@@ -156,12 +167,12 @@ def _count_kernel(
 
 
 @triton.jit
-def _slot_count(cu_ptr, count_ptr, alive_ptr, slots, mask, PER_TOKEN: tl.constexpr, HAS_ALIVE: tl.constexpr):
+def _slot_count(cu_ptr, count_ptr, alive_ptr, slots, mask, capacity, PER_TOKEN: tl.constexpr, HAS_ALIVE: tl.constexpr):
     """Kept tokens of each slot in ``slots`` (0 where not ``mask``)."""
     if PER_TOKEN:
         count = tl.load(count_ptr + slots, mask=mask, other=0)
     else:
-        count = tl.load(cu_ptr + slots + 1, mask=mask, other=0) - tl.load(cu_ptr + slots, mask=mask, other=0)
+        _, count = segment(cu_ptr, slots, capacity, mask)
         if HAS_ALIVE:
             count = tl.where(tl.load(alive_ptr + slots, mask=mask, other=0) != 0, count, 0)
     return count
@@ -178,6 +189,7 @@ def _move_kernel(
     cu_out_ptr,
     counts_ptr,
     width,
+    capacity,
     PER_TOKEN: tl.constexpr,
     HAS_ALIVE: tl.constexpr,
     HAS_COUNTS: tl.constexpr,
@@ -189,16 +201,20 @@ def _move_kernel(
 
     Program ``block`` moves row blocks ``block, block + grid_size, ...`` up to the slot's real length (read from
     ``cu_seqlens``), so the grid's ``cdiv(max_seqlen, ROWS)`` is a size hint: once over when it covers the
-    lengths, a loop when it does not, never a wrong result.
+    lengths, a loop when it does not, never a wrong result. The slot's rows come from ``segment``; bad
+    ``cu_seqlens`` (unchecked without validation) can still make slots overlap and keep more than ``capacity``
+    rows, so ``cu_seqlens_out`` is clamped into ``[0, capacity]`` and a row whose destination falls outside
+    ``[0, capacity)`` is not moved.
     """
     block = tl.program_id(0)
     seq = tl.program_id(2)
-    start = tl.load(cu_ptr + seq)
-    n = tl.load(cu_ptr + seq + 1) - start
+    start, n = segment(cu_ptr, seq, capacity)
     offset = tl.sum(tl.zeros([SCAN_BLOCK], dtype=tl.int32), axis=0)
     for first in range(0, seq, SCAN_BLOCK):
         slots = first + tl.arange(0, SCAN_BLOCK)
-        offset += tl.sum(_slot_count(cu_ptr, count_ptr, alive_ptr, slots, slots < seq, PER_TOKEN, HAS_ALIVE), 0)
+        offset += tl.sum(
+            _slot_count(cu_ptr, count_ptr, alive_ptr, slots, slots < seq, capacity, PER_TOKEN, HAS_ALIVE), 0
+        )
     if PER_TOKEN:
         own = tl.load(count_ptr + seq)
     else:
@@ -206,7 +222,7 @@ def _move_kernel(
         if HAS_ALIVE:
             own = tl.where(tl.load(alive_ptr + seq) != 0, n, 0)
     if (block == 0) & (tl.program_id(1) == 0):
-        tl.store(cu_out_ptr + seq + 1, offset + own)
+        tl.store(cu_out_ptr + seq + 1, tl.minimum(offset + own, capacity))
         if seq == 0:
             tl.store(cu_out_ptr, offset)
         if HAS_COUNTS:
@@ -225,6 +241,7 @@ def _move_kernel(
         else:
             chosen = valid
             dest = offset + idx
+        chosen = chosen & (dest >= 0) & (dest < capacity)
         _copy_rows(hidden_ptr, rows, hidden_out_ptr, dest, chosen, width, COLS)
 
 
@@ -258,6 +275,7 @@ def compact_tokens_triton(
             alive if alive is not None else unused,
             prefix,
             count,
+            capacity,
             HAS_KEEP=keep is not None,
             HAS_IMPORTANCE=importance is not None,
             KEEP_FIRST=keep_first,
@@ -275,6 +293,7 @@ def compact_tokens_triton(
         cu_out,
         counts if counts is not None else unused,
         width,
+        capacity,
         PER_TOKEN=per_token,
         HAS_ALIVE=alive is not None,
         HAS_COUNTS=counts is not None,

@@ -17,8 +17,9 @@ Every launch is balanced over tokens whatever the mix of sequence lengths, and l
 tokens with one program per block of output rows. ``scatter_rows_triton`` is one launch and never synchronises.
 
 Outputs are allocated with ``torch.empty`` and every element is written by a kernel; no kernel is handed an empty
-tensor. The scans clamp ``cu_seqlens`` values into ``[0, total]`` (they are checked only with ``validate=True``), so
-that bad offsets give unspecified results, never an access outside a tensor (``tests/test_kernel_bounds.py``).
+tensor. The scans read each sequence's rows with ``segments.segment``, clamped into ``[0, total]`` (``cu_seqlens`` is
+checked only with ``validate=True``), so that bad offsets give unspecified results, never an access outside a
+tensor (``tests/test_kernel_bounds.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from mp_kernels._triton.segments import segment
 
 MASK_BLOCK = 1024
 SCAN_BLOCK = 1024
@@ -54,13 +57,6 @@ def _find_segment(cu_ptr, rows, n_segments, n_steps):
         lo = tl.where(below, mid, lo)
         hi = tl.where(below, hi, mid - 1)
     return tl.minimum(lo, n_segments - 1)
-
-
-@triton.jit
-def _clamp(offsets, total):
-    """``offsets`` clamped into ``[0, total]``: ``cu_seqlens`` values are only checked with ``validate=True``, and
-    out-of-range ones must not send a kernel outside its tensors (they give unspecified results instead)."""
-    return tl.minimum(tl.maximum(offsets, 0), total)
 
 
 @triton.jit
@@ -141,10 +137,9 @@ def _prune_scan_kernel(
     for start in range(0, batch, SCAN):
         seq = start + tl.arange(0, SCAN)
         in_range = seq < batch
-        first = _clamp(tl.load(cu_ptr + seq, mask=in_range, other=0), total)
-        last = _clamp(tl.load(cu_ptr + seq + 1, mask=in_range, other=0), total)
+        first, n = segment(cu_ptr, seq, total, in_range)
         begin = _kept_before(block_offset_ptr, prefix_ptr, first, in_range, BLOCK)
-        end = _kept_before(block_offset_ptr, prefix_ptr, last, in_range, BLOCK)
+        end = _kept_before(block_offset_ptr, prefix_ptr, first + n, in_range, BLOCK)
         tl.store(cu_kept_ptr + seq + 1, end, mask=in_range)
         longest = tl.maximum(longest, tl.max(tl.where(in_range, end - begin, 0), axis=0))
     tl.store(stats_ptr, carry)
@@ -261,8 +256,7 @@ def _drop_scan_kernel(
     for start in range(0, batch, SCAN):
         seq = start + tl.arange(0, SCAN)
         in_range = seq < batch
-        begin = _clamp(tl.load(cu_ptr + seq, mask=in_range, other=0), total)
-        length = tl.maximum(_clamp(tl.load(cu_ptr + seq + 1, mask=in_range, other=0), total) - begin, 0)
+        begin, length = segment(cu_ptr, seq, total, in_range)
         keep = tl.load(keep_ptr + seq, mask=in_range, other=0) != 0
         kept_length = tl.where(keep, length, 0)
         rank = tl.cumsum(keep.to(tl.int32), axis=0) + sequences - 1

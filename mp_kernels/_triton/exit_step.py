@@ -1,7 +1,8 @@
 """Triton kernel for ``exit_step``: one launch, the pooling spread over row chunks, nothing read back.
 
 Grid ``(parts, batch)``. Program ``(p, b)`` returns at once unless slot ``b`` is alive and non-empty (every
-program of a slot reads the same ``alive`` and length, so a dead slot's programs all return and none arrives).
+program of a slot reads the same ``alive`` and length, so a dead slot's programs all return and none arrives). The
+slot's rows come from ``segment``, clamped into the hidden buffer (``cu_seqlens`` is not checked on this path).
 Otherwise it sums, in float32, the rows of the slot's chunks ``p, p + parts, p + 2 parts, ...`` (``CHUNK`` rows
 each) for all ``d`` feature columns (``BLOCK_D`` at a time), writes that partial ``(d,)`` to the float32 workspace
 ``(parts, batch, d)`` and arrives on the slot's counter (``semaphores.arrive``). Only the programs that own at
@@ -29,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mp_kernels._triton.segments import segment
 from mp_kernels._triton.semaphores import arrive, counters
 
 BLOCK_D = 64
@@ -51,6 +53,7 @@ def _exit_step_kernel(
     alive_ptr,
     partial_ptr,
     counter_ptr,
+    rows_total,
     d,
     width,
     classes,
@@ -69,8 +72,8 @@ def _exit_step_kernel(
     batch = tl.num_programs(1)
     if tl.load(alive_ptr + slot) == 0:
         return
-    start = tl.load(cu_ptr + slot).to(tl.int64)
-    n = (tl.load(cu_ptr + slot + 1) - start).to(tl.int32)
+    start, n = segment(cu_ptr, slot, rows_total)
+    start = start.to(tl.int64)
     chunks = tl.cdiv(n, CHUNK)
     if part >= chunks:  # also every program of an empty slot: no chunk, no arrival
         return
@@ -175,6 +178,7 @@ def exit_step_triton(
         alive,
         partials,
         counters(batch, hidden.device),
+        hidden.shape[0],
         d,
         width,
         classes,

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mp_kernels._triton.segments import segment
+
 BLOCK_N = 32
 BLOCK_K = 128
 COEFFICIENT_ARGUMENTS = ["attention_linear", "attention_quadratic", "feed_forward", "exit_head", "main_head"]
@@ -40,6 +42,7 @@ def _finish_slots_kernel(
     kept_ptr,
     flops_ptr,
     batch,
+    rows_total,
     d,
     classes,
     attention_linear,
@@ -54,11 +57,11 @@ def _finish_slots_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Shapes as in ``finish_slots``; ``PRUNES`` has bit ``i`` set iff layer ``i`` prunes."""
+    """Shapes as in ``finish_slots``; ``PRUNES`` has bit ``i`` set iff layer ``i`` prunes. The slot's rows come
+    from ``segment``, clamped into the ``rows_total`` rows of ``hidden``."""
     slot = tl.program_id(0)
     length = tl.load(lengths_ptr + slot)
-    start = tl.load(cu_ptr + slot)
-    size = tl.load(cu_ptr + slot + 1) - start
+    start, size = segment(cu_ptr, slot, rows_total)
     padding = length == 0
     finished = (tl.load(alive_ptr + slot) != 0) & (size > 0) & (length != 0)
     offs_c = tl.arange(0, BLOCK_C)
@@ -145,6 +148,7 @@ def finish_slots_triton(
         kept,
         flops,
         batch,
+        hidden.shape[0],
         hidden.shape[1],
         classes,
         *coefficients,
