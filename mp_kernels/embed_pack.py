@@ -2,11 +2,13 @@
 
 An inference engine receives a padded ``(B, W)`` batch (ids, token types, attention mask) and runs its layers on
 packed tokens. ``embed_pack`` computes, for the present tokens only (mask nonzero, any pattern: right or left
-padding, holes), exactly what HF's ``BertEmbeddings`` computes in eval mode with absolute positions
-``position_ids = arange(W)`` (a token's position is its padded column, whatever the mask), and packs them:
+padding, holes), exactly what HF's ``BertEmbeddings`` computes in eval mode with absolute positions counted over
+the present tokens: token ``j``'s position ``r_j`` is the number of present tokens before it in its row (its
+column with right padding, its distance from the row's first real token with left padding, as
+``MagicPyramidForSequenceClassification.forward`` defines positions), and packs them:
 
     e = word[ids] + type[types]     (rounded to the model dtype)
-    e = e + position[j]             (rounded)
+    e = e + position[r_j]           (rounded)
     y = LayerNorm(e) * weight + bias   (float32 statistics, float64 for float64; rounded)
 
 The present tokens of slot ``b`` go, in order, to rows ``cu_seqlens[b] .. cu_seqlens[b + 1]`` of ``hidden``.

@@ -34,7 +34,7 @@ def embed_pack_torch(
     ids = input_ids.reshape(-1)[tokens].clamp(0, word_embeddings.shape[0] - 1)
     types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids.reshape(-1)[tokens]
     types = types.clamp(0, token_type_embeddings.shape[0] - 1)
-    positions = tokens % width
+    positions = (present.view(batch, width).cumsum(dim=1) - 1).reshape(-1)[tokens]
     embedded = word_embeddings[ids] + token_type_embeddings[types]
     embedded = embedded + position_embeddings[positions]
     hidden = word_embeddings.new_empty(batch * width, d)

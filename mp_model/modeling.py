@@ -263,10 +263,10 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
     ) -> MagicPyramidOutput:
         """Inference with real removal of pruned tokens and exited examples.
 
-        Padding may be on either side (or both): each row's real tokens are first moved to the left (one gather
-        with per-row shifts computed on the device, no host read), so every engine sees right padding and the
-        position ids count from each row's first real token. Left-, right- and mixed-padded batches of the same
-        texts give identical outputs.
+        Padding may be on either side (or both): position ids count from each row's first real token. The graph
+        engine packs the real tokens wherever they are (``embed_pack``); for the other engines each row's real
+        tokens are first moved to the left (one gather with per-row shifts computed on the device, no host read).
+        Left-, right- and mixed-padded batches of the same texts give identical outputs.
 
         Args:
             input_ids: ``(batch, seq)`` int64 (or int32) token ids in ``[0, vocab_size)``, padded (any side).
@@ -319,11 +319,6 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
             )
         if engine is None and ort_runs:  # the default engine uses ORT where the PyTorch kernels would run
             ort_runs = choose_backend(backend, input_ids.device) == "torch"
-        if left_padded:  # known from validation; without it, moving right-padded rows by 0 is the identity
-            shifts = _shifts(attention_mask)
-            input_ids, attention_mask, token_type_ids = (
-                _roll_rows(tensor, shifts) for tensor in (input_ids, attention_mask, token_type_ids)
-            )
         knobs = dict(
             tau=tau,
             threshold_scale=float(threshold_scale),
@@ -333,7 +328,13 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
             backend=backend,
         )
         if not return_exit_logits and (engine == "graph" or (engine is None and input_ids.is_cuda)):
+            # embed_pack counts positions over each row's real tokens: left padding needs no move
             return self.graph_engine(input_ids, attention_mask, token_type_ids, **knobs)
+        if left_padded:  # known from validation; without it, moving right-padded rows by 0 is the identity
+            shifts = _shifts(attention_mask)
+            input_ids, attention_mask, token_type_ids = (
+                _roll_rows(tensor, shifts) for tensor in (input_ids, attention_mask, token_type_ids)
+            )
         return packed_forward(
             self,
             input_ids,

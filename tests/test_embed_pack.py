@@ -1,6 +1,7 @@
 """``embed_pack`` against HF's ``BertEmbeddings`` in float64, then packed by the mask, on both backends.
 
-The oracle is transformers' own module (eval mode, absolute positions ``arange(W)``) loaded with the same tables,
+The oracle is transformers' own module (eval mode, absolute positions counted over each row's present tokens,
+``cumsum(mask) - 1``: the column with right padding) loaded with the same tables,
 run in float64 on the CPU; its rows where the mask is nonzero, in row-major order, are the packed result. In
 float32 (and float64) the kernels match it at the tolerance table's bound. In half precision the two sums are
 rounded to the dtype before the LayerNorm divides by a standard deviation, so the error is several roundings
@@ -100,7 +101,9 @@ def hf_embeddings(case: dict, dtype: torch.dtype, token_type_ids: torch.Tensor |
     module.load_state_dict({key: case[name].cpu().to(dtype) for key, name in parameters.items()}, strict=False)
     with torch.no_grad():
         ids = case["input_ids"].cpu()
-        return module(input_ids=ids, token_type_ids=None if token_type_ids is None else token_type_ids.cpu())
+        positions = ((case["attention_mask"].cpu() != 0).long().cumsum(dim=1) - 1).clamp(min=0)
+        types = None if token_type_ids is None else token_type_ids.cpu()
+        return module(input_ids=ids, token_type_ids=types, position_ids=positions)
 
 
 def check(outputs: tuple[torch.Tensor, ...], case: dict, dtype: torch.dtype, *, token_type_ids="case") -> None:

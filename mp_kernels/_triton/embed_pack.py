@@ -8,7 +8,8 @@ second launch for a scan). Program ``(b, 0)`` also counts slot ``b``'s own token
 ``lengths[b]`` and ``alive[b]`` (and ``(0, 0)`` writes ``cu_seqlens[0] = 0``).
 
 The program then walks its columns ``ROWS`` at a time, holding ``ROWS`` whole rows in a ``ROWS x BLOCK_D`` tile:
-a present token's output row is the first row plus the running count of present tokens before it; absent
+a present token's rank is the count of present tokens before it in its row (its position: the position table
+is read at the rank), and its output row the count of present tokens before its row plus its rank; absent
 tokens are masked out of every load and store. Ids are clamped into their tables, so no id reads out of bounds.
 The sums are rounded to the model dtype as PyTorch adds two tensors of that dtype (``word + type``, then
 ``+ position``); mean and biased variance are taken in float32 over the registers, two-pass.
@@ -77,12 +78,13 @@ def _embed_pack_kernel(
     chunk = tl.program_id(1)
     slot_start = slot * width
     first = chunk * CHUNK
-    count = _count_present(mask_ptr, 0, slot_start + first, SCAN_BLOCK)
+    base = _count_present(mask_ptr, 0, slot_start, SCAN_BLOCK)
+    rank = _count_present(mask_ptr, slot_start, slot_start + first, SCAN_BLOCK)
     if chunk == 0:
         own = _count_present(mask_ptr, slot_start, slot_start + width, SCAN_BLOCK)
-        tl.store(cu_ptr + slot + 1, count + own)
+        tl.store(cu_ptr + slot + 1, base + own)
         if slot == 0:
-            tl.store(cu_ptr, count)
+            tl.store(cu_ptr, base)
         tl.store(lengths_ptr + slot, own.to(tl.int64))
         tl.store(alive_ptr + slot, own > 0)
     cols = tl.arange(0, BLOCK_D)
@@ -96,8 +98,9 @@ def _embed_pack_kernel(
         flat = slot_start + columns
         present = (tl.load(mask_ptr + flat, mask=in_slot, other=0) != 0) & in_slot
         taken = present.to(tl.int32)
-        dest = count + tl.cumsum(taken, axis=0) - 1
-        count += tl.sum(taken, axis=0)
+        ranks = rank + tl.cumsum(taken, axis=0) - 1
+        dest = base + ranks
+        rank += tl.sum(taken, axis=0)
         ids = tl.load(ids_ptr + flat, mask=present, other=0)
         ids = tl.minimum(tl.maximum(ids, 0), vocab - 1)
         if HAS_TYPES:
@@ -108,7 +111,7 @@ def _embed_pack_kernel(
         tile = present[:, None] & col_valid[None, :]
         word = tl.load(word_ptr + ids[:, None] * d + cols[None, :], mask=tile, other=0.0)
         token_type = tl.load(type_table_ptr + types[:, None] * d + cols[None, :], mask=tile, other=0.0)
-        position = tl.load(position_ptr + columns.to(tl.int64)[:, None] * d + cols[None, :], mask=tile, other=0.0)
+        position = tl.load(position_ptr + ranks.to(tl.int64)[:, None] * d + cols[None, :], mask=tile, other=0.0)
         summed = (word.to(tl.float32) + token_type.to(tl.float32)).to(dtype).to(tl.float32)
         summed = (summed + position.to(tl.float32)).to(dtype).to(tl.float32)
         mean = tl.sum(summed, axis=1) / d
