@@ -18,35 +18,20 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from mp_kernels._triton.attention_config import choose_head_groups, forward_config, importance_config
 from mp_kernels._triton.compact_tokens import finish_plan, keep_rule
 from mp_kernels._triton.segments import segment
 from mp_kernels._triton.semaphores import arrive, counters
 from mp_kernels.attention_reference import PrunePlan
-from mp_kernels.dispatch import triton_interpreting
 
 LOG2_E = math.log2(math.e)
 MAX_GRID_YZ = 65535
 PLAN_BLOCK = 1024
-
-
-class _Config(NamedTuple):
-    """Tile sizes and launch parameters of one kernel."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-# Under the interpreter: tiles small enough to give several blocks per tested sequence, large enough to be quick.
-INTERPRETER_FORWARD = _Config(block_m=64, block_n=32, num_warps=1, num_stages=1)
-INTERPRETER_IMPORTANCE = _Config(block_m=32, block_n=64, num_warps=1, num_stages=1)
 
 
 @triton.jit
@@ -311,39 +296,6 @@ def _varlen_importance_kernel(
                 )
 
 
-def _forward_config(head_dim: int, dtype: torch.dtype, max_seqlen: int) -> _Config:
-    """Tiles of the forward kernel: small fixed ones under the interpreter, FlashAttention-2's on a GPU.
-
-    float32 inputs get smaller tiles and fewer stages: their exact (``"ieee"``) dots run without tensor cores
-    and their tiles take twice the shared memory.
-    """
-    if triton_interpreting():
-        return INTERPRETER_FORWARD
-    block_m = 128 if max_seqlen > 64 else 64
-    if dtype == torch.float32:
-        return _Config(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    if head_dim <= 64:
-        return _Config(block_m=block_m, block_n=64, num_warps=4, num_stages=4 if head_dim <= 32 else 3)
-    return _Config(block_m=block_m, block_n=64, num_warps=8, num_stages=3)
-
-
-def _importance_config(head_dim: int, dtype: torch.dtype) -> _Config:
-    """Tiles of the importance kernel (``block_n`` keys held, ``block_m`` queries streamed)."""
-    if triton_interpreting():
-        return INTERPRETER_IMPORTANCE
-    if dtype == torch.float32:
-        return _Config(block_m=32, block_n=64, num_warps=4, num_stages=2)
-    return _Config(block_m=64, block_n=64, num_warps=4 if head_dim <= 64 else 8, num_stages=3)
-
-
-def _head_groups(key_programs: int, heads: int, device: torch.device) -> int:
-    """Number of head groups that lets the importance grid fill the GPU (about 4 programs per SM)."""
-    if device.type != "cuda":
-        return 1
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(heads, triton.cdiv(target, key_programs)))
-
-
 def _check_buffer(
     name: str, buffer: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype
 ) -> None:
@@ -418,7 +370,7 @@ def varlen_attention_triton(
         lse = out
     qk_scale = scale * LOG2_E
     precision = "ieee" if q.dtype == torch.float32 else None
-    fwd = _forward_config(head_dim, q.dtype, max_seqlen)
+    fwd = forward_config(head_dim, q.dtype, max_seqlen)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _varlen_forward_kernel[(triton.cdiv(max_seqlen, fwd.block_m), heads, batch)](
             q,
@@ -448,9 +400,9 @@ def varlen_attention_triton(
         )
         if importance is None:
             return out, None
-        imp = _importance_config(head_dim, q.dtype)
+        imp = importance_config(head_dim, q.dtype)
         key_blocks = triton.cdiv(max_seqlen, imp.block_n)
-        groups = head_groups if head_groups is not None else _head_groups(key_blocks * batch, heads, q.device)
+        groups = head_groups if head_groups is not None else choose_head_groups(key_blocks * batch, heads, q.device)
         groups = max(1, min(groups, heads))
         heads_per_group = triton.cdiv(heads, groups)
         groups = triton.cdiv(heads, heads_per_group)
