@@ -1,17 +1,20 @@
-"""Issue #17's GPU training window in one command: the recipe on CUDA, its plain reference and the evaluations.
+"""The GPU training window in one command (#17, #38): the recipe on CUDA, its reference, evaluation and predict.
 
     python -m bench.gpu_training --out $OUT/train                 # on an H100/H200 (MiniLM and data carried)
     python -m bench.gpu_training --smoke --out /tmp/train         # the same plumbing on a CPU at toy sizes
     python -m bench.gpu_training --toy --out $OUT/toy             # toy sizes on the GPU: does the stack run there?
 
-For each dataset of ``DATASETS`` a chain of three ``mp`` commands, each a subprocess with its own time limit
+For each dataset of ``DATASETS`` a chain of four ``mp`` commands, each a subprocess with its own time limit
 (``bench.gpu_suite.run_step``: output teed into ``OUT/<dataset>-<step>.log``, killed at its limit):
 
 1. ``train``: ``mp train --device cuda`` (``--precision auto``: bf16 autocast on CUDA) with every training example
    (Rotten Tomatoes: 2,000 of them moved into dev; BBC News: 340, at 512 tokens), the recipe's defaults otherwise;
 2. ``reference``: ``mp reference`` (the plain ``BertForSequenceClassification`` fine-tune with the run's budget);
 3. ``eval``: ``mp eval --device cuda --latency none`` (settings chosen on dev, reported on test) into
-   ``OUT/<dataset>-all-cuda.json``.
+   ``OUT/<dataset>-all-cuda.json``;
+4. ``predict``: ``mp predict --device cuda`` of the first ``PREDICT_TEXTS`` test texts (written before the chains
+   start, ``write_texts``) into ``OUT/<dataset>-all-predict-cuda.jsonl``. (``--engine ray`` cannot run on the
+   device machine: Ray is not installed there and does not fit the 64 MiB carried.)
 
 The chains run concurrently (one thread each: the GPU is far from busy with one small model) unless
 ``--sequential``; a chain stops at its first failed step. Timing is not what this window measures: ``mp eval``
@@ -40,7 +43,8 @@ from bench.gpu_suite import run_step
 from bench.provenance import device_name, provenance
 
 BUDGET_S = 420
-STEP_TIMEOUTS = {"train": 300, "reference": 60, "eval": 120}
+STEP_TIMEOUTS = {"train": 300, "reference": 60, "eval": 120, "predict": 60}
+PREDICT_TEXTS = 1000  # test texts `mp predict` labels after the evaluation (``texts_file``)
 # dataset: (options of mp train, name of the eval JSON without the device)
 DATASETS: dict[str, tuple[list[str], str]] = {
     "rotten_tomatoes": (["--dev-from-train", "2000"], "rotten_tomatoes-all"),
@@ -66,7 +70,25 @@ def chain(dataset: str, args: argparse.Namespace) -> list[tuple[str, list[str]]]
     evaluate += SMOKE_EVAL if args.toy else []
     reference = [*mp, "reference", "--run-dir", run_dir, "--no-progress", *threads]
     train, evaluate = train + shlex.split(args.train_args), evaluate + shlex.split(args.eval_args)
-    return [("train", train), ("reference", reference), ("eval", evaluate)]
+    output = args.out / f"{name}-predict-{args.device}.jsonl"
+    predict = [*mp, "predict", str(texts_file(dataset, args)), "--run-dir", run_dir, "--device", args.device]
+    predict += ["--output", str(output), "--no-progress"]
+    return [("train", train), ("reference", reference), ("eval", evaluate), ("predict", predict)]
+
+
+def texts_file(dataset: str, args: argparse.Namespace) -> Path:
+    """Where ``write_texts`` puts the dataset's texts for the ``predict`` step."""
+    return args.out / f"{dataset}-texts.jsonl"
+
+
+def write_texts(dataset: str, args: argparse.Namespace) -> Path:
+    """The first ``PREDICT_TEXTS`` test texts of ``dataset`` as JSON lines (``{"text": ...}``), for ``mp predict``."""
+    from mp_model.recipe.datasets import load_dataset
+
+    path = texts_file(dataset, args)
+    examples = load_dataset(dataset).test[:PREDICT_TEXTS]
+    path.write_text("".join(json.dumps({"text": example.text}) + "\n" for example in examples))
+    return path
 
 
 def run_chain(
@@ -125,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, Any] = {"provenance": provenance(args.device), "device": device_name(args.device), "steps": {}}
     summary["mode"], summary["budget_s"] = ("toy" if args.toy else "full"), args.budget
     lock, deadline = threading.Lock(), begin + args.budget
+    for dataset in args.datasets:
+        write_texts(dataset, args)
     threads = [
         threading.Thread(target=run_chain, args=(dataset, args, deadline, summary, lock)) for dataset in args.datasets
     ]
