@@ -32,10 +32,10 @@ import triton.language as tl
 from mp_kernels._triton.semaphores import arrive, counters
 from mp_kernels.dispatch import triton_interpreting
 
-MAX_TILE = 32768  # float32 accumulator elements a program may hold (BLOCK_M x BLOCK_N and BLOCK_M x BLOCK_NC)
+MAX_TILE = 16384  # float32 accumulator elements a program may hold (64 a thread at 8 warps: 128 spilled on sm_90)
 MAX_STAGE_BYTES = 65536  # shared memory of one pipeline stage (an x tile and a weight tile)
 SHARED_BYTES = 163840  # shared memory the pipeline stages may take together
-BLOCK_MS = (64, 32, 16)
+BLOCK_MS = (128, 64, 32, 16)
 MIN_BLOCK_NC = 32
 BLOCK_KS = (64, 32, 16)
 
@@ -53,6 +53,7 @@ class Plan(NamedTuple):
     programs: int
     num_warps: int
     num_stages: int
+    epi_m: int = 16
 
 
 def make_plan(
@@ -72,6 +73,7 @@ def make_plan(
     split_k = triton.cdiv(k, k_chunk)
     n_chunks = triton.cdiv(n, block_nc)
     stage_bytes = (block_m + block_nc) * block_k * dtype.itemsize
+    tile = block_m * (block_nc if n_chunks * split_k > 1 else block_n)
     return Plan(
         block_m=block_m,
         block_n=block_n,
@@ -81,8 +83,9 @@ def make_plan(
         split_k=split_k,
         k_chunk=k_chunk,
         programs=triton.cdiv(capacity, block_m) * n_chunks * split_k,
-        num_warps=8 if block_m * block_n >= 8192 else 4,
+        num_warps=8 if max(tile, block_n * 16) >= 8192 else 4,
         num_stages=max(1, min(4, SHARED_BYTES // stage_bytes)),
+        epi_m=max(16, min(block_m, MAX_TILE // block_n)),
     )
 
 
@@ -100,7 +103,7 @@ def plan(dtype: torch.dtype, k: int, n: int, capacity: int, sm_count: int) -> Pl
     block_n = max(16, triton.next_power_of_2(n))
     best: tuple[tuple[int, ...], Plan] | None = None
     for block_m in BLOCK_MS:
-        if block_m * block_n > MAX_TILE or block_m > max(BLOCK_MS[-1], triton.next_power_of_2(capacity)):
+        if block_m > max(BLOCK_MS[-1], triton.next_power_of_2(capacity)):
             continue
         block_nc = block_n
         while block_nc >= min(MIN_BLOCK_NC, block_n):
@@ -109,6 +112,9 @@ def plan(dtype: torch.dtype, k: int, n: int, capacity: int, sm_count: int) -> Pl
                     continue
                 for split_k in range(1, triton.cdiv(k, block_k) + 1):
                     candidate = make_plan(dtype, k, n, capacity, block_m, block_nc, block_k, split_k)
+                    whole_rows = candidate.n_chunks * candidate.split_k == 1
+                    if block_m * (block_n if whole_rows else block_nc) > MAX_TILE:
+                        continue
                     full = candidate.programs >= sm_count
                     key = (
                         full,
@@ -201,13 +207,15 @@ def _linear_add_layer_norm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_NC: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EPI_M: tl.constexpr,
 ):
     """``y[dest[r]] = LayerNorm(round(round(x[r] @ w.T + b) + res[r])) * nw + nb`` for ``r < clamp(n_rows)``.
 
     ``x`` ``(capacity, K)``, ``w`` ``(N, K)``, ``b``, ``nw``, ``nb`` ``(N,)``, ``res`` and ``y`` ``(capacity, N)``,
     ``dest`` int32 ``(capacity,)`` (read only if ``HAS_DEST``, else row ``r`` goes to row ``r``), all contiguous;
     ``n_rows`` one int32. ``SPLIT``: more than one part per row block, whose float32 partials go to ``part``
-    ``(split_k, capacity, N)``, finished by the last part to arrive on ``counter[row block]``. ``PRECISION`` is
+    ``(split_k, capacity, N)``, finished by the last part to arrive on ``counter[row block]``, ``EPI_M`` rows at a
+    time (so that a tall GEMM tile does not need a tall whole-row tile). ``PRECISION`` is
     ``tl.dot``'s input precision: ``"ieee"`` for float32 inputs, else None.
     """
     pid = tl.program_id(0)
@@ -241,14 +249,18 @@ def _linear_add_layer_norm_kernel(
         tl.debug_barrier()
         if arrive(counter_ptr + block_m, parts):
             all_cols = tl.arange(0, BLOCK_N)
-            full = rows.to(tl.int64)[:, None] * N + all_cols[None, :]
-            valid = row_valid[:, None] & (all_cols < N)[None, :]
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for chunk in range(0, split_k):
-                total += tl.load(part_ptr + chunk * capacity * N + full, mask=valid, other=0.0, cache_modifier=".cg")
-            _epilogue(
-                total, rows, live, b_ptr, r_ptr, nw_ptr, nb_ptr, y_ptr, dest_ptr, capacity, N, eps, HAS_DEST, BLOCK_N
-            )
+            for sub in tl.static_range(0, BLOCK_M, EPI_M):
+                epi_rows = block_m * BLOCK_M + sub + tl.arange(0, EPI_M)
+                full = epi_rows.to(tl.int64)[:, None] * N + all_cols[None, :]
+                valid = (epi_rows < live)[:, None] & (all_cols < N)[None, :]
+                total = tl.zeros((EPI_M, BLOCK_N), dtype=tl.float32)
+                for chunk in range(0, split_k):
+                    part = part_ptr + chunk * capacity * N + full
+                    total += tl.load(part, mask=valid, other=0.0, cache_modifier=".cg")
+                _epilogue(
+                    total, epi_rows, live, b_ptr, r_ptr, nw_ptr, nb_ptr, y_ptr, dest_ptr, capacity, N, eps, HAS_DEST,
+                    BLOCK_N,
+                )  # fmt: skip
     else:
         _epilogue(acc, rows, live, b_ptr, r_ptr, nw_ptr, nb_ptr, y_ptr, dest_ptr, capacity, N, eps, HAS_DEST, BLOCK_N)
 
@@ -315,6 +327,7 @@ def linear_add_layer_norm_triton(
         BLOCK_N=launch.block_n,
         BLOCK_NC=launch.block_nc,
         BLOCK_K=launch.block_k,
+        EPI_M=launch.epi_m,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )
