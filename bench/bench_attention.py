@@ -14,7 +14,7 @@ pytest-benchmark::
 
 Plain script (JSON with provenance; ``--cpu-small`` for a CPU run in float32 at a small size)::
 
-    python -m bench.bench_attention --out bench/results/attention-$(hostname).json
+    python -m bench.bench_attention --out bench/results/kernels/attention-$(hostname).json
     python -m bench.bench_attention --cpu-small --threads 1 --out /tmp/attention-cpu.json
 
 On the CPU ours is the PyTorch backend, compared with eager attention and SDPA's CPU kernels.
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.bert.modeling_bert import eager_attention_forward
 
-from bench.provenance import RESULTS_DIR, provenance, write_results
+from bench.provenance import KERNELS_DIR, provenance, write_results
 from bench.timing import median_ms
 from mp_kernels import varlen_attention
 
@@ -303,7 +303,7 @@ def summary(records: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Command line: benchmark, print a table and write ``{"provenance", "records"}`` JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="JSON file to write (default bench/results/attention-<mode>.json)")
+    parser.add_argument("--out", default=None, help="JSON file (default bench/results/kernels/attention-<mode>.json)")
     parser.add_argument("--cpu-small", action="store_true", help="CPU, float32, small shapes, PyTorch backend")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per method (default 50 GPU, 10 CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (10 if args.cpu_small else 50)
     records, device = run_all(args.cpu_small, repeats)
     print(summary(records))
-    out = args.out or RESULTS_DIR / f"attention-{'cpu-small' if args.cpu_small else 'gpu'}.json"
+    out = args.out or KERNELS_DIR / f"attention-{'cpu-small' if args.cpu_small else 'gpu'}.json"
     meta = {**provenance(device), "timed": "attention call only; padded baselines on (batch, heads, L, head_dim)"}
     print(f"wrote {write_results(out, records, meta)}")
 

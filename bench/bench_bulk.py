@@ -2,7 +2,7 @@
 of the model on the same texts, and of the Ray Data engine with 1 and 2 workers, in one run; and the peak memory
 (RSS) of streaming ``mp predict`` on generated short-text files of two sizes (flat in the number of records).
 
-    python -m bench.bench_bulk --out bench/results/bulk-cpu.json
+    python -m bench.bench_bulk --out bench/results/e2e/bulk-cpu.json
 
 The model is the quick start's trained run (``--run-dir``, default ``runs/rotten_tomatoes``) if it exists, else
 all-MiniLM-L6-v2 with untrained exit heads and classifier (the JSON says which). Texts are Rotten Tomatoes
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.provenance import provenance, write_results
+from bench.provenance import E2E_DIR, provenance, write_results
 
 
 def model_folder(run_dir: Path, scratch: Path) -> tuple[Path, str]:
@@ -171,7 +171,7 @@ def _seconds(call: Any) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results/bulk-cpu.json"))
+    parser.add_argument("--out", type=Path, default=E2E_DIR / "bulk-cpu.json")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/rotten_tomatoes"))
     parser.add_argument("--memory-records", type=int, nargs="+", default=[50_000, 200_000])
     parser.add_argument("--memory-tau", type=float, default=1.0, help="tau of the memory runs (1: exit at layer 1)")

@@ -1,6 +1,6 @@
 """One training step of the recipe in fp32 and in bf16 autocast, on this machine, in one run.
 
-    python -m bench.bench_train_step --out bench/results/train-step-cpu.json
+    python -m bench.bench_train_step --out bench/results/e2e/train-step-cpu.json
 
 A step is what ``mp_model.recipe.fit.fit`` does per batch: its ``stage_loss`` (``masked_forward`` under
 ``TrainConfig.autocast()``, stage 1's ``mask_mode="none"`` or stage 2's ``"soft"`` with lambda 0.1), backward,
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bench.provenance import RESULTS_DIR, provenance, write_results
+from bench.provenance import E2E_DIR, provenance, write_results
 
 ARITHMETICS = ("fp32", "bf16")
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="timed steps of each arithmetic")
     parser.add_argument("--batches", type=int, default=3, help="distinct input batches, rotated")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "train-step-cpu.json")
+    parser.add_argument("--out", type=Path, default=E2E_DIR / "train-step-cpu.json")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

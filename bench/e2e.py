@@ -59,7 +59,7 @@ the model reports), their ratio (``measured_over_flops``), ``compile_s`` for the
 for the packed methods a time split from ``torch.profiler`` over the model's ``mp.<stage>`` ranges
 (``bench/e2e_profile.py``; CPU time on CPU, kernel time on CUDA): attention, importance, compaction (prune +
 drop), exit (sub-classifier + exit test), feed-forward, and qkv/other. Results go to
-``bench/results/e2e-<device>.json``. ``--time-limit`` stops starting new cells once the run has taken that long
+``bench/results/e2e/e2e-<device>.json``. ``--time-limit`` stops starting new cells once the run has taken that long
 and lists the cells left out (``provenance.skipped_time_limit``).
 
 CPU (default sweep, a few minutes; cells whose padded batch exceeds ``--max-gflop`` are skipped and listed)::
@@ -116,7 +116,7 @@ from bench.e2e_models import DEFAULT_MODELS, MODELS, Subject, tokenizer_path
 from bench.e2e_ort import INSTALL_HINT, ORT_METHOD, OrtUnavailable
 from bench.e2e_profile import STAGES
 from bench.e2e_schedule import DEFAULT_SCHEDULE, Schedule, find_threshold, read_schedule
-from bench.provenance import RESULTS_DIR, provenance, write_results
+from bench.provenance import E2E_DIR, provenance, write_results
 from mp_model.flops import dense_flops
 from mp_model.recipe.runs import FINAL_DIR
 
@@ -361,7 +361,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "ONNX Runtime, CPU float32) or auto (ort where it runs, packed on CUDA)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--out", default=None, help="JSON file (default bench/results/e2e-<device>.json)")
+    parser.add_argument("--out", default=None, help="JSON file (default bench/results/e2e/e2e-<device>.json)")
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
     if args.batch_sizes is None:
@@ -375,7 +375,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_gflop is None:
         args.max_gflop = 0.0 if gpu else CPU_MAX_GFLOP
     if args.out is None:
-        args.out = str(RESULTS_DIR / f"e2e-{args.device}.json")
+        args.out = str(E2E_DIR / f"e2e-{args.device}.json")
     if not gpu and args.dtype != "float32":
         parser.error("on CPU only float32 is benchmarked")
     return args

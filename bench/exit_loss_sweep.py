@@ -2,7 +2,7 @@
 on test, all in one run.
 
     python -m bench.exit_loss_sweep --run-dir runs/rotten_tomatoes \\
-        --out bench/results/exit-loss-rotten_tomatoes-cpu.json
+        --out bench/results/sweeps/exit-loss-rotten_tomatoes-cpu.json
 
 Stages 1-3 fix the backbone, the main classifier and the thresholds; only the sub-classifiers differ between
 variants of stage 4. So the script runs the backbone once per split and threshold scale and reuses it for every
@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from bench.provenance import RESULTS_DIR, provenance, write_results
+from bench.provenance import SWEEPS_DIR, provenance, write_results
 from mp_model.exit_head import apply_exits
 from mp_model.modeling import MagicPyramidForSequenceClassification
 from mp_model.recipe.cli_support import threshold_scale
@@ -158,7 +158,7 @@ def summary_line(name: str, rule: dict[str, Any], seconds: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, required=True, help="a finished `mp train` run")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "exit-loss-cpu.json")
+    parser.add_argument("--out", type=Path, default=SWEEPS_DIR / "exit-loss-cpu.json")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs-exits", type=float, nargs="*", default=[], help="also each variant at these epochs")
     parser.add_argument("--taus", type=float, nargs="+", default=list(DEFAULT_TAUS), help="exit thresholds swept")

@@ -6,7 +6,7 @@ row live (``n_rows`` holding 8192). Each record gives TFLOP/s (``2 * m * k * n``
 device's dense bfloat16 peak: the datasheet figure for a device whose name contains a key of ``PEAK_TFLOPS``, else
 the cuBLAS figure measured at 8192 x 8192 x 8192 (recorded in every run). Writes ``{"provenance", "records"}`` JSON.
 
-    python -m bench.gpu_gemm --out bench/results/gemm-$(hostname).json
+    python -m bench.gpu_gemm --out bench/results/kernels/gemm-$(hostname).json
     python -m bench.gpu_gemm --smoke --out /tmp/gemm.json    # CPU, float32, toy shapes (plumbing only)
 
 Under ``--smoke`` ``rows_linear`` runs its default backend (Triton under ``TRITON_INTERPRET=1``).

@@ -4,7 +4,7 @@ stubbed out (a floor the device cannot hide at batch 1, where a graph replay tak
 ``model(..., engine="graph", validate=False)`` runs the argument checks, the knob resolution, the weight-change
 check, the input copy, the replay (here: nothing) and the output copy; ``GraphEngine.__call__`` alone skips the
 model's checks. Random BERT-base and MiniLM-sized models, one batch per batch size, median over ``--repeats``
-rounds of ``--calls`` calls. ``python -m bench.host_overhead --out bench/results/host-overhead-cpu.json``.
+rounds of ``--calls`` calls. ``python -m bench.host_overhead --out bench/results/e2e/host-overhead-cpu.json``.
 """
 
 from __future__ import annotations

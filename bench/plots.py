@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m bench.plots bench/results/e2e-cpu.json runs/eval-rotten_tomatoes.json --out bench/results/plots
+    python -m bench.plots bench/results/e2e/e2e-cpu-ort.json runs/eval-rotten_tomatoes.json --out bench/results/plots
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
-"""Markdown results tables for the README, generated from the committed JSON under ``bench/results/``.
+"""Markdown results tables, generated from the committed JSON under ``bench/results/``.
 
-Reads every ``*.json`` there (``{"provenance": ..., "records": [...]}``) and renders:
+Reads every ``*.json`` of a folder (``{"provenance": ..., "records": [...]}``) and renders:
 
-* end-to-end files (``bench.e2e``, ``provenance.benchmark == "e2e"``): per model, length bucket, batch size (and
-  thread count, when the file sweeps them), HF sdpa's median latency and each method's speedup over it, measured
-  and in FLOPs (dense FLOPs of the unpadded inputs over the method's), side by side; where the ONNX Runtime
-  baseline ran (method ``ort``), a second table of each method's measured speedup over ORT next to its FLOPs
-  speedup;
+* end-to-end files (``bench.e2e``, ``provenance.benchmark == "e2e"``): latency and FLOPs speedups against HF and
+  the strongest baselines (``scripts/results_e2e.py``);
 * evaluation files (``mp eval --json``, records with ``accuracy`` and ``selected``): per dataset, each method's
   selected setting with accuracy, GFLOPs, FLOPs and latency speedups and the FLOPs speedup per length bucket
   (the paper's Table 2), then accuracy and FLOPs speedup over the ``tau`` sweep for FastBERT-only and for MP at
@@ -15,171 +12,69 @@ Reads every ``*.json`` there (``{"provenance": ..., "records": [...]}``) and ren
 
 and, apart from them, a summary of every evaluation file, a row each: dense accuracy and GFLOPs, each method's
 setting chosen on dev as it lands on test (accuracy, drop from dense, FLOPs speedup), and MP's setting chosen on
-test itself. Other results files are listed by name only. Usage::
+test itself. Other results files are listed by name only. ``--write`` regenerates the pages a reader opens:
+``bench/results/README.md`` (every folder's tables, the archive's summary), ``bench/results/HEADLINE.md`` and the
+README's headline table (``scripts/results_headline.py``), with no path of the machine that made a run. Usage::
 
-    python scripts/results_tables.py                    # print the markdown
-    python scripts/results_tables.py --update README.md # replace the text between each pair of markers
+    python scripts/results_tables.py                    # print the markdown of the top-level JSON files of --results
+    python scripts/results_tables.py --write            # regenerate the pages; --check: fail naming stale ones
+    python scripts/results_tables.py --update FILE      # replace the text between each pair of markers in FILE
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+
+def _sibling(name: str) -> ModuleType:
+    """The module ``scripts/<name>.py`` (scripts are files, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+headline = _sibling("results_headline")
+e2e = _sibling("results_e2e")
+LABELS, e2e_table, _source, _speedup = e2e.LABELS, e2e.e2e_table, e2e._source, e2e._speedup
+unrecorded_flags = headline.unrecorded_flags
 REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS = REPO_ROOT / "bench" / "results"
+HEADLINE_BEGIN = "<!-- headline:begin -->"
+HEADLINE_END = "<!-- headline:end -->"
+FOLDERS = {
+    "evaluations": "`mp eval --json` runs of today's recipe (its defaults and the alternatives compared with them) "
+    "and their plain fine-tune references (`bench.reference_report`)",
+    "e2e": "end-to-end timings: inference against the HF and ONNX Runtime baselines (`bench.e2e`), bulk labelling "
+    "(`bench.bench_bulk`), a training step (`bench.bench_train_step`), the host work of a call "
+    "(`bench.host_overhead`)",
+    "kernels": "kernel microbenchmarks (`bench.bench_attention`, `bench.bench_compaction`, `bench.gpu_gemm`)",
+    "sweeps": "stage-4 sweeps over the exit loss and the threshold scales of its inputs (`bench.exit_loss_sweep`)",
+    "gpu": "GPU window summaries (`bench.gpu_suite`), one folder per window",
+    "plots": "figures (`bench.plots`)",
+    "archive": "superseded runs, in the same folders",
+}
+ARCHIVE_RULE = (
+    "A run moves to `archive/` once a later run replaces it. Evaluations: a run trained under a recipe that a later "
+    "default replaced (fp32 training, which covers the older lr and epoch defaults, pruning stages trained on the "
+    "labels, stage 4 on mixed labels or by reverse KL, the teacher runs, and the 340-article BBC News dev split), or "
+    "whose stage 4 was retrained on three threshold scales in a later file of the same models "
+    "(`rotten_tomatoes-dev2000-bf16-seed{0,1,2}` by `...-bf16-scales-seed{0,1,2}`). End to end: a run on the same "
+    "device from an older commit whose cells a later full run re-measured; `(bert-base, mixed, 32)`, "
+    "`(minilm, long, 32)` and `(minilm, mixed, 32)` exist only in the archived runs of commit a77389c."
+)
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
 SUMMARY_BEGIN = "<!-- summary:begin -->"
 SUMMARY_END = "<!-- summary:end -->"
-E2E_METHODS = ("hf_eager", "dense", "ltp", "fastbert", "mp")
-ORT_METHODS = ("dense", "ltp", "fastbert", "mp")
-GRAPH_METHODS = ("graph_dense", "graph_ltp", "graph_fastbert", "graph_mp")
 EVAL_METHODS = ("dense", "ltp", "fastbert", "mp")
-LABELS = {
-    "hf_eager": "HF eager",
-    "hf_sdpa": "HF sdpa",
-    "dense": "dense (packed)",
-    "ltp": "LTP only",
-    "fastbert": "FastBERT only",
-    "mp": "MP",
-    "graph_dense": "dense (GPU engine)",
-    "graph_ltp": "LTP only (GPU engine)",
-    "graph_fastbert": "FastBERT only (GPU engine)",
-    "graph_mp": "MP (GPU engine)",
-}
-BUCKET_ORDER = {"short": 0, "middle": 1, "long": 2, "mixed": 3}
-
-
-def _speedup(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
-def _source(path: Path, meta: dict[str, Any]) -> str:
-    """One line naming the file, device, commit and date of a results file."""
-    commit = str(meta.get("git_commit", "unknown"))[:10]
-    dirty = " (uncommitted changes)" if meta.get("git_dirty") else ""
-    return (
-        f"`{path.name}`: {meta.get('device', '?')}, torch {meta.get('torch', '?')}, commit {commit}{dirty}, "
-        f"{meta.get('date', '?')}"
-    )
-
-
-def _cells(records: list[dict[str, Any]]) -> list[tuple[tuple[str, str, int, int | None], dict[str, dict[str, Any]]]]:
-    """Records grouped per (model, bucket, batch size, threads), sorted by model, batch size, threads and bucket."""
-    cells: dict[tuple[str, str, int, int | None], dict[str, dict[str, Any]]] = {}
-    for record in records:
-        key = (record["model"], record["bucket"], record["batch_size"], record.get("threads"))
-        cells.setdefault(key, {})[record["method"]] = record
-    return sorted(
-        cells.items(), key=lambda item: (item[0][0], item[0][2], item[0][3] or 0, BUCKET_ORDER.get(item[0][1], 9))
-    )
-
-
-def e2e_table(path: Path, payload: dict[str, Any]) -> str:
-    """The markdown of one ``bench.e2e`` results file (and its ONNX Runtime table when ``ort`` ran)."""
-    meta = payload["provenance"]
-    records = payload["records"]
-    lines = [
-        f"#### End to end, {meta.get('device_type', '?')} {meta.get('dtype', '')}",
-        "",
-        _source(path, meta) + ".",
-        "Each cell: speedup over HF BERT with sdpa attention on the padded batch, measured / in FLOPs.",
-    ]
-    if meta.get("schedule_source"):
-        lines.append(f"Schedule replayed on untrained models: {meta['schedule_source']}.")
-    for name, model in meta.get("models", {}).items():
-        lines.append(f"`{name}`: {model.get('path')} ({model.get('layers')} layers, {model.get('mode')}).")
-    cells = _cells(records)
-    threads = len({key[3] for key, _ in cells}) > 1
-    header = ["model", "bucket", "batch"] + (["threads"] if threads else []) + ["HF sdpa ms"]
-    header += [LABELS[m] for m in E2E_METHODS]
-    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (model, bucket, batch, count), methods in cells:
-        baseline = methods.get("hf_sdpa")
-        row = [model, bucket, str(batch)] + ([str(count)] if threads else [])
-        row.append(f"{baseline['median_ms']:.1f}" if baseline else "-")
-        for method in E2E_METHODS:
-            record = methods.get(method)
-            if record is None:
-                row.append("-")
-            elif method == "hf_eager":
-                row.append(_speedup(record.get("latency_speedup")))
-            else:
-                row.append(f"{_speedup(record.get('latency_speedup'))} / {_speedup(record['flops_speedup'])}")
-        lines.append("| " + " | ".join(row) + " |")
-    if any(r["method"] == "ort" for r in records):
-        lines += ["", ort_table(cells)]
-    if any(r["method"] == "hf_compiled" for r in records):
-        lines += ["", compiled_table(cells)]
-    return "\n".join(lines)
-
-
-def compiled_table(cells: list[tuple[tuple[str, str, int, int | None], dict[str, dict[str, Any]]]]) -> str:
-    """Speedups over the compiled HF baseline (``speedup_vs_compiled``) of the GPU engine's methods present, per
-    cell that ran ``hf_compiled``."""
-    present = [m for m in GRAPH_METHODS if any(m in methods for _, methods in cells)]
-    lines = [
-        "Against HF compiled (`torch.compile` of the same HF model, one graph per batch size and padded width; "
-        "the strongest dense baseline on a GPU): its speedup over HF sdpa, then each GPU-engine method's measured "
-        "speedup over it / its FLOPs speedup; cells the run's time limit left out are absent.",
-        "",
-    ]
-    header = ["model", "bucket", "batch", "compiled ms", "compiled vs HF sdpa"] + [LABELS[m] for m in present]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (model, bucket, batch, _threads), methods in cells:
-        compiled = methods.get("hf_compiled")
-        if compiled is None:
-            continue
-        row = [model, bucket, str(batch), f"{compiled['median_ms']:.2f}", _speedup(compiled.get("latency_speedup"))]
-        for method in present:
-            record = methods.get(method)
-            row.append(
-                "-"
-                if record is None
-                else f"{_speedup(record.get('speedup_vs_compiled'))} / {_speedup(record['flops_speedup'])}"
-            )
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def ort_table(cells: list[tuple[tuple[str, str, int, int | None], dict[str, dict[str, Any]]]]) -> str:
-    """Speedups over ONNX Runtime (``speedup_vs_ort``) of the packed methods, per cell that ran ``ort``."""
-    lines = [
-        "Against ONNX Runtime (HF model exported to ONNX, ORT transformer optimizer, same threads; "
-        "`bench/e2e_ort.py`): ORT's speedup over HF sdpa, then each method's measured speedup over ORT / its FLOPs "
-        "speedup; last column: MP's measured speedup over ORT divided by its FLOPs speedup.",
-        "",
-    ]
-    header = ["model", "bucket", "batch", "threads", "ORT ms", "ORT vs HF sdpa"]
-    header += [LABELS[m] for m in ORT_METHODS] + ["MP measured / FLOPs"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (model, bucket, batch, threads), methods in cells:
-        ort = methods.get("ort")
-        if ort is None:
-            continue
-        row = [model, bucket, str(batch), str(threads or "-"), f"{ort['median_ms']:.1f}"]
-        row.append(_speedup(ort.get("latency_speedup")))
-        for method in ORT_METHODS:
-            record = methods.get(method)
-            cell = "-" if record is None else f"{_speedup(record.get('speedup_vs_ort'))} / "
-            row.append(cell if record is None else cell + _speedup(record["flops_speedup"]))
-        mp = methods.get("mp")
-        ratio = None if mp is None or mp.get("speedup_vs_ort") is None else mp["speedup_vs_ort"] / mp["flops_speedup"]
-        row.append("-" if ratio is None else f"{ratio:.2f}")
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def unrecorded_flags(train_config: dict[str, Any]) -> list[str]:
-    """The ``mp train`` flags a recorded ``TrainConfig`` lacks: the run was made before they existed, with whatever
-    the code of the time did, which today's defaults need not reproduce."""
-    from mp_model.recipe.train_config import TrainConfig
-
-    return ["--" + key.replace("_", "-") for key in TrainConfig().to_dict() if key not in train_config]
 
 
 def train_command(train_config: dict[str, Any]) -> str:
@@ -408,7 +303,7 @@ def render(results_dir: Path) -> str:
     if others:
         sections.append("Other results files (see bench/README.md): " + ", ".join(others) + ".")
     if not sections:
-        return f"No results files under {results_dir}."
+        return f"No results files under {results_dir.name}/."
     return "\n\n".join(sections)
 
 
@@ -416,31 +311,99 @@ def render_summary(results_dir: Path) -> str:
     """The summary table of every evaluation file under ``results_dir``, by dataset then name."""
     files = [(path, payload) for path, payload in _payloads(results_dir) if _is_eval(payload)]
     files.sort(key=lambda item: (item[1]["records"][0]["dataset"], item[0].name))
-    return summary_table(files) if files else f"No evaluation files under {results_dir}."
+    return summary_table(files) if files else f"No evaluation files under {results_dir.name}/."
+
+
+def _files(folder: Path, base: str) -> str:
+    """Links to every file under ``folder`` (recursively), relative to ``base``'s folder."""
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    return ", ".join(f"[`{p.relative_to(folder).as_posix()}`]({base}{p.relative_to(folder).as_posix()})" for p in paths)
+
+
+def results_page(root: Path) -> str:
+    """``bench/results/README.md``: the folders, the archive rule, each folder's tables, the archive's summary."""
+    lines = [
+        "# Results",
+        "",
+        "Generated by `python scripts/results_tables.py --write` from the JSON files in these folders (rerun it; never "
+        "edit results by hand). The numbers the README shows, and the run behind each: [HEADLINE.md](HEADLINE.md).",
+        "",
+        "| folder | what |",
+        "|---|---|",
+        *(f"| `{name}/` | {what} |" for name, what in FOLDERS.items()),
+        "",
+        ARCHIVE_RULE,
+        "",
+        "## Evaluations",
+        "",
+        render_summary(root / "evaluations"),
+        "",
+        render(root / "evaluations"),
+        "",
+        "## End to end",
+        "",
+        render(root / "e2e"),
+    ]
+    for name, title in (("kernels", "Kernels"), ("sweeps", "Sweeps"), ("gpu", "GPU windows"), ("plots", "Plots")):
+        if (root / name).is_dir():
+            lines += ["", f"## {title}", "", f"`{name}/`: " + _files(root / name, f"{name}/") + "."]
+    lines += ["", "## Archive", "", render_summary(root / "archive" / "evaluations"), ""]
+    lines += [
+        "Per-run tables of the archived evaluations: `python scripts/results_tables.py --results "
+        "bench/results/archive/evaluations`. Files: " + _files(root / "archive", "archive/") + "."
+    ]
+    return headline.public("\n".join(lines)) + "\n"
+
+
+def replaced(text: str, sections: dict[tuple[str, str], str], name: str) -> str:
+    """``text`` with the text between each ``(begin, end)`` marker pair replaced by its markdown."""
+    for (begin, end), markdown in sections.items():
+        start, stop = text.find(begin), text.find(end)
+        if start < 0 or stop < start:
+            raise SystemExit(f"{name}: no {begin} ... {end} markers (in that order)")
+        text = text[: start + len(begin)] + "\n" + markdown + "\n" + text[stop:]
+    return text
 
 
 def update(readme: Path, sections: dict[tuple[str, str], str]) -> None:
     """Replace the text between each ``(begin, end)`` marker pair in ``readme`` with its markdown."""
-    text = readme.read_text()
-    for (begin, end), markdown in sections.items():
-        start, stop = text.find(begin), text.find(end)
-        if start < 0 or stop < start:
-            raise SystemExit(f"{readme}: no {begin} ... {end} markers (in that order)")
-        text = text[: start + len(begin)] + "\n" + markdown + "\n" + text[stop:]
-    readme.write_text(text)
+    readme.write_text(replaced(readme.read_text(), sections, readme.name))
+
+
+def pages(root: Path, readme: Path) -> dict[Path, str]:
+    """Every generated page and its text: the results README, the headline file, the README with its headline."""
+    table = headline.public(headline.headline_table(root, root.relative_to(readme.parent).as_posix() + "/"))
+    return {
+        root / "README.md": results_page(root),
+        root / "HEADLINE.md": headline.headline_page(root),
+        readme: replaced(readme.read_text(), {(HEADLINE_BEGIN, HEADLINE_END): table}, readme.name),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, default=REPO_ROOT / "bench" / "results", help="results folder")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--update", type=Path, default=None, help="file whose marked section to replace")
+    parser.add_argument("--write", action="store_true", help="regenerate the results pages and the README headline")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a generated page is out of date")
     args = parser.parse_args(argv)
+    if args.write or args.check:
+        generated = pages(args.results, REPO_ROOT / "README.md")
+        stale = [path for path, text in generated.items() if not path.exists() or path.read_text() != text]
+        if args.check:
+            for path in stale:
+                print(f"{path.relative_to(REPO_ROOT)} is out of date: run python scripts/results_tables.py --write")
+            return 1 if stale else 0
+        for path in stale:
+            path.write_text(generated[path])
+            print(f"wrote {path.relative_to(REPO_ROOT)}", file=sys.stderr)
+        return 0
     sections = {(SUMMARY_BEGIN, SUMMARY_END): render_summary(args.results), (BEGIN, END): render(args.results)}
     if args.update is None:
-        print("\n\n".join(sections.values()))
+        print(headline.public("\n\n".join(sections.values())))
     else:
-        update(args.update, sections)
+        update(args.update, {key: headline.public(text) for key, text in sections.items()})
         print(f"updated {args.update}", file=sys.stderr)
     return 0
 

