@@ -21,6 +21,18 @@ MAX_ROWS = 16
 
 
 @triton.jit
+def normalise_rows(s, valid, weight, bias, d, eps):
+    """LayerNorm of the rows of a float32 tile ``s`` (entries outside ``valid`` are 0): mean and biased variance
+    over the ``d`` valid columns, two-pass over the registers, then ``* weight + bias`` (float32 vectors); the one
+    statement of the normalisation for every kernel that ends in a LayerNorm."""
+    mean = tl.sum(s, axis=1) / d
+    centred = tl.where(valid, s - mean[:, None], 0.0)
+    variance = tl.sum(centred * centred, axis=1) / d
+    rstd = 1.0 / tl.sqrt(variance + eps)
+    return centred * rstd[:, None] * weight[None, :] + bias[None, :]
+
+
+@triton.jit
 def _add_layer_norm_kernel(
     x_ptr,
     r_ptr,
@@ -49,13 +61,9 @@ def _add_layer_norm_kernel(
     x = tl.load(x_ptr + offsets, mask=valid, other=0.0)
     r = tl.load(r_ptr + offsets, mask=valid, other=0.0)
     s = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype).to(tl.float32)
-    mean = tl.sum(s, axis=1) / d
-    centred = tl.where(valid, s - mean[:, None], 0.0)
-    variance = tl.sum(centred * centred, axis=1) / d
-    rstd = 1.0 / tl.sqrt(variance + eps)
     w = tl.load(w_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)
-    y = centred * rstd[:, None] * w[None, :] + b[None, :]
+    y = normalise_rows(s, valid, w, b, d, eps)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=valid)
 
 

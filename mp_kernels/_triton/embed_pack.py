@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mp_kernels._triton.add_layer_norm import normalise_rows
 from mp_kernels.dispatch import triton_interpreting
 
 TILE = 4096
@@ -114,11 +115,7 @@ def _embed_pack_kernel(
         position = tl.load(position_ptr + ranks.to(tl.int64)[:, None] * d + cols[None, :], mask=tile, other=0.0)
         summed = (word.to(tl.float32) + token_type.to(tl.float32)).to(dtype).to(tl.float32)
         summed = (summed + position.to(tl.float32)).to(dtype).to(tl.float32)
-        mean = tl.sum(summed, axis=1) / d
-        centred = tl.where(tile, summed - mean[:, None], 0.0)
-        variance = tl.sum(centred * centred, axis=1) / d
-        rstd = 1.0 / tl.sqrt(variance + eps)
-        y = centred * rstd[:, None] * weight[None, :] + bias[None, :]
+        y = normalise_rows(summed, tile, weight, bias, d, eps)
         tl.store(hidden_ptr + dest.to(tl.int64)[:, None] * d + cols[None, :], y.to(dtype), mask=tile)
 
 

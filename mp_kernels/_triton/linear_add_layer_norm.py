@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mp_kernels._triton.add_layer_norm import normalise_rows
 from mp_kernels._triton.semaphores import arrive, counters
 from mp_kernels.dispatch import triton_interpreting
 
@@ -163,13 +164,9 @@ def _epilogue(
     residual = tl.load(r_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=valid, other=0.0)
     s = (v.to(tl.float32) + residual.to(tl.float32)).to(bias.dtype).to(tl.float32)
     s = tl.where(valid, s, 0.0)
-    mean = tl.sum(s, axis=1) / N
-    centred = tl.where(valid, s - mean[:, None], 0.0)
-    variance = tl.sum(centred * centred, axis=1) / N
-    rstd = 1.0 / tl.sqrt(variance + eps)
     w = tl.load(nw_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)
     b = tl.load(nb_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)
-    y = centred * rstd[:, None] * w[None, :] + b[None, :]
+    y = normalise_rows(s, valid, w, b, N, eps)
     if HAS_DEST:
         target = tl.load(dest_ptr + rows, mask=row_valid, other=-1)
         lands = row_valid & (target >= 0) & (target < capacity)
