@@ -14,7 +14,7 @@ The last program to arrive finishes the slot, as the single program did before: 
 partials in a fixed order (one ``tl.sum`` over the partial axis of a ``(BLOCK_P, BLOCK_D)`` tile), divides by
 the length, rounds the mean to the input dtype and folds it into the sub-classifier's pre-activation
 ``W1[:, block] @ pooled[block]`` (``BLOCK_W >= w`` accumulators in float32). Then bias, rounding, tanh (through
-``exp``: ``sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|})``), rounding, the ``classes x w`` product, rounding, the
+one ``exp``: ``rows_linear.activate``), rounding, the ``classes x w`` product, rounding, the
 softmax entropy over the classes and the exit decision; an exiting slot writes its logits, its exit layer and
 ``alive = false``. The result does not depend on which program arrives last, so it is bitwise the same on every
 run with the same ``max_rows``. Zero probabilities contribute 0 by an ``== 0`` test and clamping uses
@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mp_kernels._triton.rows_linear import activate
 from mp_kernels._triton.segments import segment
 from mp_kernels._triton.semaphores import arrive, counters
 
@@ -106,9 +107,7 @@ def _exit_step_kernel(
             w1 = tl.load(w1_ptr + offs_w[:, None] * d + offs_d[None, :], mask=w1_mask, other=0.0).to(tl.float32)
             pre += tl.sum(w1 * pooled[None, :], axis=1)
         pre = (pre + tl.load(b1_ptr + offs_w, mask=w_valid, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
-        decay = tl.exp(-2.0 * tl.abs(pre))
-        magnitude = (1.0 - decay) / (1.0 + decay)
-        hidden_units = tl.where(pre < 0.0, -magnitude, magnitude).to(dtype).to(tl.float32)
+        hidden_units = activate(pre, "tanh").to(dtype).to(tl.float32)
         offs_c = tl.arange(0, BLOCK_C)
         c_valid = offs_c < classes
         w2_mask = c_valid[:, None] & w_valid[None, :]

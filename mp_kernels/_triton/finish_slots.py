@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mp_kernels._triton.rows_linear import activate
 from mp_kernels._triton.segments import segment
 
 BLOCK_N = 32
@@ -83,9 +84,7 @@ def _finish_slots_kernel(
                 w = tl.load(w_ptrs, mask=n_valid[:, None] & k_valid[None, :], other=0.0).to(tl.float32)
                 acc += tl.sum(w * x[None, :], axis=1)
             pre = (acc + tl.load(pb_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
-            decay = tl.exp(-2.0 * tl.abs(pre))
-            magnitude = (1.0 - decay) / (1.0 + decay)
-            pooled = tl.where(pre < 0.0, -magnitude, magnitude).to(dtype).to(tl.float32)
+            pooled = activate(pre, "tanh").to(dtype).to(tl.float32)
             wc_ptrs = cw_ptr + offs_c[:, None] * d + offs_n[None, :]
             wc = tl.load(wc_ptrs, mask=c_valid[:, None] & n_valid[None, :], other=0.0).to(tl.float32)
             z += tl.sum(wc * pooled[None, :], axis=1)

@@ -217,7 +217,7 @@ def device_plan(
 
 
 @triton.jit
-def _activate(v, ACTIVATION: tl.constexpr):
+def activate(v, ACTIVATION: tl.constexpr):
     """``ACTIVATION`` (``"none"``, ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``"tanh"``) of a float32 tile.
 
     ``tanh(z)`` comes from one exponential, exact at +-inf: ``sign(z) (1 - e) / (1 + e)`` with ``e = exp(-2|z|)``.
@@ -245,7 +245,7 @@ def _finish_tile(acc, b_ptr, y_ptr, rows, cols, mask, N, HAS_BIAS: tl.constexpr,
     """Add the bias, apply the activation in float32, round to ``y``'s dtype and store the ``mask``ed tile."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    acc = _activate(acc, ACTIVATION)
+    acc = activate(acc, ACTIVATION)
     tl.store(y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
