@@ -36,6 +36,12 @@ class MagicPyramidConfig(BertConfig):
             whose uncertainty is at most ``tau`` (larger exits earlier).
         exit_hidden_size: width of each sub-classifier's hidden layer.
         soft_mask_temperature: ``T`` of the soft masks ``sigmoid((s - threshold) / T)`` in training.
+
+    ``exit_tau``, ``use_pruning`` and ``use_early_exit`` are the serve-time defaults of a call that does not pass
+    ``tau``, ``prune`` or ``early_exit``, as ``pipeline("text-classification")`` calls the model. Set them when
+    loading (``from_pretrained(folder, exit_tau=0.3)``, ``pipeline(..., model_kwargs={"exit_tau": 0.3})``: keyword
+    arguments naming config fields update the config) or on ``model.config``; an ``exit_tau`` outside [0, 1] set
+    this way is a ``ValueError`` at the call.
     """
 
     model_type = "magic_pyramid"
