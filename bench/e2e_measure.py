@@ -270,7 +270,8 @@ def prepare(
         width = max(x["input_ids"].shape[1] for x in inputs)
         knobs = {"threshold_scale": subject.threshold_scale, "backend": backend}
         before = dict(engine.stats())
-        engine.warm_up(sizes, width, prune=prune, early_exit=early_exit, exit_schedule=replay, **knobs)
+        resolved = subject.model.resolve_knobs(prune=prune, early_exit=early_exit, **knobs)
+        engine.warm_up(sizes, width, resolved, exit_schedule=replay)
         outputs = [_host_copy(fn(x)) for x in inputs]
         after = dict(engine.stats())
         extra["graph_stats"] = _json_ready(after)

@@ -54,10 +54,10 @@ def engine_launches(layers: int) -> dict[str, dict[str, int]]:
     counts = {}
     settings = (("dense", False, False), ("ltp", True, False), ("fastbert", False, True), ("mp", True, True))
     for name, prune, early_exit in settings:
-        knobs = dict(tau=0.0, threshold_scale=1.0, prune=prune, early_exit=early_exit, backend="triton")
-        model.graph_engine(ids, torch.ones_like(ids), None, **knobs)  # one-time work: fused weights, counters
+        knobs = model.resolve_knobs(tau=0.0, prune=prune, early_exit=early_exit, backend="triton")
+        model.graph_engine(ids, torch.ones_like(ids), None, knobs)  # one-time work: fused weights, counters
         with record_launches() as calls:
-            model.graph_engine(ids, torch.ones_like(ids), None, **knobs)
+            model.graph_engine(ids, torch.ones_like(ids), None, knobs)
         counts[name] = count_launches(calls)
     return counts
 

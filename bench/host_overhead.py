@@ -53,7 +53,8 @@ def measure(name: str, batch: int, width: int, calls: int, repeats: int) -> dict
     knobs = dict(tau=0.3, threshold_scale=1.0, backend="triton")
     with torch.no_grad():
         model_us = per_call_us(lambda: model(ids, mask, types, engine="graph", validate=False, **knobs), calls, repeats)
-        engine_us = per_call_us(lambda: engine(ids, mask, types, prune=True, early_exit=True, **knobs), calls, repeats)
+        resolved = model.resolve_knobs(prune=True, early_exit=True, **knobs)
+        engine_us = per_call_us(lambda: engine(ids, mask, types, resolved), calls, repeats)
     return {"model": name, "batch_size": batch, "width": width, "model_call_us": model_us, "engine_call_us": engine_us}
 
 

@@ -21,14 +21,12 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from mp_model.modeling import MagicPyramidForSequenceClassification
+from mp_model.engine import ModelParts
 
 # Inputs with more rows run ``F.linear`` on the original weight: from here up the pre-packed weight gains nothing.
 PREPACKED_MAX_ROWS = 256
@@ -47,7 +45,7 @@ class FusedWeights:
     versions: tuple[int, ...] = ()
 
 
-def qkv_projections(model: MagicPyramidForSequenceClassification) -> list[tuple[nn.Linear, nn.Linear, nn.Linear]]:
+def qkv_projections(model: ModelParts) -> list[tuple[nn.Linear, nn.Linear, nn.Linear]]:
     """Each layer's ``(query, key, value)`` projections."""
     return [(a.query, a.key, a.value) for a in (layer.attention.self for layer in model.bert.encoder.layer)]
 
@@ -151,7 +149,7 @@ def source_key(sources: list[torch.Tensor]) -> tuple[int, ...]:
     return (*map(torch.Tensor.data_ptr, sources), *(p._version for p in sources))
 
 
-def _layer_sources(model: MagicPyramidForSequenceClassification) -> list[torch.Tensor]:
+def _layer_sources(model: ModelParts) -> list[torch.Tensor]:
     """Weight and bias of every projection of the encoder, in layer order."""
     sources = []
     for layer in model.bert.encoder.layer:
@@ -161,7 +159,7 @@ def _layer_sources(model: MagicPyramidForSequenceClassification) -> list[torch.T
     return sources
 
 
-def packed_path_weights(model: MagicPyramidForSequenceClassification) -> PackedPathWeights:
+def packed_path_weights(model: ModelParts) -> PackedPathWeights:
     """``model``'s projections for the packed path (see the module docstring), rebuilt when a weight changed."""
     cached = _CACHE.get(model)
     if cached is not None and cached.key == source_key(cached.sources):

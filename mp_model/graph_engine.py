@@ -22,9 +22,9 @@ the same arithmetic but gives every tensor a shape fixed by a *bucket*, the batc
   runs inside the forward, and a call adds at most 4 (copying the inputs in, one copy of the outputs out);
 * the GEMMs (``rows_linear``, ``linear_add_layer_norm``) split K over several programs where the bucket has too
   few rows to fill the GPU, with a deterministic fix-up in the same launch (``mp_kernels/_triton/semaphores.py``);
-* the knobs ``tau`` and ``threshold_scale`` are copied into device tensors before each replay, so one captured
-  graph serves any setting; only the set of layers that prune (thresholds above 0) and the switches
-  ``prune`` / ``early_exit`` / ``exit_schedule`` select another graph;
+* the knobs (``mp_model.knobs.ResolvedKnobs``) ``tau`` and the scaled thresholds are copied into device tensors
+  before a replay when they changed, so one captured graph serves any setting; only the set of layers that prune
+  (``prune_layers``) and the switches ``early_exit`` / ``exit_schedule`` select another graph;
 * FLOPs follow ``mp_model.flops`` (its coefficients, ``flops_coefficients``), as on the packed path.
 
 On CUDA with the Triton backend each bucket's forward is captured once into a ``torch.cuda.CUDAGraph`` (all
@@ -41,8 +41,8 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -56,13 +56,11 @@ from mp_kernels import (
     varlen_attention,
 )
 from mp_kernels.dispatch import choose_backend
-from mp_model.config import check_thresholds
+from mp_model.engine import ModelParts
 from mp_model.flops import flops_coefficients
 from mp_model.fused_weights import FusedWeights, refresh_fused_qkv
+from mp_model.knobs import ResolvedKnobs
 from mp_model.outputs import MagicPyramidOutput
-
-if TYPE_CHECKING:
-    from mp_model.modeling import MagicPyramidForSequenceClassification
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_WIDTH_BUCKETS = (16, 32, 64, 128, 256, 512)
@@ -123,11 +121,11 @@ def output_bytes(batch: int, layers: int, classes: int, dtype: torch.dtype) -> i
 
 
 class GraphEngine:
-    """Sync-free, bucketed forward of a ``MagicPyramidForSequenceClassification``; see the module docstring.
+    """Sync-free, bucketed forward of a model's ``parts`` (``mp_model.engine.Engine``); see the module docstring.
 
     Args:
-        model: the model (its current device and dtype are used; moving it invalidates the graphs, which are
-            recaptured on next use).
+        parts: the model's modules (``ModelParts``; the model itself satisfies it): their current device and dtype
+            are used; moving them invalidates the graphs, which are recaptured on next use.
         use_graphs: capture CUDA graphs (default: on CUDA with the Triton backend).
         batch_buckets, width_buckets: the bucket sizes (inputs are padded up; a size past the largest bucket
             gets a bucket of its own).
@@ -136,34 +134,32 @@ class GraphEngine:
 
     def __init__(
         self,
-        model: MagicPyramidForSequenceClassification,
+        parts: ModelParts,
         *,
         use_graphs: bool | None = None,
         batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
         width_buckets: Sequence[int] = DEFAULT_WIDTH_BUCKETS,
         max_graphs: int = DEFAULT_MAX_GRAPHS,
     ) -> None:
-        activation = model.config.hidden_act
+        activation = parts.config.hidden_act
         if activation not in ACTIVATIONS:
             raise ValueError(f"the graph engine supports hidden_act in {sorted(ACTIVATIONS)}, got {activation!r}")
-        self.model = model
+        self.parts = parts
         self.activation = ACTIVATIONS[activation]
         self.use_graphs = use_graphs
         self.batch_buckets = tuple(sorted(batch_buckets))
-        self.width_buckets = tuple(sorted(w for w in width_buckets if w <= model.config.max_position_embeddings))
+        self.width_buckets = tuple(sorted(w for w in width_buckets if w <= parts.config.max_position_embeddings))
         self.max_graphs = max_graphs
         self._plans: OrderedDict[PlanKey, Plan] = OrderedDict()
         self._fused = FusedWeights()
         self._pointers: tuple[int, ...] = ()
-        self._thresholds_seen: tuple[int, int] = (-1, -1)
-        self._host_thresholds: list[float] = []
         self._pool: Any = None
-        self._parameters = list(model.parameters())
+        self._parameters = [*parts.bert.parameters(), *parts.exits.parameters(), *parts.classifier.parameters()]
         self._projections = [
-            (a.query, a.key, a.value) for a in (layer.attention.self for layer in model.bert.encoder.layer)
+            (a.query, a.key, a.value) for a in (layer.attention.self for layer in parts.bert.encoder.layer)
         ]
         self._projection_tensors = [p for trio in self._projections for m in trio for p in (m.weight, m.bias)]
-        self._coefficients = flops_coefficients(model.config)
+        self._coefficients = flops_coefficients(parts.config)
 
     # ----------------------------------------------------------------------------------------------- state
     def _sync_weights(self) -> None:
@@ -180,20 +176,6 @@ class GraphEngine:
         versions = tuple(p._version for p in self._projection_tensors)
         refresh_fused_qkv(self._fused, self._projections, versions)
 
-    def _prune_layers(self, prune: bool, threshold_scale: float) -> tuple[bool, ...]:
-        """Which layers prune: ``threshold * scale > 0`` (thresholds read back only when they change).
-
-        When pruning, a NaN or infinite learned threshold raises a ``ValueError`` (checked on the host copy).
-        """
-        thresholds = self.model.thresholds
-        seen = (thresholds.data_ptr(), thresholds._version)
-        if seen != self._thresholds_seen:
-            self._host_thresholds = thresholds.detach().double().cpu().tolist()
-            self._thresholds_seen = seen
-        if prune:
-            check_thresholds(self._host_thresholds, "thresholds")
-        return tuple(prune and t * threshold_scale > 0.0 for t in self._host_thresholds)
-
     def _plan(self, key: PlanKey) -> Plan:
         plan = self._plans.get(key)
         if plan is not None:
@@ -209,11 +191,12 @@ class GraphEngine:
     def _new_plan(self, key: PlanKey) -> Plan:
         """A plan's static tensors for ``key`` (and its CUDA graph, where graphs are on); evicts the oldest plan
         when ``max_graphs`` are kept."""
-        device = self.model.thresholds.device
-        config = self.model.config
+        weight = self._parameters[0]
+        device, dtype = weight.device, weight.dtype
+        config = self.parts.config
         layers = config.num_hidden_layers
-        score_dtype = torch.float64 if self.model.dtype == torch.float64 else torch.float32
-        size = output_bytes(key.batch, layers, config.num_labels, self.model.dtype)
+        score_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        size = output_bytes(key.batch, layers, config.num_labels, dtype)
         plan = Plan(
             key=key,
             inputs=torch.zeros((3, key.batch, key.width), dtype=torch.int64, device=device),
@@ -258,14 +241,15 @@ class GraphEngine:
 
         Writes ``plan.outputs`` (``output_views``: ``exit_layer``, ``flops``, ``kept (layers, B)``, ``logits``).
         """
-        model, key = self.model, plan.key
-        config, bert = model.config, model.bert
+        parts, key = self.parts, plan.key
+        config, bert = parts.config, parts.bert
         batch, width, backend = key.batch, key.width, key.backend
         layers = config.num_hidden_layers
         heads = config.num_attention_heads
         head_dim = config.hidden_size // heads
         capacity = batch * width
-        exit_layer, flops, kept, logits = output_views(plan.outputs, batch, layers, config.num_labels, model.dtype)
+        dtype = self._parameters[0].dtype
+        exit_layer, flops, kept, logits = output_views(plan.outputs, batch, layers, config.num_labels, dtype)
         embeddings = bert.embeddings
         norm = embeddings.LayerNorm
         hidden, cu, lengths, alive = embed_pack(
@@ -334,7 +318,7 @@ class GraphEngine:
                 backend=backend,
             )
             if key.early_exit and index < layers - 1:
-                head = model.exits[index]
+                head = parts.exits[index]
                 exit_step(
                     hidden,
                     cu,
@@ -359,8 +343,8 @@ class GraphEngine:
             cu,
             pooler.weight,
             pooler.bias,
-            model.classifier.weight,
-            model.classifier.bias,
+            parts.classifier.weight,
+            parts.classifier.bias,
             alive,
             lengths,
             logits,
@@ -379,27 +363,23 @@ class GraphEngine:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None,
-        *,
-        tau: float,
-        threshold_scale: float,
-        prune: bool,
-        early_exit: bool,
-        exit_schedule: torch.Tensor | None = None,
-        backend: str | None = None,
+        knobs: ResolvedKnobs,
     ) -> MagicPyramidOutput:
-        """Run validated ``(batch, seq)`` inputs (as ``MagicPyramidForSequenceClassification.forward``).
+        """Run validated ``(batch, seq)`` inputs, padded on either side, with ``knobs`` (``mp_model.engine.Engine``).
 
-        Nothing is read back from the device, except the model's pruning thresholds after they change.
+        Nothing is read back from the device.
         """
         self._sync_weights()
         batch, width = input_ids.shape
-        layers = self.model.config.num_hidden_layers
+        config = self.parts.config
+        layers = config.num_hidden_layers
+        exit_schedule = knobs.exit_schedule
         key = PlanKey(
             batch=bucket(batch, self.batch_buckets),
             width=bucket(width, self.width_buckets),
-            backend=choose_backend(backend, input_ids.device),
-            prune_layers=self._prune_layers(prune, threshold_scale),
-            early_exit=early_exit and layers > 1,
+            backend=choose_backend(knobs.backend, input_ids.device),
+            prune_layers=knobs.prune_layers,
+            early_exit=knobs.early_exit and layers > 1,
             scheduled=exit_schedule is not None,
         )
         plan = self._plan(key)
@@ -414,18 +394,17 @@ class GraphEngine:
             plan.inputs[: len(sources), :batch, :width].copy_(torch.stack(sources))
         if exit_schedule is not None:
             plan.schedule[:batch].copy_(exit_schedule)
-        knobs = (tau, threshold_scale, self._thresholds_seen)
-        if knobs != plan.knobs:
-            plan.tau.fill_(tau)
-            plan.thresholds.copy_(self.model.thresholds.detach().double() * threshold_scale)
-            plan.knobs = knobs
+        values = (knobs.tau, knobs.thresholds)
+        if values != plan.knobs:
+            plan.tau.fill_(knobs.tau)
+            plan.thresholds.copy_(torch.tensor(knobs.thresholds, dtype=torch.float64))
+            plan.knobs = values
         if plan.graph is not None:
             plan.graph.replay()
         else:
             self._static_forward(plan)
-        config = self.model.config
         exit_layer, flops, kept, logits = output_views(
-            plan.outputs.clone(), key.batch, layers, config.num_labels, self.model.dtype
+            plan.outputs.clone(), key.batch, layers, config.num_labels, self._parameters[0].dtype
         )
         return MagicPyramidOutput(
             logits=logits[:batch], exit_layer=exit_layer[:batch], kept_tokens=kept.T[:batch], flops=flops[:batch]
@@ -433,37 +412,22 @@ class GraphEngine:
 
     # ------------------------------------------------------------------------------------------- capture
     def warm_up(
-        self,
-        batch_sizes: Sequence[int],
-        max_length: int,
-        *,
-        prune: bool = True,
-        early_exit: bool = True,
-        exit_schedule: bool = False,
-        threshold_scale: float = 1.0,
-        backend: str | None = None,
+        self, batch_sizes: Sequence[int], max_length: int, knobs: ResolvedKnobs, *, exit_schedule: bool = False
     ) -> dict[str, Any]:
-        """Capture ahead of time the graphs of these batch sizes at every width bucket up to ``max_length``.
+        """Capture ahead of time the graphs of these batch sizes at every width bucket up to ``max_length``, for the
+        structure of ``knobs`` (its pruning layers and ``early_exit``) and, with ``exit_schedule``, a replayed
+        schedule (``knobs.exit_schedule`` is not read).
 
         Returns ``stats()``.
         """
-        device = self.model.thresholds.device
+        device = self._parameters[0].device
         widths = sorted({bucket(w, self.width_buckets) for w in self.width_buckets if w < max_length})
         widths.append(bucket(max_length, self.width_buckets))
         for size in sorted({bucket(b, self.batch_buckets) for b in batch_sizes}):
+            schedule = torch.zeros(size, dtype=torch.int64, device=device) if exit_schedule else None
             for width in widths:
                 ids = torch.ones(size, width, dtype=torch.int64, device=device)
-                self(
-                    ids,
-                    torch.ones_like(ids),
-                    None,
-                    tau=0.0,
-                    threshold_scale=threshold_scale,
-                    prune=prune,
-                    early_exit=early_exit,
-                    exit_schedule=torch.zeros(size, dtype=torch.int64, device=device) if exit_schedule else None,
-                    backend=backend,
-                )
+                self(ids, torch.ones_like(ids), None, replace(knobs, exit_schedule=schedule))
         return self.stats()
 
     def stats(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mp_model.knobs import ResolvedKnobs
 from mp_model.ort_layers import LoneResult, OrtLayers
 
 
@@ -22,32 +23,30 @@ def run_lone_sequence(
     runner: OrtLayers,
     start: int,
     inputs: torch.Tensor | tuple[np.ndarray, np.ndarray],
-    thresholds: list[float],
-    *,
-    tau: float,
-    early_exit: bool,
+    knobs: ResolvedKnobs,
     exit_after: int | None,
     return_exit_logits: bool,
 ) -> LoneResult:
-    """Layers ``start`` onwards on one sequence.
+    """Layers ``start`` onwards on one sequence, with the call's ``knobs``.
 
     ``inputs``: hidden states ``(n, d)`` float32 entering layer ``start``, or (``start == 0``) token ids and token
-    type ids ``(n,)`` int64 numpy arrays. ``thresholds``: every layer's scaled pruning threshold. ``exit_after``:
-    the replayed schedule's exit layer for this sequence (None: the entropy test at ``tau``).
-    ``return_exit_logits``: run every sub-classifier (also without ``early_exit``).
+    type ids ``(n,)`` int64 numpy arrays. ``exit_after``: the replayed schedule's exit layer for this sequence
+    (``knobs.exit_after(row)``; None: the entropy test at ``knobs.tau``). ``return_exit_logits``: run every
+    sub-classifier (also without ``knobs.early_exit``).
     """
     layers = runner.layer_count
+    early_exit, tau = knobs.early_exit, knobs.tau
     if not (early_exit or return_exit_logits):
-        run = runner.run(start, layers, inputs, thresholds[start:], exit_head=False)
+        run = runner.run(start, layers, inputs, knobs, exit_head=False)
         return LoneResult(run.logits, layers, run.counts, None)
     if isinstance(inputs, tuple):
-        return runner.run_to_exit(inputs, thresholds, tau if early_exit else -1.0, exit_after if early_exit else None)
+        return runner.run_to_exit(inputs, knobs, exit_after)
     counts = torch.zeros(layers - start, dtype=torch.int64)
     exit_logits = torch.full((layers - 1 - start, runner.source.num_labels), float("nan"))
     result = LoneResult(torch.empty(0, runner.source.num_labels), layers, counts, exit_logits)  # logits set below
     for index in range(start, layers):
         head = index < layers - 1
-        run = runner.run(index, index + 1, inputs, thresholds[index : index + 1], exit_head=head)
+        run = runner.run(index, index + 1, inputs, knobs, exit_head=head)
         inputs = run.hidden
         counts[index - start] = run.counts[0]
         if not head:

@@ -15,21 +15,26 @@ The first token of every sequence is never masked (it feeds the main classifier)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
+from torch import nn
 
+from mp_model.engine import ModelParts
 from mp_model.exit_head import apply_exits
 from mp_model.outputs import MagicPyramidTrainingOutput
-
-if TYPE_CHECKING:
-    from mp_model.modeling import MagicPyramidForSequenceClassification
 
 MASK_MODES = ("none", "soft", "hard")
 
 
+class TrainingParts(ModelParts):
+    """What the training path reads of a model besides the engines' ``ModelParts``: the learnable thresholds
+    ``(layers,)`` and the dropout before the main classifier."""
+
+    thresholds: nn.Parameter
+    dropout: nn.Dropout
+
+
 def masked_forward(
-    model: MagicPyramidForSequenceClassification,
+    model: TrainingParts,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     token_type_ids: torch.Tensor | None,

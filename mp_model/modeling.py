@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -11,13 +10,14 @@ from torch import nn
 from transformers import BertModel, BertPreTrainedModel
 
 from mp_kernels.dispatch import choose_backend
-from mp_model import ort_layers
 from mp_model.config import MagicPyramidConfig, check_thresholds
 from mp_model.exit_head import ExitClassifier
 from mp_model.graph_engine import GraphEngine
+from mp_model.knobs import ResolvedKnobs, ThresholdReader, check_knobs, resolve_knobs
 from mp_model.masked_training import masked_forward
+from mp_model.ort_layers import supports as ort_supports
 from mp_model.outputs import MagicPyramidOutput, MagicPyramidTrainingOutput
-from mp_model.packed_inference import packed_forward
+from mp_model.packed_inference import PackedEngine
 
 # A tensor or, on the CPU, its numpy view: ``_value_facts`` runs the same operations on either.
 Array = torch.Tensor | np.ndarray
@@ -147,13 +147,6 @@ def _roll_rows(tensor: torch.Tensor | None, shifts: torch.Tensor) -> torch.Tenso
     return tensor.gather(-1, index.expand(tensor.shape))
 
 
-def _check_knobs(tau: float, threshold_scale: float) -> None:
-    if not 0.0 <= tau <= 1.0:
-        raise ValueError(f"tau must lie in [0, 1], got {tau}")
-    if not 0.0 <= threshold_scale < math.inf:
-        raise ValueError(f"threshold_scale must be non-negative and finite, got {threshold_scale}")
-
-
 class MagicPyramidForSequenceClassification(BertPreTrainedModel):
     """A BERT classifier with learned token pruning and early exit (Magic Pyramid).
 
@@ -164,9 +157,11 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
     ``from_pretrained`` takes a plain BERT-architecture folder (``BertModel`` or ``BertForSequenceClassification``;
     missing heads are initialised) or a folder saved by this class.
 
-    Calling the model runs inference (``forward``): on CUDA the sync-free graph engine (``graph_engine``,
-    ``mp_model.graph_engine``), elsewhere the packed path (``mp_model.packed_inference``); both compute the same
-    function. Training uses ``masked_forward``.
+    Calling the model runs inference (``forward``): it resolves the knobs once (``resolve_knobs``,
+    ``mp_model.knobs``) and hands them to one engine (``mp_model.engine.Engine``): on CUDA the sync-free graph
+    engine (``graph_engine``, ``mp_model.graph_engine``), elsewhere the packed path (``mp_model.packed_inference``,
+    with ONNX Runtime for lone sequences on a CPU in float32). Every engine computes the function that
+    ``mp_model.reference`` states plainly. Training uses ``masked_forward``.
     """
 
     config_class = MagicPyramidConfig
@@ -181,8 +176,9 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         self.exits = nn.ModuleList(ExitClassifier(config) for _ in range(config.num_hidden_layers - 1))
         self.thresholds = nn.Parameter(torch.tensor(config.prune_thresholds, dtype=torch.float32))
         self._graph_engine: GraphEngine | None = None
-        # The thresholds' (data pointer, version) at the last successful check, and their values then.
-        self._thresholds_checked: tuple[tuple[int, int], list[float]] = ((-1, -1), [])
+        # The packed engine without and with ONNX Runtime for lone sequences.
+        self._packed_engines = (PackedEngine(self), PackedEngine(self, use_ort=True))
+        self._threshold_reader = ThresholdReader()
         self.post_init()
 
     @classmethod
@@ -191,8 +187,15 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
 
         transformers 5 loads a checkpoint in its stored dtype; a float16 copy of a model would then give float16
         master weights, which AdamW cannot train (its ``eps`` underflows), and a float16 model on the CPU path.
-        Cast for inference afterwards (``model.to(torch.bfloat16)``) or pass ``dtype``.
+        Cast for inference afterwards (``model.to(torch.bfloat16)``) or pass ``dtype``. A local folder without a
+        ``config.json`` (and no ``config`` given) is a ``ValueError`` naming it.
         """
+        import os
+
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if "config" not in kwargs and isinstance(source, str | os.PathLike) and os.path.isdir(source):
+            if not os.path.isfile(os.path.join(source, "config.json")):
+                raise ValueError(f"{source} holds no config.json: it is not a saved model folder")
         if "dtype" not in kwargs and "torch_dtype" not in kwargs:
             kwargs["dtype"] = torch.float32
         return super().from_pretrained(*args, **kwargs)
@@ -228,17 +231,41 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         break that layer's pruning).
 
         The thresholds are read back only when the parameter changed since the last successful check (its
-        storage or version counter), so steady-state inference reads nothing. Change them with
-        ``set_thresholds`` or any in-place operation on the parameter; a write through ``thresholds.data`` leaves
-        the version counter unchanged and is not seen, as for the weights the packed path, the ONNX Runtime
-        sessions and the GPU engine derive their copies from.
+        storage or version counter; ``mp_model.knobs.ThresholdReader``), so steady-state inference reads nothing.
+        Change them with ``set_thresholds`` or any in-place operation on the parameter; a write through
+        ``thresholds.data`` leaves the version counter unchanged and is not seen, as for the weights the packed
+        path, the ONNX Runtime sessions and the GPU engine derive their copies from.
         """
-        seen = (self.thresholds.data_ptr(), self.thresholds._version)
-        if seen != self._thresholds_checked[0]:
-            values = self.thresholds.detach().double().cpu().tolist()
-            check_thresholds(values, "thresholds")
-            self._thresholds_checked = (seen, values)
-        return self._thresholds_checked[1]
+        return self._threshold_reader(self.thresholds)
+
+    def resolve_knobs(
+        self,
+        *,
+        tau: float | None = None,
+        threshold_scale: float = 1.0,
+        prune: bool | None = None,
+        early_exit: bool | None = None,
+        exit_schedule: torch.Tensor | None = None,
+        backend: str | None = None,
+    ) -> ResolvedKnobs:
+        """The knobs of a call (as ``forward`` takes them; None: the config's defaults), checked and resolved for
+        the engines (``mp_model.knobs.ResolvedKnobs``): the learned thresholds scaled, the pruning layers.
+
+        Raises:
+            ValueError: ``tau`` outside [0, 1] or NaN, ``threshold_scale`` negative, NaN or infinite, or NaN or
+                infinite learned thresholds when pruning.
+        """
+        config = self.config
+        prune = config.use_pruning if prune is None else prune
+        return resolve_knobs(
+            self.checked_thresholds() if prune else None,
+            config.num_hidden_layers,
+            tau=config.exit_tau if tau is None else tau,
+            threshold_scale=threshold_scale,
+            early_exit=config.use_early_exit if early_exit is None else early_exit,
+            exit_schedule=exit_schedule,
+            backend=backend,
+        )
 
     def save_pretrained(self, *args: object, **kwargs: object) -> None:
         """Save weights (safetensors) and config; the config records the current thresholds."""
@@ -303,15 +330,20 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         Returns:
             ``MagicPyramidOutput`` with logits, exit layer, kept tokens per layer and FLOPs per example.
         """
-        config = self.config
-        tau = config.exit_tau if tau is None else float(tau)
-        _check_knobs(tau, float(threshold_scale))
+        knobs = self.resolve_knobs(
+            tau=tau,
+            threshold_scale=threshold_scale,
+            prune=prune,
+            early_exit=early_exit,
+            exit_schedule=exit_schedule,
+            backend=backend,
+        )
         attention_mask, max_length, left_padded = _check_inputs(
-            config, input_ids, attention_mask, token_type_ids, validate, exit_schedule
+            self.config, input_ids, attention_mask, token_type_ids, validate, exit_schedule
         )
         if engine not in (None, "graph", "packed", "ort"):
             raise ValueError(f"engine must be 'graph', 'packed', 'ort' or None, got {engine!r}")
-        ort_runs = engine in (None, "ort") and ort_layers.supports(self, input_ids.device)
+        ort_runs = engine in (None, "ort") and ort_supports(self, input_ids.device)
         if engine == "ort" and (not ort_runs or backend == "triton"):
             raise ValueError(
                 "engine='ort' runs float32 models on a CPU with a GELU activation, with the PyTorch kernels beside "
@@ -319,32 +351,22 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
             )
         if engine is None and ort_runs:  # the default engine uses ORT where the PyTorch kernels would run
             ort_runs = choose_backend(backend, input_ids.device) == "torch"
-        knobs = dict(
-            tau=tau,
-            threshold_scale=float(threshold_scale),
-            prune=config.use_pruning if prune is None else prune,
-            early_exit=config.use_early_exit if early_exit is None else early_exit,
-            exit_schedule=exit_schedule,
-            backend=backend,
-        )
         if not return_exit_logits and (engine == "graph" or (engine is None and input_ids.is_cuda)):
             # embed_pack counts positions over each row's real tokens: left padding needs no move
-            return self.graph_engine(input_ids, attention_mask, token_type_ids, **knobs)
+            return self.graph_engine(input_ids, attention_mask, token_type_ids, knobs)
         if left_padded:  # known from validation; without it, moving right-padded rows by 0 is the identity
             shifts = _shifts(attention_mask)
             input_ids, attention_mask, token_type_ids = (
                 _roll_rows(tensor, shifts) for tensor in (input_ids, attention_mask, token_type_ids)
             )
-        return packed_forward(
-            self,
+        return self._packed_engines[ort_runs](
             input_ids,
             attention_mask,
             token_type_ids,
+            knobs,
             max_length=max_length,
             return_exit_logits=return_exit_logits,
-            use_ort=ort_runs,
             lone_length=max_length if validate else None,
-            **knobs,
         )
 
     def masked_forward(
@@ -363,7 +385,7 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         ``config.soft_mask_temperature``. Inputs are checked and padding handled as in ``forward`` (either side;
         the real tokens are moved left before the pass), and ``masks`` are returned in the inputs' own columns.
         """
-        _check_knobs(0.0, float(threshold_scale))
+        check_knobs(0.0, float(threshold_scale))
         attention_mask, _, left_padded = _check_inputs(self.config, input_ids, attention_mask, token_type_ids)
         if mask_mode != "none":
             self.checked_thresholds()

@@ -30,17 +30,19 @@ import tempfile
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from mp_model.engine import ModelParts
 from mp_model.fused_weights import packed_path_weights, source_key
+from mp_model.knobs import ResolvedKnobs
 from mp_model.ort_graph import BIAS_ACTIVATIONS, GraphBuilder, LayerSource, ModelSource, RunKey, takes_knobs
 
-if TYPE_CHECKING:
-    from mp_model.modeling import MagicPyramidForSequenceClassification
+# The graph's exit test ``(tau, exit_after)`` that never passes: the ``knobs`` input's encoding of "no exit".
+NEVER = (-1.0, -1)
 
 
 @functools.cache
@@ -49,9 +51,9 @@ def available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
-def supports(model: MagicPyramidForSequenceClassification, device: torch.device) -> bool:
-    """Whether ``OrtLayers`` can run ``model`` on inputs on ``device``: float32 weights on a CPU, an activation ORT
-    fuses, and ``onnx``/``onnxruntime`` installed."""
+def supports(model: ModelParts, device: torch.device) -> bool:
+    """Whether ``OrtLayers`` can run ``model`` (the model or its ``ModelParts``) on inputs on ``device``: float32
+    weights on a CPU, an activation ORT fuses, and ``onnx``/``onnxruntime`` installed."""
     activation = model.config.hidden_act
     parameter = model.bert.embeddings.word_embeddings.weight
     return (
@@ -119,37 +121,41 @@ class OrtLayers:
         start: int,
         stop: int,
         inputs: torch.Tensor | tuple[np.ndarray, np.ndarray],
-        thresholds: list[float],
+        knobs: ResolvedKnobs,
         exit_head: bool,
     ) -> RunOutput:
         """Layers ``[start, stop)`` on one sequence, then the main classifier if ``stop`` is the last layer.
 
         ``inputs``: the hidden states ``(n, d)`` float32 entering layer ``start``, or, with ``start == 0``, the token
         ids and token type ids ``(n,)`` int64 numpy arrays (the embeddings run in the session).
-        ``thresholds``: each layer's pruning threshold (already scaled; ``<= 0``: the layer does not prune).
-        ``exit_head``: also run layer ``stop - 1``'s sub-classifier (there must be one).
+        ``knobs``: the call's knobs, of which layers ``[start, stop)``'s scaled thresholds and pruning layers are
+        read (the exit test, if any, is the caller's). ``exit_head``: also run layer ``stop - 1``'s sub-classifier
+        (there must be one).
         """
         classify = stop == self.layer_count
         embed, threads = isinstance(inputs, tuple), torch.get_num_threads()
-        key = RunKey(start, stop, _prunes(thresholds), embed, exit_head, classify, False, threads)
-        outputs = self._session(key).run(None, _feeds(key, inputs, thresholds, -1.0, -1))
+        key = RunKey(start, stop, knobs.prune_layers[start:stop], embed, exit_head, classify, False, threads)
+        outputs = self._session(key).run(None, _feeds(key, inputs, knobs.thresholds[start:stop], NEVER))
         head, uncertainty = (torch.from_numpy(outputs[2]), outputs[3][0]) if exit_head else (None, None)
         logits = torch.from_numpy(outputs[-1]) if classify else None
         return RunOutput(torch.from_numpy(outputs[0]), torch.from_numpy(outputs[1]), head, uncertainty, logits)
 
     def run_to_exit(
-        self, inputs: tuple[np.ndarray, np.ndarray], thresholds: list[float], tau: float, exit_after: int | None
+        self, inputs: tuple[np.ndarray, np.ndarray], knobs: ResolvedKnobs, exit_after: int | None
     ) -> LoneResult:
         """Every layer on one sequence given by its token ids and token type ids ``(n,)`` int64, each but the last
-        followed by its sub-classifier and the exit test, in one session call.
+        followed by its sub-classifier and the exit test, in one session call, with the call's ``knobs``.
 
-        ``thresholds``: each layer's scaled pruning threshold (``<= 0``: no pruning). The sequence leaves after the
-        first layer whose sub-classifier's uncertainty is at most ``tau`` (``entropy_exit``'s rule, in float32; a
-        negative ``tau`` never passes), or, given ``exit_after`` (a replayed schedule), after that layer.
+        With ``knobs.early_exit`` the sequence leaves after the first layer whose sub-classifier's uncertainty is at
+        most ``knobs.tau`` (``entropy_exit``'s rule, in float32), or, given ``exit_after`` (a replayed schedule),
+        after that layer; without it, it never leaves (every sub-classifier still runs).
         """
-        key = RunKey(0, self.layer_count, _prunes(thresholds), True, False, True, True, torch.get_num_threads())
-        entropy = exit_after is None
-        feeds = _feeds(key, inputs, thresholds, tau if entropy else -1.0, -1 if entropy else exit_after)
+        key = RunKey(0, self.layer_count, knobs.prune_layers, True, False, True, True, torch.get_num_threads())
+        if not knobs.early_exit:
+            test = NEVER
+        else:
+            test = (knobs.tau, NEVER[1]) if exit_after is None else (NEVER[0], exit_after)
+        feeds = _feeds(key, inputs, knobs.thresholds, test)
         logits, exit_layer, counts, exit_logits = self._session(key).run(None, feeds)
         return LoneResult(
             torch.from_numpy(logits), int(exit_layer[0]), torch.from_numpy(counts), torch.from_numpy(exit_logits)
@@ -163,34 +169,31 @@ class OrtLayers:
         return session
 
 
-def _prunes(thresholds: list[float]) -> tuple[bool, ...]:
-    return tuple(t > 0.0 for t in thresholds)
-
-
 def _feeds(
     key: RunKey,
     inputs: torch.Tensor | tuple[np.ndarray, np.ndarray],
-    thresholds: list[float],
-    tau: float,
-    exit_after: int,
+    thresholds: tuple[float, ...],
+    test: tuple[float, int],
 ) -> dict[str, Any]:
-    """The inputs of the session of ``key``: the token ids and token type ids or the hidden states, and the knobs
-    (``tau``, ``exit_after``, the thresholds) where the graph takes them (``mp_model.ort_graph``)."""
+    """The inputs of the session of ``key``: the token ids and token type ids or the hidden states, and the graph's
+    ``knobs`` input (the exit ``test`` as ``(tau, exit_after)``, then the thresholds) where the graph takes it
+    (``mp_model.ort_graph``)."""
     if isinstance(inputs, tuple):
         feeds = {"input_ids": inputs[0], "token_type_ids": inputs[1]}
     else:
         feeds = {"hidden": inputs.detach().numpy()}
     if takes_knobs(key):
-        feeds["knobs"] = np.array([tau, exit_after, *thresholds], dtype=np.float32)
+        feeds["knobs"] = np.array([*test, *thresholds], dtype=np.float32)
     return feeds
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, OrtLayers] = weakref.WeakKeyDictionary()
 
 
-def ort_layers(model: MagicPyramidForSequenceClassification) -> OrtLayers:
-    """``model``'s ``OrtLayers``, built anew when one of its parameters (but the pruning thresholds, read on each
-    call) changed since: data pointer or version counter, as ``packed_path_weights`` checks its own."""
+def ort_layers(model: ModelParts) -> OrtLayers:
+    """``model``'s ``OrtLayers`` (the model or its ``ModelParts``), built anew when one of its parameters changed
+    since: data pointer or version counter, as ``packed_path_weights`` checks its own (the pruning thresholds come
+    with each call's knobs)."""
     cached = _CACHE.get(model)
     if cached is not None and cached.key == source_key(cached.parameters):
         return cached
@@ -212,7 +215,7 @@ def ort_layers(model: MagicPyramidForSequenceClassification) -> OrtLayers:
         config.hidden_act,
         config.num_labels,
     )
-    parameters = [p for name, p in model.named_parameters() if name != "thresholds"]
+    parameters = [*bert.parameters(), *model.exits.parameters(), *model.classifier.parameters()]
     cached = _CACHE[model] = OrtLayers(source, parameters, source_key(parameters))
     return cached
 

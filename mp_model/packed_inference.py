@@ -19,12 +19,19 @@ leaves this loop for ONNX Runtime (``mp_model.lone_sequence``): at batch size 1 
 layer where every other sequence has exited or pruning brought it under the limit. That is where the
 per-operator overhead above dominated; batches of several sequences and long sequences keep the loop, whose time
 is in GEMMs over many rows.
+
+``PackedEngine`` is this loop as an ``mp_model.engine.Engine`` (``use_ort``: the ONNX Runtime engine). The GPU
+engine (``mp_model.graph_engine``) runs the same six steps (unpad, project, attend, add and normalise, prune, exit
+and drop) and both are tested against ``mp_model.reference``; they are written separately because their operations
+differ at every step: this loop sizes each tensor from the host (a count read back per compaction, tokens and
+sequences really removed), the graph engine keeps fixed-capacity buffers sized by a bucket and fuses steps this loop
+cannot (the move of kept rows into the normalisation, the pruning decision into the importance pass). The knobs
+(``mp_model.knobs``) and the rules they feed (which layers prune, the exit test) are shared, not re-derived.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,9 +40,12 @@ from torch.profiler import record_function
 
 from mp_kernels import drop_sequences, entropy_exit, prune_tokens, scatter_rows, varlen_attention
 from mp_kernels.dispatch import choose_backend
+from mp_model.config import MagicPyramidConfig
+from mp_model.engine import ModelParts
 from mp_model.exit_head import exit_logits
 from mp_model.flops import flops_from_outputs, sequence_flops
 from mp_model.fused_weights import LayerProjections, packed_path_weights
+from mp_model.knobs import ResolvedKnobs
 from mp_model.lone_sequence import LoneResult, run_lone_sequence
 from mp_model.ort_layers import OrtLayers, ort_layers
 from mp_model.outputs import MagicPyramidOutput
@@ -44,10 +54,6 @@ from mp_model.outputs import MagicPyramidOutput
 # or faster (MiniLM, one thread, batch 1: dense 0.91-0.96x ORT's time from 128 to 512 tokens, its per-operator
 # overhead then negligible; 0.82x at 32 tokens; bench/NOTES.md, "CPU path").
 ORT_MAX_TOKENS = 128
-
-if TYPE_CHECKING:
-    from mp_model.config import MagicPyramidConfig
-    from mp_model.modeling import MagicPyramidForSequenceClassification
 
 
 def segment_mean(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -107,19 +113,19 @@ def _torch_layer(
     uniform: int | None,
     alive: int,
     threshold: float,
+    prunes: bool,
     heads: int,
     backend: str | None,
     inline: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, int, int | None]:
     """One encoder layer with PyTorch operators (and ``mp_kernels``) on the packed ``hidden`` ``(tokens, d)`` of
-    ``alive`` sequences of ``heads`` attention heads; prunes where ``threshold > 0``; ``inline``: the PyTorch
-    kernels in float32 or float64, where the single-length shortcuts apply.
+    ``alive`` sequences of ``heads`` attention heads; prunes with ``threshold`` where ``prunes``; ``inline``: the
+    PyTorch kernels in float32 or float64, where the single-length shortcuts apply.
 
     ``uniform`` is the length every sequence has, or None; ``cu_seqlens`` stays exact except after a lone
     sequence's inline pruning (nothing reads it afterwards). Returns ``(hidden, cu_seqlens, max_seqlen, uniform)``.
     """
     tokens = hidden.shape[0]
-    prunes = threshold > 0.0
     with _stage("mp.qkv"):
         qkv = weights.qkv(hidden)
     with _stage("mp.attention"):
@@ -158,39 +164,20 @@ def _torch_layer(
     return hidden, cu_seqlens, max_seqlen, uniform
 
 
-def _schedule_of(exit_schedule: torch.Tensor | None, row: int) -> int | None:
-    """Row ``row``'s exit layer in the replayed schedule (None without one)."""
-    return None if exit_schedule is None else int(exit_schedule[row])
-
-
 def _run_lone(
     start: int,
     inputs: torch.Tensor,
-    exit_after: int | None,
     row: int,
     logits: torch.Tensor,
     exit_layer: torch.Tensor,
     kept_tokens: torch.Tensor,
     every_exit_logits: torch.Tensor | None,
     runner: OrtLayers,
-    thresholds: list[float],
-    *,
-    tau: float,
-    early_exit: bool,
-    return_exit_logits: bool,
+    knobs: ResolvedKnobs,
 ) -> None:
     """Layers ``start`` onwards of the lone sequence of batch row ``row`` (``run_lone_sequence``), its results
     written to that row of the outputs."""
-    result = run_lone_sequence(
-        runner,
-        start,
-        inputs,
-        thresholds,
-        tau=tau,
-        early_exit=early_exit,
-        exit_after=exit_after,
-        return_exit_logits=return_exit_logits,
-    )
+    result = run_lone_sequence(runner, start, inputs, knobs, knobs.exit_after(row), every_exit_logits is not None)
     logits[row] = result.logits[0]
     exit_layer[row] = result.exit_layer
     kept_tokens[row, start:] = result.counts
@@ -198,62 +185,90 @@ def _run_lone(
         every_exit_logits[row, start:] = result.exit_logits
 
 
+class PackedEngine:
+    """The packed engine (``mp_model.engine.Engine``): ``packed_forward`` on ``parts``; with ``use_ort`` (float32 on
+    a CPU, ``mp_model.ort_layers.supports``) a lone sequence's layers run in ONNX Runtime (the ORT engine)."""
+
+    def __init__(self, parts: ModelParts, *, use_ort: bool = False) -> None:
+        self.parts = parts
+        self.use_ort = use_ort
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        knobs: ResolvedKnobs,
+        *,
+        max_length: int | None = None,
+        return_exit_logits: bool = False,
+        lone_length: int | None = None,
+    ) -> MagicPyramidOutput:
+        """``packed_forward`` of the inputs (see there for the keyword arguments)."""
+        return packed_forward(
+            self.parts,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            knobs,
+            max_length=max_length,
+            return_exit_logits=return_exit_logits,
+            use_ort=self.use_ort,
+            lone_length=lone_length,
+        )
+
+
 @torch.no_grad()
 def packed_forward(
-    model: MagicPyramidForSequenceClassification,
+    parts: ModelParts,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     token_type_ids: torch.Tensor | None,
+    knobs: ResolvedKnobs,
     *,
-    max_length: int,
-    tau: float,
-    threshold_scale: float,
-    prune: bool,
-    early_exit: bool,
-    backend: str | None = None,
-    exit_schedule: torch.Tensor | None = None,
+    max_length: int | None = None,
     return_exit_logits: bool = False,
     use_ort: bool = False,
     lone_length: int | None = None,
 ) -> MagicPyramidOutput:
-    """Run validated inputs ``(batch, seq)`` through the model; see ``MagicPyramidForSequenceClassification``.
+    """Run validated inputs ``(batch, seq)``, each row's real tokens first, through the model's ``parts`` with
+    ``knobs``; see ``MagicPyramidForSequenceClassification.forward``.
 
-    ``max_length`` is the longest row's real length (known to the caller from validation; the input's width
-    when not validated). ``exit_schedule`` ``(batch,)`` int64, if given, replaces the entropy test: example ``i``
-    exits after layer ``exit_schedule[i]`` (its sub-classifier still runs), for benchmarks that replay a measured
-    exit pattern. ``return_exit_logits`` runs every sub-classifier on every example still present and returns
-    their logits (``MagicPyramidOutput.exit_logits``), for evaluations that simulate early exit offline.
-    ``use_ort`` (float32 on a CPU, ``mp_model.ort_layers.supports``) runs a lone sequence of at most
-    ``ORT_MAX_TOKENS`` tokens through ONNX Runtime (``mp_model.lone_sequence``): at batch size 1 from its token
-    ids on, else from the first layer it enters alone and short enough. ``lone_length``: at batch size 1, the
-    row's real length where the caller knows it (from validation), else None (read from the mask).
+    ``max_length`` is the longest row's real length (known to the caller from validation; None: the input's
+    width). ``knobs.exit_schedule``, if given, replaces the entropy test: example ``i`` exits after layer
+    ``exit_schedule[i]`` (its sub-classifier still runs), for benchmarks that replay a measured exit pattern.
+    ``return_exit_logits`` runs every sub-classifier on every example still present and returns their logits
+    (``MagicPyramidOutput.exit_logits``), for evaluations that simulate early exit offline. ``use_ort`` (float32 on
+    a CPU, ``mp_model.ort_layers.supports``) runs a lone sequence of at most ``ORT_MAX_TOKENS`` tokens through ONNX
+    Runtime (``mp_model.lone_sequence``): at batch size 1 from its token ids on, else from the first layer it
+    enters alone and short enough. ``lone_length``: at batch size 1, the row's real length where the caller knows
+    it (from validation), else None (read from the mask).
 
     While a profiler runs, each stage runs inside a ``torch.profiler.record_function`` range named ``mp.<stage>``
     (``qkv``, ``attention``, ``attention_output``, ``prune``, ``feed_forward``, ``exit_head``, ``exit_test``,
     ``drop``, ``classifier``, and ``ort_layers`` for a lone sequence's ONNX Runtime sessions), so a profiler run
     splits the time per stage.
     """
-    config = model.config
-    bert = model.bert
+    config = parts.config
+    bert = parts.bert
     batch, width = input_ids.shape
     layers = config.num_hidden_layers
     heads = config.num_attention_heads
     device = input_ids.device
+    max_length = width if max_length is None else max_length
+    tau, early_exit, backend, exit_schedule = knobs.tau, knobs.early_exit, knobs.backend, knobs.exit_schedule
 
     dtype = bert.embeddings.word_embeddings.weight.dtype
-    # Python floats multiply as float64 tensors do.
-    thresholds = [t * threshold_scale for t in model.checked_thresholds()] if prune else [0.0] * layers
+    thresholds, prune_layers = knobs.thresholds, knobs.prune_layers
     # A lone sequence (here at batch size 1, or once the others exited) runs through ONNX Runtime sessions.
-    runner = ort_layers(model) if use_ort else None
-    lone = dict(tau=tau, early_exit=early_exit, return_exit_logits=return_exit_logits)
+    runner = ort_layers(parts) if use_ort else None
     # At batch size 1 the row's real tokens come first (the caller moved any left padding right).
     if runner is not None and batch == 1 and (n := lone_length or int(attention_mask.sum())) <= ORT_MAX_TOKENS:
         # numpy's slicing costs a fraction of torch's on one small row (bench/NOTES.md, "CPU path").
         ids = input_ids.numpy()[0, :n].astype(np.int64, copy=False)
         types = np.zeros_like(ids) if token_type_ids is None else token_type_ids.numpy()[0, :n].astype(np.int64)
-        exit_after = _schedule_of(exit_schedule, 0)
         with _stage("mp.ort_layers"):
-            result = run_lone_sequence(runner, 0, (ids, types), thresholds, exit_after=exit_after, **lone)
+            result = run_lone_sequence(runner, 0, (ids, types), knobs, knobs.exit_after(0), return_exit_logits)
         return _lone_output(config, n, result, return_exit_logits, early_exit)
 
     lengths = attention_mask.sum(dim=1, dtype=torch.int32)
@@ -267,7 +282,7 @@ def packed_forward(
     inline = choose_backend(backend, device) == "torch" and dtype in (torch.float32, torch.float64)
     outputs = (logits, exit_layer, kept_tokens, every_exit_logits)
 
-    projections = packed_path_weights(model).layers
+    projections = packed_path_weights(parts).layers
     embeddings = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
     rows = attention_mask.reshape(-1).nonzero().squeeze(1)
     hidden = embeddings.reshape(batch * width, -1).index_select(0, rows)
@@ -285,10 +300,10 @@ def packed_forward(
         if runner is not None and alive == 1 and hidden.shape[0] <= ORT_MAX_TOKENS:
             row = int(seq_index[0])
             with _stage("mp.ort_layers"):
-                _run_lone(index, hidden, _schedule_of(exit_schedule, row), row, *outputs, runner, thresholds, **lone)
+                _run_lone(index, hidden, row, *outputs, runner, knobs)
             break
-        state = (hidden, cu_seqlens, max_seqlen, uniform, alive, thresholds[index], heads, backend, inline)
-        hidden, cu_seqlens, max_seqlen, uniform = _torch_layer(layer, projections[index], *state)
+        state = (hidden, cu_seqlens, max_seqlen, uniform, alive, thresholds[index], prune_layers[index], heads)
+        hidden, cu_seqlens, max_seqlen, uniform = _torch_layer(layer, projections[index], *state, backend, inline)
         kept_tokens[seq_index, index] = uniform if uniform is not None else (cu_seqlens[1:] - cu_seqlens[:-1]).long()
 
         if index < layers - 1 and with_heads:
@@ -297,7 +312,7 @@ def packed_forward(
                     pooled = hidden.view(alive, uniform, -1).mean(dim=1)
                 else:
                     pooled = segment_mean(hidden, cu_seqlens)
-                head_logits = exit_logits(model.exits[index], pooled)
+                head_logits = exit_logits(parts.exits[index], pooled)
         if index < layers - 1 and every_exit_logits is not None:
             every_exit_logits[seq_index, index] = head_logits
         if early_exit and index < layers - 1:
@@ -326,7 +341,7 @@ def packed_forward(
     else:
         with _stage("mp.classifier"):
             first = hidden[::uniform] if uniform is not None else hidden.index_select(0, cu_seqlens[:-1].long())
-            logits.index_copy_(0, seq_index, model.classifier(bert.pooler.activation(bert.pooler.dense(first))))
+            logits.index_copy_(0, seq_index, parts.classifier(bert.pooler.activation(bert.pooler.dense(first))))
     return _output(config, outputs, lengths, early_exit)
 
 

@@ -96,13 +96,13 @@ def host_reads() -> Iterator[list[str]]:
 
 
 def test_no_host_synchronisation_between_the_inputs_and_the_outputs(model, batch) -> None:
-    knobs = dict(tau=0.2, threshold_scale=1.0, prune=True, early_exit=True, exit_schedule=None)
+    knobs = dict(tau=0.2, threshold_scale=1.0, prune=True, early_exit=True, exit_schedule=None, backend="triton")
     engine = model.graph_engine
-    engine(**batch, **knobs, backend="triton")
+    engine(**batch, knobs=model.resolve_knobs(**knobs))
     other = random_batch(list(reversed(LENGTHS)), TINY["vocab_size"], seed=5)
     other = {name: tensor.to(DEVICE) for name, tensor in other.items()}
     with host_reads() as calls:
-        engine(**other, **knobs, backend="triton")
+        engine(**other, knobs=model.resolve_knobs(**knobs))
     assert calls == []
     with host_reads() as calls:
         model(**other, tau=0.2, engine="packed", backend="triton", validate=False)
@@ -117,9 +117,10 @@ def test_different_outcomes_run_the_same_launches(model, batch) -> None:
     try:
         runs = []
         for inputs, tau, scale in ((batch, 0.0, 0.5), (other, 0.6, 1.5)):
-            engine(**inputs, tau=tau, threshold_scale=scale, prune=True, early_exit=True, backend="triton")
+            knobs = model.resolve_knobs(tau=tau, threshold_scale=scale, prune=True, early_exit=True, backend="triton")
+            engine(**inputs, knobs=knobs)
             with record_launches() as calls:
-                out = engine(**inputs, tau=tau, threshold_scale=scale, prune=True, early_exit=True, backend="triton")
+                out = engine(**inputs, knobs=knobs)
             runs.append((calls, out))
     finally:
         engine.use_graphs = None
@@ -150,9 +151,11 @@ def test_buckets_and_knobs_reuse_one_plan(model) -> None:
     engine = GraphEngine(model, batch_buckets=(4, 16), width_buckets=(16, 32))
     for lengths, tau, scale in (([3, 9, 16], 0.1, 1.0), ([20, 2, 5, 7], 0.9, 0.5), ([1], 0.5, 2.0)):
         inputs = {n: t.to(DEVICE) for n, t in random_batch(lengths, TINY["vocab_size"]).items()}
-        engine(**inputs, tau=tau, threshold_scale=scale, prune=True, early_exit=True, backend="torch")
+        knobs = model.resolve_knobs(tau=tau, threshold_scale=scale, prune=True, early_exit=True, backend="torch")
+        engine(**inputs, knobs=knobs)
     assert sorted(engine.stats()["buckets"]) == [[4, 16], [4, 32]]
-    engine(**inputs, tau=0.5, threshold_scale=0.0, prune=True, early_exit=True, backend="torch")
+    knobs = model.resolve_knobs(tau=0.5, threshold_scale=0.0, prune=True, early_exit=True, backend="torch")
+    engine(**inputs, knobs=knobs)
     assert engine.stats()["plans"] == 3, "no layer prunes at scale 0: another structure, another plan"
 
 
@@ -160,7 +163,7 @@ def test_warm_up_prepares_every_width_bucket_up_to_the_length(model) -> None:
     from mp_model.graph_engine import GraphEngine
 
     engine = GraphEngine(model, batch_buckets=(2, 8), width_buckets=(16, 32, 64))
-    stats = engine.warm_up([1, 5], 40, backend="torch")
+    stats = engine.warm_up([1, 5], 40, model.resolve_knobs(prune=True, early_exit=True, backend="torch"))
     assert sorted(map(tuple, stats["buckets"])) == [(2, 16), (2, 32), (2, 64), (8, 16), (8, 32), (8, 64)]
     assert stats["graphs"] == 0 or ON_GPU
 

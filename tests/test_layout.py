@@ -3,7 +3,9 @@
 ``bench -> mp_model.recipe -> mp_model -> mp_kernels``: the kernels import neither the model nor the benchmarks,
 the model library (``mp_model`` outside ``mp_model/recipe/``) imports neither the application nor the benchmarks,
 and the application (``mp_model/recipe/``) does not import the benchmarks. Every import statement counts, those
-inside functions included. Modules stay under ``MAX_LINES`` lines: one concept a file.
+inside functions included (type-only ones too). Inside the library no import circle: the engines and the reference
+forward take the model's parts (``mp_model.engine.ModelParts``), never the model class. Modules stay under
+``MAX_LINES`` lines: one concept a file.
 """
 
 from __future__ import annotations
@@ -23,6 +25,21 @@ FORBIDDEN = {
     "mp_model": ("mp_model.recipe", "bench"),
     "mp_model/recipe": ("bench",),
 }
+
+
+# Modules that run the model's forward from its parts: none may import the model class (``mp_model.modeling``).
+ENGINES = (
+    "engine",
+    "fused_weights",
+    "graph_engine",
+    "knobs",
+    "lone_sequence",
+    "masked_training",
+    "ort_graph",
+    "ort_layers",
+    "packed_inference",
+    "reference",
+)
 
 
 def modules(*folders: str) -> list[Path]:
@@ -72,3 +89,55 @@ def test_no_module_is_longer_than_the_limit(path: Path) -> None:
     relative = path.relative_to(ROOT).as_posix()
     lines = len(path.read_text().splitlines())
     assert relative in LONGER or lines <= MAX_LINES, f"{relative} has {lines} lines (limit {MAX_LINES}): split it"
+
+
+def library_modules() -> dict[str, Path]:
+    """The model library's modules (``mp_model`` outside ``mp_model/recipe/``) by dotted name."""
+    found = {}
+    for path in modules("mp_model"):
+        if layer(path) == "mp_model":
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def import_circle(graph: dict[str, set[str]]) -> list[str]:
+    """One circle of ``graph`` (module -> modules it imports) as a path ``[a, b, ..., a]``, or ``[]``."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                return path[path.index(target) :] + [target]
+            if target not in state and (circle := visit(target)):
+                return circle
+        state[node] = 2
+        path.pop()
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (circle := visit(node)):
+            return circle
+    return []
+
+
+def test_no_import_circle_inside_the_library() -> None:
+    library = library_modules()
+    graph = {
+        name: {target for target in imported(path) if target in library} - {name} for name, path in library.items()
+    }
+    assert import_circle(graph) == []
+
+
+def test_the_circle_check_sees_a_circle() -> None:
+    assert import_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert import_circle({"a": {"b"}, "b": set()}) == []
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_no_engine_imports_the_model_class(name: str) -> None:
+    names = imported(ROOT / "mp_model" / f"{name}.py")
+    assert not {"mp_model.modeling", "mp_model.MagicPyramidForSequenceClassification"} & names

@@ -11,6 +11,7 @@ PyTorch's own float32 error, so the table's float32 row is the bound here. The P
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -252,13 +253,13 @@ def test_a_handed_over_sequence_compares_tau_in_float32() -> None:
     _, model = models()
     runner = ort_layers(model)
     hidden = torch.randn(9, TINY["hidden_size"])
-    uncertainty = runner.run(1, 2, hidden, [0.0], exit_head=True).uncertainty
+    unpruned = model.resolve_knobs(prune=False, early_exit=True)
+    uncertainty = runner.run(1, 2, hidden, unpruned, exit_head=True).uncertainty
     assert isinstance(uncertainty, np.float32) and 0.0 < uncertainty < 1.0
     below_in_float64 = float(np.nextafter(float(uncertainty), -1.0))  # rounds to the uncertainty in float32
     below_in_float32 = float(np.nextafter(uncertainty, np.float32(-1.0)))
-    knobs = dict(early_exit=True, exit_after=None, return_exit_logits=False)
     exits = [
-        lone_sequence.run_lone_sequence(runner, 1, hidden, [0.0] * 4, tau=tau, **knobs).exit_layer
+        lone_sequence.run_lone_sequence(runner, 1, hidden, replace(unpruned, tau=tau), None, False).exit_layer
         for tau in (below_in_float64, below_in_float32)
     ]
     assert exits[0] == 2, "uncertainty <= tau in float32: exits after layer 2"
