@@ -61,30 +61,40 @@ class Interrupted(Exception):
     pass
 
 
-def interrupted_after(texts, count: int):
-    """``texts``, then an ``Interrupted`` error after ``count`` of them (a run killed while reading)."""
-    for position, text in enumerate(texts):
-        if position == count:
-            raise Interrupted
-        yield text
+def killed_after_windows(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """Make ``mp predict``'s in-process labeller raise ``Interrupted`` on its window ``count + 1``."""
+    import mp_model.recipe.predict as predict_module
+
+    real = predict_module.window_labeller
+
+    def labeller(*args, **kwargs):
+        label, calls = real(*args, **kwargs), []
+
+        def interrupted(texts, stats):
+            calls.append(1)
+            if len(calls) > count:
+                raise Interrupted
+            return label(texts, stats)
+
+        return interrupted
+
+    monkeypatch.setattr(predict_module, "window_labeller", labeller)
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
 def test_an_interrupted_run_resumes_without_losing_or_repeating_a_record(
-    model_dir: Path, tmp_path: Path, suffix: str
+    model_dir: Path, tmp_path: Path, suffix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     texts = mixed_texts(90, seed=1)
     source = write_jsonl(tmp_path / "in.jsonl", texts)
     clean, target = tmp_path / f"clean{suffix}", tmp_path / f"out{suffix}"
     assert main(predict_argv(source, model_dir, "--output", str(clean))) == 0
 
-    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    file = open_texts(source)
-    label = window_labeller(model, tokenizer, pairs=file.pairs, batch_tokens=128, batch_size=64)
-    fields = row_fields(file.pairs)
-    with pytest.raises(Interrupted):  # killed after 2 whole windows and part of the third
-        stream_predict(label, interrupted_after(file, 40), target, fields, window=16, progress=False)
-    assert written_records(target, fields, target.suffix[1:])[0] == 32
+    fields = row_fields(False)
+    killed_after_windows(monkeypatch, 2)  # killed after 2 whole windows, while labelling the third
+    assert main(predict_argv(source, model_dir, "--output", str(target), "--max-batch-tokens", "128")) == 1
+    monkeypatch.undo()
+    assert written_records(target, fields, target.suffix[1:]) == 32
     with target.open("ab") as out:  # and a torn write: half a record, no line break
         out.write(clean.read_bytes()[len(target.read_bytes()) :][:25])
     assert main(predict_argv(source, model_dir, "--output", str(target), "--resume")) == 0
@@ -97,19 +107,99 @@ def test_an_interrupted_run_resumes_without_losing_or_repeating_a_record(
 
 
 def test_resume_refuses_an_output_of_another_input(model_dir: Path, tmp_path: Path, capsys) -> None:
-    source = write_jsonl(tmp_path / "in.jsonl", mixed_texts(20))
+    texts = mixed_texts(20)
+    source = write_jsonl(tmp_path / "in.jsonl", texts)
     target = tmp_path / "out.jsonl"
     assert main(predict_argv(source, model_dir, "--output", str(target))) == 0
     other = write_jsonl(tmp_path / "other.jsonl", mixed_texts(30, seed=5))
     capsys.readouterr()
     assert main(predict_argv(other, model_dir, "--output", str(target), "--resume")) == 2
-    assert "does not match input record 19" in capsys.readouterr().err
-    shorter = write_jsonl(tmp_path / "short.jsonl", mixed_texts(10))
-    assert main(predict_argv(shorter, model_dir, "--output", str(target), "--resume")) == 2
-    assert "holds 20 records but the input only 10" in capsys.readouterr().err
+    assert f"the input {other} changed since {target} was begun" in capsys.readouterr().err
+    edited = [*texts]  # one early record edited, same size: the file's hash tells
+    edited[3] = edited[3][::-1]
+    write_jsonl(source, edited)
+    assert main(predict_argv(source, model_dir, "--output", str(target), "--resume")) == 2
+    assert "changed since" in capsys.readouterr().err
     target.write_text('{"index": 0}\n{"index": 5}\n')
     assert main(predict_argv(source, model_dir, "--output", str(target), "--resume")) == 2
     assert "record 1 holds index 5" in capsys.readouterr().err
+
+
+def test_resume_checks_every_written_record_not_only_the_last(model_dir: Path, tmp_path: Path) -> None:
+    texts = mixed_texts(20)
+    source = write_jsonl(tmp_path / "in.jsonl", texts)
+    target = tmp_path / "out.jsonl"
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    label = window_labeller(model, tokenizer, pairs=False)
+    fields = row_fields(False)
+    stream_predict(label, open_texts(source), target, fields, window=8, progress=False)
+    write_jsonl(source, [*texts[:3], "an edited record", *texts[4:]])
+    with pytest.raises(ValueError, match="output record 3 does not match input record 3 \\(line 4\\)"):
+        stream_predict(label, open_texts(source), target, fields, resume=True, progress=False)
+    shorter = write_jsonl(tmp_path / "short.jsonl", texts[:10])
+    with pytest.raises(ValueError, match="holds 20 records but the input only 10"):
+        stream_predict(label, open_texts(shorter), target, fields, resume=True, progress=False)
+
+
+def test_resume_refuses_another_model_or_other_knobs(model_dir: Path, tmp_path: Path, capsys) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", mixed_texts(40))
+    target = tmp_path / "out.jsonl"
+    assert main(predict_argv(source, model_dir, "--output", str(target))) == 0
+    other = write_tiny_model(tmp_path / "other", seed=1)
+    capsys.readouterr()
+    assert main(predict_argv(source, other, "--output", str(target), "--resume")) == 2
+    assert f"was begun by another model ({model_dir}" in capsys.readouterr().err
+    argv = predict_argv(source, model_dir, "--output", str(target), "--resume", "--tau", "0.95")
+    assert main([*argv, "--threshold-scale", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "other knobs" in err and "tau 0.5 then, 0.95 now" in err and "threshold_scale 1.0 then, 3.0 now" in err
+    assert main(predict_argv(source, model_dir, "--output", str(target), "--resume", "--no-prune")) == 2
+    assert "prune True then, False now" in capsys.readouterr().err
+    assert main(predict_argv(source, model_dir, "--output", str(target), "--resume", "--tau", "0.5")) == 0
+
+
+def test_the_output_records_its_model_knobs_and_input(model_dir: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    source = write_jsonl(tmp_path / "in.jsonl", mixed_texts(40))
+    target = tmp_path / "out.jsonl"
+    assert main(predict_argv(source, model_dir, "--output", str(target), "--tau", "0.4")) == 0
+    record = json.loads((tmp_path / "out.jsonl.provenance.json").read_text())
+    weights = (model_dir / "model.safetensors").read_bytes()
+    assert record["model"]["weights_sha256"] == hashlib.sha256(weights).hexdigest()
+    assert record["knobs"] | {"max_length": None} == {
+        "tau": 0.4, "threshold_scale": 1.0, "max_length": None, "prune": True, "early_exit": True,
+        "column": "text", "pair_column": None,
+    }  # fmt: skip
+    assert record["input"] == {
+        "path": str(source),
+        "size": source.stat().st_size,
+        "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+    }
+    assert record["records"]["count"] == 40
+
+
+def test_resume_refuses_an_output_without_provenance(model_dir: Path, tmp_path: Path, capsys) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", mixed_texts(20))
+    target = tmp_path / "out.jsonl"
+    assert main(predict_argv(source, model_dir, "--output", str(target))) == 0
+    (tmp_path / "out.jsonl.provenance.json").unlink()
+    capsys.readouterr()
+    assert main(predict_argv(source, model_dir, "--output", str(target), "--resume")) == 2
+    assert "has no out.jsonl.provenance.json" in capsys.readouterr().err
+
+
+def test_a_second_writer_of_one_output_fails_at_once_naming_the_holder(model_dir: Path, tmp_path: Path, capsys) -> None:
+    from mp_model.recipe.locks import exclusive_lock
+
+    source = write_jsonl(tmp_path / "in.jsonl", mixed_texts(20))
+    target = tmp_path / "out.jsonl"
+    with exclusive_lock(target, "the test"):
+        for more in ((), ("--resume",)):
+            assert main(predict_argv(source, model_dir, "--output", str(target), *more)) == 2
+            assert f"--output {target} is in use by process {os.getpid()}" in capsys.readouterr().err
+    assert target.read_bytes() == b""
+    assert main(predict_argv(source, model_dir, "--output", str(target))) == 0  # released
 
 
 def test_the_progress_bar_shows_records_exit_layer_and_kept_tokens(model_dir: Path, tmp_path: Path, capsys) -> None:
@@ -130,3 +220,20 @@ def test_native_caches_are_bounded_unless_the_user_chose_a_size(monkeypatch: pyt
     bound_native_caches()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"
     release_free_memory()  # glibc's malloc_trim here, nothing elsewhere: never an error
+
+
+def test_a_lone_surrogate_is_one_line_naming_file_and_line(model_dir: Path, tmp_path: Path, capsys) -> None:
+    source = write_utf8(tmp_path / "in.jsonl", '{"text": "fine"}\n{"text": "bad \\ud800 text"}\n')
+    assert main(predict_argv(source, model_dir, "--output", str(tmp_path / "out.jsonl"))) == 2
+    err = capsys.readouterr().err
+    assert f"{source}, line 2: 'text' must be a string, got a lone surrogate" in err and err.count("\n") == 1
+
+
+def test_tau_defaults_to_the_models_own_exit_tau(model_dir: Path, tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", mixed_texts(30))
+    default, explicit = tmp_path / "default.jsonl", tmp_path / "explicit.jsonl"
+    assert main(predict_argv(source, model_dir, "--output", str(default))) == 0
+    tau = load_model(model_dir).config.exit_tau
+    assert main(predict_argv(source, model_dir, "--output", str(explicit), "--tau", str(tau))) == 0
+    assert default.read_bytes() == explicit.read_bytes()
+    assert json.loads((tmp_path / "default.jsonl.provenance.json").read_text())["knobs"]["tau"] == tau

@@ -76,3 +76,9 @@ def test_exit_scales_keep_none_for_unpruned_and_become_a_tuple_of_floats() -> No
     assert TrainConfig(model="m", exit_scales=[1, None]).exit_scales == (1.0, None)
     saved = TrainConfig(model="m", exit_scales=(None, 1.5)).to_dict()
     assert TrainConfig.from_dict(saved).exit_scales == (None, 1.5)
+
+
+def test_dev_from_train_with_a_dev_size_is_refused_rather_than_dropped() -> None:
+    with pytest.raises(ValueError, match="dev_from_train 200 with dev_size 16: .* would be dropped"):
+        TrainConfig(dev_from_train=200, dev_size=16)
+    assert TrainConfig(dev_from_train=200).dev_size is None

@@ -31,16 +31,27 @@ def require_ray() -> Any:
 class _Labeller:
     """The callable class of ``map_batches``: loads the model and tokenizer once per actor, labels pyarrow blocks."""
 
-    def __init__(self, model_dir: str, knobs: dict[str, Any], columns: dict[str, str | None], threads: int) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        knobs: dict[str, Any],
+        columns: dict[str, str | None],
+        threads: int,
+        expect: dict[str, str] | None = None,
+    ) -> None:
         import torch
 
-        from mp_model.recipe.runs import load_model, load_tokenizer
+        from mp_model.recipe.runs import load_checked, load_tokenizer
 
         bound_native_caches()
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if knobs.pop("gpus", 0) and torch.cuda.is_available() else "cpu"
-        self.model = load_model(model_dir, self.device).eval()
+        self.model, identity = load_checked(model_dir, self.device)
+        for key, value in (expect or {}).items():
+            if identity[key] != value:
+                raise ValueError(f"{model_dir} changed since the job started ({key} differs): run it again")
+        self.model.eval()
         self.tokenizer = load_tokenizer(model_dir)
         self.knobs, self.columns = knobs, columns
 
@@ -74,7 +85,7 @@ def predict_dataset(
     ds: Any,
     model_dir: str | Path,
     *,
-    tau: float = 0.3,
+    tau: float | None = None,
     threshold_scale: float = 1.0,
     batch_tokens: int = BATCH_TOKENS,
     text_column: str = "text",
@@ -87,6 +98,7 @@ def predict_dataset(
     gpus_per_worker: float = 0,
     cpus_per_worker: float = 1,
     block_size: int = WINDOW,
+    expect: dict[str, str] | None = None,
 ) -> Any:
     """``ds`` (a ``ray.data.Dataset`` with an id and a text column) labelled by the model saved in ``model_dir``.
 
@@ -96,7 +108,9 @@ def predict_dataset(
     ``ds.map_batches`` with a pool of ``workers`` actors (``ActorPoolStrategy``), each holding the model once and
     reserving ``cpus_per_worker`` CPUs (its torch threads) and ``gpus_per_worker`` GPUs (then it runs on CUDA);
     each labels ``block_size`` rows at a time, in batches of at most ``batch_tokens`` padded tokens. A text must be
-    a string (and a pair, from ``pair_column``, a string or null). Knobs as ``mp_model.recipe.predict.predict``.
+    a string (and a pair, from ``pair_column``, a string or null). Knobs as ``mp_model.recipe.predict.predict``
+    (``tau`` ``None``: the model's ``exit_tau``). ``expect`` (``config_sha256``, ``weights_sha256``: the identity
+    ``mp_model.recipe.runs.load_checked`` gave the caller) makes each actor refuse a model that has changed since.
     """
     ray = require_ray()
     knobs = {"tau": tau, "threshold_scale": threshold_scale, "batch_tokens": batch_tokens, "max_length": max_length}
@@ -114,6 +128,7 @@ def predict_dataset(
             "knobs": knobs,
             "columns": columns,
             "threads": max(1, int(cpus_per_worker)),
+            "expect": expect,
         },
     )
 

@@ -26,6 +26,7 @@ SPLIT_VALUES = {"train": "train", "dev": "dev", "validation": "dev", "test": "te
 FILE_FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 
 _INTEGER = re.compile(r"[+-]?\d+")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate (JSON "\\ud800") is not text: no tokenizer takes it
 # The second segment of a sentence pair is read from this column when a file has it (``load_file``, ``read_texts``).
 PAIR_COLUMN = "text_pair"
 
@@ -436,10 +437,9 @@ class TextFile:
             segments = []
             for name in (self.column, self.pair_column):
                 value = values.get(name, "") if name is not None else ""
-                if not isinstance(value, str):
-                    raise ValueError(
-                        f"{self.path}, {record.where}: {name!r} must be a string, got {type(value).__name__} {value!r}"
-                    )
+                if not isinstance(value, str) or not (value.isascii() or not _SURROGATE.search(value)):
+                    shown = "a lone surrogate (not text)" if isinstance(value, str) else type(value).__name__
+                    raise ValueError(f"{self.path}, {record.where}: {name!r} must be a string, got {shown} {value!r}")
                 segments.append(value if value.strip() else "")
             text, pair = segments
             yield InputText(index, record.line, text, pair if text and pair else None)

@@ -79,7 +79,7 @@ def predict(
     max_length: int | None = None,
     batch_size: int = 32,
     batch_tokens: int | None = None,
-    tau: float = 0.3,
+    tau: float | None = None,
     threshold_scale: float = 1.0,
     prune: bool = True,
     early_exit: bool = True,
@@ -91,7 +91,8 @@ def predict(
 
     Each row holds ``index`` and ``line`` (the record's place in its file), ``text`` (and ``text_pair`` if
     ``pairs``, by default if any text has one), ``label`` (the model's name for it), ``label_id``, ``confidence``
-    (its softmax probability, rounded to 6 decimals), ``exit_layer`` and ``gflops``. ``max_length`` (tokens after
+    (its softmax probability, rounded to 6 decimals), ``exit_layer`` and ``gflops``. ``tau`` defaults to the model's
+    own ``config.exit_tau`` (as calling the model does). ``max_length`` (tokens after
     truncation) defaults to the model's ``max_position_embeddings``. An empty text (``InputText.empty``) is not
     classified: its label fields are ``None``. Pairs are encoded as BERT pairs (segment ids 0 and 1), which needs
     ``type_vocab_size >= 2``. Batches hold at most ``batch_size`` texts and, with ``batch_tokens``, at most that
@@ -105,7 +106,7 @@ def predict(
             position embeddings), a missing device, or pairs for a model without a second segment; after, if the
             model gives a non-finite logit (naming the records), rather than a label that means nothing.
     """
-    tau = check_float("tau", tau, 0.0, 1.0)
+    tau = check_float("tau", model.config.exit_tau if tau is None else tau, 0.0, 1.0)
     threshold_scale = check_float("threshold_scale", threshold_scale, 0.0)
     check_int("batch_size", batch_size)
     if batch_tokens is not None:

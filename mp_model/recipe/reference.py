@@ -28,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mp_model.checkpoint import apply_umask
 from mp_model.recipe.checks import check_float
 from mp_model.recipe.cli_support import use_threads
 from mp_model.recipe.data import Encoded, batches
 from mp_model.recipe.fit import linear_schedule, step_counts, weight_groups
-from mp_model.recipe.runs import CONFIG_FILE, model_folder_problem, write_json
+from mp_model.recipe.runs import CONFIG_FILE, model_folder_problem, read_json_object, write_json
 from mp_model.recipe.train_config import TrainConfig
 from mp_model.recipe.training import load_data
 
@@ -144,6 +145,9 @@ def train_reference(
     grid_lrs = (config.lr,) if lrs is None else tuple(check_float("lrs", lr, positive=True) for lr in lrs)
     if not grid_lrs:
         raise ValueError("lrs must name at least one learning rate")
+    target = config.directory / REFERENCE_DIR
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} is a file, not a folder: move it away, then run mp reference again")
     data = load_data(config)
     start = time.perf_counter()
     grid: list[dict[str, Any]] = []
@@ -156,13 +160,16 @@ def train_reference(
             best_model, best_point = model, point
     if best_model is None or best_point is None:
         raise ValueError("the reference trained no epoch: epochs_finetune must be > 0")
-    target = config.directory / REFERENCE_DIR
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    best_model.save_pretrained(tmp)
-    data.tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    try:
+        best_model.save_pretrained(tmp)
+        data.tokenizer.save_pretrained(tmp)
+        apply_umask(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     result = {
         "model_class": "transformers.BertForSequenceClassification",
         **{k: best_point[k] for k in ("lr", "epoch", "dev_accuracy")},
@@ -185,7 +192,7 @@ def load_reference(run_dir: Path, device: torch.device | str) -> tuple[torch.nn.
     from transformers import BertForSequenceClassification
 
     model = BertForSequenceClassification.from_pretrained(folder, attn_implementation="eager").to(device).eval()
-    return model, json.loads((Path(run_dir) / REFERENCE_FILE).read_text())
+    return model, read_json_object(Path(run_dir) / REFERENCE_FILE)
 
 
 def run_reference(args: argparse.Namespace) -> int:
@@ -194,7 +201,7 @@ def run_reference(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise ValueError(f"{path} does not exist: start the run with `mp train --run-dir {args.run_dir}` first")
     use_threads(args.threads)
-    config = TrainConfig.from_dict(json.loads(path.read_text()) | {"run_dir": str(args.run_dir)})
+    config = TrainConfig.from_dict(read_json_object(path) | {"run_dir": str(args.run_dir)})
     result = train_reference(config, lrs=args.lrs, progress=not args.no_progress)
     print(json.dumps({k: v for k, v in result.items() if k != "grid"}))
     return 0

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from mp_model.checkpoint import load_snapshot, read_snapshot
 from mp_model.modeling import MagicPyramidForSequenceClassification
 from mp_model.recipe.checks import check_device
 
@@ -92,19 +93,42 @@ def model_folder_problem(folder: Path, checksum: str | None = None) -> str | Non
     return None
 
 
-def load_model(folder: str | Path, device: torch.device | str = "cpu") -> MagicPyramidForSequenceClassification:
-    """The model saved in ``folder``, on ``device``; a ``ValueError`` naming the folder if it is missing, has no
-    weights or a damaged file (checked before loading, and any loading error is reported the same way)."""
+def recorded_checksum(folder: Path) -> str | None:
+    """The SHA-256 that its run's ``state.json`` records for a stage folder's weights, or ``None`` (not a stage
+    folder of a run, or none recorded)."""
+    numbers = [n for n in STAGES if folder.name == f"stage{n}_{STAGES[n]}"]
+    if not numbers or not (folder.parent / STATE_FILE).is_file():
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        checksums = read_state(folder.parent).get("checksums")
+    return checksums.get(str(numbers[0])) if isinstance(checksums, dict) else None
+
+
+def load_checked(
+    folder: str | Path, device: torch.device | str = "cpu"
+) -> tuple[MagicPyramidForSequenceClassification, dict[str, str]]:
+    """The model saved in ``folder`` on ``device``, read whole into memory first (``mp_model.checkpoint``: no file
+    mapping that another process's write can change, label names from the same snapshot as the weights) and
+    checked against the SHA-256 its run records, and its identity: ``folder``, ``config_sha256``,
+    ``weights_sha256``. A ``ValueError`` naming the folder if it is missing, damaged or changed."""
     folder = Path(folder)
     device = check_device(device)
     problem = model_folder_problem(folder)
     if problem is not None:
         raise ValueError(f"{folder} is not a saved model: {problem}")
-    try:
-        model = MagicPyramidForSequenceClassification.from_pretrained(str(folder))
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
-        raise ValueError(f"{folder}: the model does not load ({type(error).__name__}: {error})") from error
-    return model.to(device)
+    snapshot = read_snapshot(folder, recorded_checksum(folder))
+    identity = {
+        "folder": str(folder),
+        "config_sha256": snapshot.config_sha256,
+        "weights_sha256": snapshot.weights_sha256,
+    }
+    return load_snapshot(snapshot).to(device), identity
+
+
+def load_model(folder: str | Path, device: torch.device | str = "cpu") -> MagicPyramidForSequenceClassification:
+    """The model saved in ``folder``, on ``device`` (``load_checked`` without the identity)."""
+    return load_checked(folder, device)[0]
 
 
 def read_state(directory: str | Path) -> dict[str, Any]:
@@ -167,15 +191,22 @@ def load_tokenizer(folder: str | Path) -> Any:
         raise ValueError(f"{folder}: no usable tokenizer ({' '.join(str(error).split())})") from error
 
 
-def saved_config(directory: str | Path) -> dict[str, Any]:
-    """The ``train_config.json`` values of the run directory ``directory`` (empty if there is none)."""
-    path = Path(directory) / CONFIG_FILE
-    if not path.exists():
-        return {}
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; a ``ValueError`` naming the file if it is unreadable, not JSON or not an object."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path} is unreadable ({error})") from error
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is unreadable ({' '.join(str(error).split())})") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} is damaged: it holds a JSON {type(values).__name__}, not an object")
+    return values
+
+
+def saved_config(directory: str | Path) -> dict[str, Any]:
+    """The ``train_config.json`` values of the run directory ``directory`` (empty if there is none); a
+    ``ValueError`` naming the file if it is unreadable or not a JSON object."""
+    path = Path(directory) / CONFIG_FILE
+    return read_json_object(path) if path.exists() else {}
 
 
 def load_run(

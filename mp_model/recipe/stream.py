@@ -7,15 +7,21 @@ and appends the window's rows to the output in one write, flushed and synced, so
 at the end of a window, or in a torn last write that a resume repairs. A progress bar (tqdm, on stderr) shows
 records/s, the mean exit layer and the share of tokens kept.
 
+Provenance: beside a file output, ``OUTPUT.provenance.json`` records the model (the SHA-256 of its weights and
+config), the knobs the rows depend on, the input (path, size, SHA-256 of the file) and the records written so far
+(their count and a running SHA-256 of each record's line, text and pair), rewritten atomically after each window.
+
 Resume (``resume=True``): the output's complete records are counted and checked to be records ``0 .. n - 1`` in
-order (a torn last record, the mark of a kill mid-write, is cut off); the last one is checked against input record
-``n - 1`` (same line and text); the first ``n`` records of the input are then skipped, so that no record is lost
-or written twice.
+order (a torn last record, the mark of a kill mid-write, is cut off); the provenance must name the same model,
+knobs and input (a one-line error names what differs); every one of the ``n`` records is checked against its input
+record (same line, text and pair); the first ``n`` records of the input are then skipped, so that no record is
+lost or written twice.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -127,11 +133,11 @@ def _records(path: Path, fmt: str) -> Iterator[tuple[Any, int, bool]]:
             yield None, consumed["end"], False
 
 
-def written_records(path: Path, fields: list[str], fmt: str) -> tuple[int, dict[str, Any] | None]:
-    """How many records ``path`` (an earlier run's output) holds, checked to be records ``0 .. n - 1`` in order,
-    and the last one; a torn last record is cut off the file (it is written again). A ``ValueError`` if the file is
+def written_records(path: Path, fields: list[str], fmt: str) -> int:
+    """How many records ``path`` (an earlier run's output) holds, checked to be records ``0 .. n - 1`` in order; a
+    torn last record is cut off the file (it is written again). A ``ValueError`` if the file is
     not such an output (another header, a record out of order, a damaged record before the last)."""
-    count, last, good_end, bad = 0, None, 0, None
+    count, good_end, bad = 0, 0, None
     header = fmt == "csv"
     for value, end, whole in _records(path, fmt):
         if bad is not None:
@@ -149,30 +155,111 @@ def written_records(path: Path, fields: list[str], fmt: str) -> tuple[int, dict[
                 raise ValueError(f"--resume: {path}: record {count} holds index {row['index']}; cannot resume")
             bad = count
             continue
-        count, last, good_end = count + 1, row, end
+        count, good_end = count + 1, end
     if header and path.stat().st_size:
         raise ValueError(f"--resume: {path} has no header line; cannot resume")
     if path.stat().st_size > good_end:
         with path.open("r+b") as file:
             file.truncate(good_end)
-    return count, last
+    return count
 
 
-def _same_record(row: dict[str, Any], text: InputText) -> bool:
-    line = "" if text.line is None else str(text.line)
-    return str(row.get("line") if row.get("line") is not None else "") == line and row.get("text") == text.text
+def provenance_path(output: Path) -> Path:
+    """The provenance file beside ``output``: ``OUTPUT.provenance.json``."""
+    return output.with_name(output.name + ".provenance.json")
 
 
-def _skipped(texts: Iterable[InputText], count: int, last: dict[str, Any] | None) -> Iterator[InputText]:
-    """``texts`` after the first ``count``, record ``count - 1`` checked to match ``last``."""
+def file_identity(path: Path) -> dict[str, Any]:
+    """``path``, its size in bytes and the SHA-256 of its bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"path": str(path), "size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _record_key(line: Any, text: Any, pair: Any) -> str:
+    """A record's place and texts as one string (``None`` and ``""`` alike: CSV cannot tell them apart)."""
+    return json.dumps(["" if value is None else str(value) for value in (line, text, pair)])
+
+
+def _check_provenance(output: Path, provenance: dict[str, Any]) -> dict[str, Any]:
+    """The provenance an earlier run wrote beside ``output``, checked to name the same model, knobs and input as
+    ``provenance``; a one-line ``ValueError`` naming what differs."""
+    path = provenance_path(output)
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(
+            f"--resume: {output} has no {path.name}, so the model, knobs and input that wrote it are unknown: "
+            "start a new output"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--resume: {path} is unreadable ({error}): start a new output") from error
+    if not isinstance(earlier, dict) or not all(isinstance(earlier.get(k), dict) for k in ("model", "knobs", "input")):
+        raise ValueError(f"--resume: {path} is not a provenance file: start a new output")
+    model, was = provenance["model"], earlier["model"]
+    for key in ("weights_sha256", "config_sha256"):
+        if model.get(key) != was.get(key):
+            raise ValueError(
+                f"--resume: {output} was begun by another model ({was.get('folder')}, {key} "
+                f"{str(was.get(key))[:12]}), not {model.get('folder')} ({str(model.get(key))[:12]}): use that model "
+                "or start a new output"
+            )
+    knobs, was = provenance["knobs"], earlier["knobs"]
+    differ = sorted(key for key in knobs.keys() | was.keys() if knobs.get(key) != was.get(key))
+    if differ:
+        shown = ", ".join(f"{key} {was.get(key)!r} then, {knobs.get(key)!r} now" for key in differ)
+        raise ValueError(f"--resume: {output} was begun with other knobs ({shown}): use the same or a new output")
+    source, was = provenance["input"], earlier["input"]
+    if (source.get("size"), source.get("sha256")) != (was.get("size"), was.get("sha256")):
+        raise ValueError(
+            f"--resume: the input {source.get('path')} changed since {output} was begun ({was.get('size')} bytes "
+            f"then, {source.get('size')} now, or other contents): start a new output"
+        )
+    return earlier
+
+
+def _skipped(
+    texts: Iterable[InputText], output: Path, fields: list[str], fmt: str, count: int, digest: Any, checked: Any
+) -> Iterator[InputText]:
+    """``texts`` after the first ``count``, each of those checked to match its record in ``output`` (same line,
+    text and pair) and added to ``digest``; ``checked`` (the earlier run's records count and hash, or ``None``)
+    must match the hash of that many records."""
     iterator = iter(texts)
+    written = _records(path=output, fmt=fmt)
+    if fmt == "csv":
+        next(written)
     for index in range(count):
         text = next(iterator, None)
         if text is None:
             raise ValueError(f"--resume: the output holds {count} records but the input only {index}")
-        if index == count - 1 and last is not None and not _same_record(last, text):
-            raise ValueError(f"--resume: output record {index} does not match input record {index}: another input?")
+        value = next(written)[0]
+        row = dict(zip(fields, value, strict=False)) if isinstance(value, list) else value
+        key = _record_key(text.line, text.text, text.text_pair)
+        if _record_key(row.get("line"), row.get("text"), row.get("text_pair")) != key:
+            where = f"line {text.line}" if text.line is not None else f"record {index + 1}"
+            raise ValueError(
+                f"--resume: output record {index} does not match input record {index} ({where}): "
+                "the input changed, start a new output"
+            )
+        digest.update(key.encode("utf-8") + b"\n")
+        if checked is not None and index + 1 == checked[0] and digest.hexdigest() != checked[1]:
+            raise ValueError(
+                f"--resume: the input's first {index + 1} records differ from those the output was "
+                "begun with: start a new output"
+            )
+    written.close()
     return iterator
+
+
+def _write_provenance(output: Path, provenance: dict[str, Any], count: int, digest: Any) -> None:
+    """Write ``provenance`` with the records so far (``count``, the hash ``digest``) beside ``output``, atomically."""
+    path = provenance_path(output)
+    payload = provenance | {"records": {"count": count, "sha256": digest.hexdigest()}}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def stream_predict(
@@ -184,18 +271,34 @@ def stream_predict(
     window: int = WINDOW,
     resume: bool = False,
     progress: bool = True,
+    provenance: dict[str, Any] | None = None,
 ) -> int:
     """Label ``texts`` window by window with ``label`` and write the rows, in input order, to ``output`` (JSON lines,
     or CSV for a ``.csv`` path; ``None``: JSON lines on stdout) under ``fields``. Each window's rows are one write,
-    flushed (and synced, for a file). With ``resume`` (``output`` needed) an earlier run's output is continued
-    after its last complete record (see the module's docstring). Returns the records labelled by this call."""
+    flushed (and synced, for a file). Returns the records labelled by this call.
+
+    ``provenance`` (``model``: ``mp_model.recipe.runs.load_checked``'s identity, ``knobs``: the settings the rows
+    depend on, ``input``: ``file_identity`` of the input) is written beside a file ``output``
+    (``provenance_path``) with the count and SHA-256 of the records written so far, updated after every window.
+    With ``resume`` (``output`` needed) an earlier run's output is continued after its last complete record: every
+    record already written is checked against the input, and, with ``provenance``, the earlier run's model, knobs
+    and input must be these (see the module's docstring). The caller holds the output's lock
+    (``mp_model.recipe.locks.exclusive_lock``)."""
     fmt = output_format(output)
-    skip, last = 0, None
+    skip, checked = 0, None
     if resume:
         if output is None:
             raise ValueError("--resume needs --output")
         if output.exists():
-            skip, last = written_records(output, fields, fmt)
+            skip = written_records(output, fields, fmt)
+        if skip and provenance is not None:
+            earlier = _check_provenance(output, provenance)
+            records = earlier.get("records")
+            checked = (records.get("count"), records.get("sha256")) if isinstance(records, dict) else None
+    digest = hashlib.sha256()
+    remaining = _skipped(texts, output, fields, fmt, skip, digest, checked) if skip else iter(texts)
+    if provenance is not None and output is not None:
+        _write_provenance(output, provenance, skip, digest)
     from tqdm.auto import tqdm
 
     stats: dict[str, float] = {}
@@ -206,7 +309,7 @@ def stream_predict(
     try:
         with tqdm(desc="mp predict", unit=" records", file=sys.stderr, disable=not progress, initial=skip) as bar:
             try:
-                for batch in windows(_skipped(texts, skip, last), window):
+                for batch in windows(remaining, window):
                     rows = label(batch, stats)
                     if [row["index"] for row in rows] != [text.index for text in batch]:
                         raise AssertionError("the labeller gave rows out of order")
@@ -215,6 +318,10 @@ def stream_predict(
                     if output is not None:
                         os.fsync(sink.fileno())
                     header = False
+                    for text in batch:
+                        digest.update(_record_key(text.line, text.text, text.text_pair).encode("utf-8") + b"\n")
+                    if provenance is not None and output is not None:
+                        _write_provenance(output, provenance, skip + done + len(batch), digest)
                     release_free_memory()
                     done += len(batch)
                     exits = [row["exit_layer"] for row in rows if row["exit_layer"] is not None]

@@ -180,6 +180,11 @@ class TrainConfig:
         check_int("batch_size", self.batch_size)
         check_int("eval_batch_size", self.eval_batch_size)
         check_int("dev_from_train", self.dev_from_train, 0)
+        if self.dev_from_train and self.dev_size is not None:
+            raise ValueError(
+                f"dev_from_train {self.dev_from_train} with dev_size {self.dev_size}: dev_size keeps the first dev "
+                "examples, so the examples moved from train (appended to dev) would be dropped; give one of the two"
+            )
         for name in ("train_size", "exit_train_size", "dev_size"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 0 if name == "exit_train_size" else 1)

@@ -75,6 +75,7 @@ from typing import Any
 
 import torch
 
+from mp_model.checkpoint import apply_umask
 from mp_model.exit_head import apply_exits
 from mp_model.modeling import MagicPyramidForSequenceClassification
 from mp_model.recipe.data import Encoded, TextDataset, check_max_length, encode
@@ -82,6 +83,7 @@ from mp_model.recipe.datasets import load_dataset, warn_overlap
 from mp_model.recipe.evaluation import collect, summarize
 from mp_model.recipe.fit import Callback, StageSpec, fit
 from mp_model.recipe.fit_exits import distillation_cache, exit_targets, fit_exits
+from mp_model.recipe.locks import exclusive_lock
 from mp_model.recipe.runs import (
     CONFIG_FILE,
     PARTIAL_DIR,
@@ -117,8 +119,10 @@ class Data:
 def load_data(config: TrainConfig) -> Data:
     """Load, subset and tokenise the run's dataset with the tokenizer of ``config.model``.
 
-    Warns (``mp_model.recipe.datasets.warn_overlap``) when dev or test examples repeat training ones; refuses a
-    ``max_length`` above the model's ``max_position_embeddings``.
+    Warns (``mp_model.recipe.datasets.warn_overlap``) when dev or test examples repeat training ones, and (a
+    ``TrainingWarning``) when a class has no training example (a warning, not an error: a small ``train_size`` of a
+    dataset with a rare class is a legitimate quick run); refuses a ``max_length`` above the model's
+    ``max_position_embeddings``.
     """
     from transformers import AutoTokenizer
 
@@ -127,6 +131,14 @@ def load_data(config: TrainConfig) -> Data:
     if not dataset.train or not dataset.dev:
         raise ValueError(f"{dataset.name}: training needs non-empty train and dev splits")
     warn_overlap(full)
+    unseen = sorted(set(range(dataset.num_labels)) - {example.label for example in dataset.train})
+    if unseen:
+        names = ", ".join(repr(dataset.labels[i]) for i in unseen)
+        warnings.warn(
+            f"{dataset.name}: class(es) {names} have no training example: the model keeps them but cannot learn them",
+            TrainingWarning,
+            stacklevel=2,
+        )
     problem = model_folder_problem(Path(config.model))
     if problem is not None:
         raise ValueError(f"model {config.model!r} is not a saved model: {problem}")
@@ -280,6 +292,7 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         self.data.tokenizer.save_pretrained(tmp)
+        apply_umask(tmp)
         problem = model_folder_problem(tmp)
         if problem is not None:
             raise RuntimeError(f"saving stage {number} to {tmp} failed: {problem}")
@@ -432,5 +445,8 @@ def train(
     callback: Callback | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run (or resume) the recipe for ``config``; returns the run's state (see ``Trainer``)."""
-    return Trainer(config, callback=callback, progress=progress).run(stages)
+    """Run (or resume) the recipe for ``config``, holding the run folder's lock; returns the run's state (see
+    ``Trainer``). A ``LockedError`` (``mp_model.recipe.locks``), at once, if another process trains that folder."""
+    config.directory.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(config.directory, f"the run folder {config.directory}"):
+        return Trainer(config, callback=callback, progress=progress).run(stages)
