@@ -11,6 +11,7 @@ traceback unless ``--debug`` is given; warnings are one line each, ``mp COMMAND:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import traceback
@@ -30,6 +31,7 @@ from mp_model.recipe.cli_support import (
     use_threads,
 )
 from mp_model.recipe.eval_command import configure_eval, run_eval
+from mp_model.recipe.serve import configure_serve, run_serve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +166,9 @@ def _configure_predict(parser: argparse.ArgumentParser) -> None:
         "by window, in input order",
     )
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run's --output")
-    parser.add_argument("--tau", type=float, default=0.3, help="exit threshold in [0, 1] (larger exits earlier)")
+    parser.add_argument(
+        "--tau", type=float, help="exit threshold in [0, 1] (larger exits earlier; default: the model's exit_tau)"
+    )
     parser.add_argument("--threshold-scale", type=float, default=1.0, help="multiplies the pruning thresholds (>= 0)")
     parser.add_argument("--no-prune", action="store_true", help="switch token pruning off")
     parser.add_argument("--no-exit", action="store_true", help="switch early exit off")
@@ -191,17 +195,18 @@ def _configure_predict(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from mp_model.recipe.bulk import RayLabeller, require_ray
+    from mp_model.recipe.bulk import require_ray
     from mp_model.recipe.checks import check_device, check_float, check_int
     from mp_model.recipe.data import check_max_length
-    from mp_model.recipe.files import check_input_file, open_texts
-    from mp_model.recipe.predict import predict, row_fields, window_labeller
-    from mp_model.recipe.runs import FINAL_DIR, load_model, load_tokenizer
-    from mp_model.recipe.stream import bound_native_caches, stream_predict
+    from mp_model.recipe.files import check_input_file
+    from mp_model.recipe.locks import exclusive_lock
+    from mp_model.recipe.runs import FINAL_DIR
+    from mp_model.recipe.stream import bound_native_caches
 
     bound_native_caches()
     quiet_transformers()
-    check_float("--tau", args.tau, 0.0, 1.0)
+    if args.tau is not None:
+        check_float("--tau", args.tau, 0.0, 1.0)
     check_float("--threshold-scale", args.threshold_scale, 0.0)
     for name in ("batch_size", "window", "max_batch_tokens", "workers"):
         check_int("--" + name.replace("_", "-"), getattr(args, name))
@@ -219,23 +224,46 @@ def _run_predict(args: argparse.Namespace) -> int:
     if not folder.exists():
         where = f"--checkpoint {folder}" if args.checkpoint else f"--run-dir {args.run_dir} ({FINAL_DIR}/)"
         raise ValueError(f"no model at {where}: run `mp train` first or pass --checkpoint")
-    model = load_model(folder, args.device).eval()
+    with contextlib.ExitStack() as stack:
+        if args.output is not None:
+            stack.enter_context(exclusive_lock(args.output, f"--output {args.output}"))
+        _predict_locked(args, folder)
+    return 0
+
+
+def _predict_locked(args: argparse.Namespace, folder: Path) -> None:
+    """``mp predict`` once its flags are checked and its output locked: load, label, write with provenance."""
+    from mp_model.recipe.bulk import RayLabeller
+    from mp_model.recipe.files import open_texts
+    from mp_model.recipe.predict import predict, row_fields, window_labeller
+    from mp_model.recipe.runs import load_checked, load_tokenizer
+    from mp_model.recipe.stream import file_identity, stream_predict
+
+    model, identity = load_checked(folder, args.device)
+    model.eval()
     tokenizer = load_tokenizer(folder)
     texts = open_texts(args.input, args.column, args.pair_column)
-    knobs = {"tau": args.tau, "threshold_scale": args.threshold_scale, "max_length": args.max_length}
+    tau = model.config.exit_tau if args.tau is None else args.tau
+    max_length = model.config.max_position_embeddings if args.max_length is None else args.max_length
+    knobs = {"tau": tau, "threshold_scale": args.threshold_scale, "max_length": max_length}
     knobs |= {"prune": not args.no_prune, "early_exit": not args.no_exit}
     predict(model, tokenizer, [], pairs=texts.pairs, batch_size=args.batch_size, device=args.device, **knobs)  # checks
+    recorded = knobs | {"column": args.column, "pair_column": args.pair_column}
+    provenance = {"model": identity, "knobs": recorded, "input": file_identity(args.input)}
     window = args.window
     if args.engine == "ray":
         knobs |= {"batch_tokens": args.max_batch_tokens, "gpus_per_worker": args.gpus_per_worker}
-        label = RayLabeller(folder, pairs=texts.pairs, block_size=args.window, workers=args.workers, **knobs)
+        expect = {key: identity[key] for key in ("config_sha256", "weights_sha256")}
+        label = RayLabeller(
+            folder, pairs=texts.pairs, block_size=args.window, workers=args.workers, expect=expect, **knobs
+        )
         window = args.window * max(16, 4 * args.workers)  # one Ray dataset (and actor pool) per chunk of windows
     else:
         knobs |= {"batch_size": args.batch_size, "batch_tokens": args.max_batch_tokens, "device": args.device}
         label = window_labeller(model, tokenizer, pairs=texts.pairs, **knobs)
     fields = row_fields(texts.pairs)
-    stream_predict(label, texts, args.output, fields, window=window, resume=args.resume, progress=not args.no_progress)
-    return 0
+    options = {"window": window, "resume": args.resume, "progress": not args.no_progress}
+    stream_predict(label, texts, args.output, fields, provenance=provenance, **options)
 
 
 # ---------------------------------------------------------------- reference
@@ -301,12 +329,50 @@ register_command(
     ),
 )
 register_command(
+    "serve",
+    Command(
+        "serve the model over HTTP (TEI's /predict, token-budget batching, /metrics); needs the [serve] extra",
+        configure_serve,
+        run_serve,
+    ),
+)
+register_command(
     "quickstart",
     Command(
         "train, evaluate and plot in one short run (`mp quickstart --help` shows its flags)",
         _configure_quickstart,
         _run_quickstart,
         passthrough=True,
+    ),
+)
+
+
+# ---------------------------------------------------------------- export
+
+
+def _configure_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint", type=Path, required=True, help="a saved Magic Pyramid model folder (a run's stage4_exits)"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="the folder to write (new or empty)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from mp_model.export import to_bert
+
+    quiet_transformers()
+    out = to_bert(args.checkpoint, args.out)
+    print(f"wrote {out}: BertForSequenceClassification with the tokenizer, loads without mp_model (dense model)")
+    return 0
+
+
+register_command(
+    "export",
+    Command(
+        "write a saved model's dense weights as a plain BertForSequenceClassification checkpoint (no pruning or "
+        "early exit; loads with transformers alone)",
+        _configure_export,
+        _run_export,
     ),
 )
 
