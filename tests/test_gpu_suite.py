@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from bench.bench_kernels import KERNELS
 from bench.gpu_suite import (
     BUDGET_S,
     E2E_PACKAGES,
     STEPS,
     TARGETS,
+    TEST_PATHS,
     TIMEOUTS,
     WINDOW_STEPS,
     attention_targets,
@@ -67,11 +69,12 @@ def test_each_step_has_a_status_and_a_failing_one_does_not_stop_the_others(smoke
     assert summary["targets"]["importance_overhead"]["value"] is None
     # the steps after it ran, teeing their output, and their numbers were read
     assert steps["tests"]["status"] == "ok" and steps["tests"]["counts"]["passed"] > 0
-    for name in ("compaction", "gemm", "profile", "gemm_table"):
+    for name in ("compaction", "gemm", "profile", "gemm_table", "kernels"):
         assert steps[name]["status"] == "ok", steps[name]
         assert (out / f"{name}.log").read_text().startswith("$ ")
     assert json.loads((out / "profile.json").read_text())["records"], "the profile wrote its cells"
     assert "entries" in json.loads((out / "gemm_table.json").read_text())
+    assert {r["kernel"] for r in json.loads((out / "kernels.json").read_text())["records"]} == set(KERNELS)
     assert summary["targets"]["compaction_exit_share"]["value"] > 0
     assert summary["targets"]["gemm_fraction_of_peak"]["value"] > 0
     e2e_ready = all(importlib.util.find_spec(p) for p in E2E_PACKAGES)
@@ -84,6 +87,7 @@ def test_the_window_runs_the_gpu_issues_steps_first_and_within_the_budget() -> N
     within the budget (a call may run 600 s)."""
     args = parse_args(["--out", "/tmp/unused"])
     assert args.steps == list(WINDOW_STEPS) == ["tests", "profile", "e2e", "gemm_table"]
+    assert "kernels" in STEPS and "kernels" in TIMEOUTS, "the kernels' benchmark runs on request"
     assert sum(TIMEOUTS[step] for step in WINDOW_STEPS) <= BUDGET_S <= 570
 
 
@@ -192,7 +196,10 @@ def test_attention_targets_read_bfloat16_only() -> None:
 def test_tests_args_reach_pytest_before_the_test_paths(tmp_path: Path) -> None:
     args = argparse.Namespace(smoke=False, tests_args="-n 8 -x", methods=None, e2e_models=None, e2e_args="")
     command = commands(args, tmp_path, dict.fromkeys(STEPS, 100.0))["tests"]
-    assert command[command.index("pytest") :][-5:] == ["-n", "8", "-x", "--ignore=tests/test_gpu_suite.py", "tests"]
+    assert command[-len(TEST_PATHS) - 3 :] == ["-n", "8", "-x", *TEST_PATHS]
+    assert TEST_PATHS[-1] == "tests" and TEST_PATHS.index("tests/test_graph_engine.py") < len(TEST_PATHS) - 1, (
+        "the kernels' and the engine's tests first, then the rest"
+    )
     assert f"--junitxml={tmp_path / 'tests.xml'}" in command and "-v" in command
 
 
