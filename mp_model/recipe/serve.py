@@ -50,7 +50,6 @@ FLAG_HELP = {
     "max_concurrent_requests": "requests in flight; 429 beyond (default: %(default)s)",
     "max_client_batch_size": "texts a request; 413 beyond (default: %(default)s)",
     "max_body_bytes": "bytes a request body; 413 beyond (default: %(default)s)",
-    "tau": "exit threshold in [0, 1] of requests without one (default: %(default)s)",
     "threshold_scale": "pruning scale (>= 0) of requests without one (default: %(default)s)",
 }
 
@@ -63,6 +62,8 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--tau", type=float, default=None, help="exit threshold in [0, 1] of requests without one "
+                        "(default: the model's config.exit_tau, as the model and mp predict)")  # fmt: skip
     for field in dataclasses.fields(ServeOptions):
         if field.name in FLAG_HELP:
             flag = "--" + field.name.replace("_", "-")
@@ -99,10 +100,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from mp_model.recipe.stream import bound_native_caches
 
     for name in (*FLAG_HELP, "port"):
-        if name not in ("max_wait_ms", "tau", "threshold_scale"):
+        if name not in ("max_wait_ms", "threshold_scale"):
             check_int("--" + name.replace("_", "-"), getattr(args, name))
     check_float("--max-wait-ms", args.max_wait_ms, 0.0)
-    check_float("--tau", args.tau, 0.0, 1.0)
+    if args.tau is not None:
+        check_float("--tau", args.tau, 0.0, 1.0)
     check_float("--threshold-scale", args.threshold_scale, 0.0)
     device = check_device(args.device)
     folder = args.checkpoint or Path(args.run_dir) / FINAL_DIR
@@ -117,7 +119,8 @@ def run_serve(args: argparse.Namespace) -> int:
     limit = model.config.max_position_embeddings
     max_length = check_max_length(limit if args.max_length is None else args.max_length, tokenizer, limit=limit)
     classifier = Classifier(model, tokenizer, device=device, max_length=max_length, dense=args.dense_hf)
-    options = ServeOptions(**{name: getattr(args, name) for name in FLAG_HELP}, model_id=str(folder))
+    args.tau = model.config.exit_tau if args.tau is None else args.tau
+    options = ServeOptions(**{name: getattr(args, name) for name in FLAG_HELP}, tau=args.tau, model_id=str(folder))
     classifier.warm_up(Knobs(options.tau, options.threshold_scale))
     if device.type == "cuda" and not args.dense_hf:
         sizes = [1 << k for k in range(options.max_batch_requests.bit_length()) if 1 << k <= options.max_batch_requests]
