@@ -113,19 +113,3 @@ def load_snapshot(snapshot: Snapshot) -> Any:
         shown = " ".join(str(error).split())
         raise ValueError(f"{snapshot.folder}: the model does not load ({type(error).__name__}: {shown})") from error
     return model.float()
-
-
-def umask_mode() -> int:
-    """The mode a new file gets under this process's umask (``0o666`` less the umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def apply_umask(folder: str | os.PathLike[str]) -> None:
-    """Give every file directly in ``folder`` the process's normal mode (``umask_mode``): ``save_pretrained``
-    writes the weights through a private temporary file (mode 0600) that another account could not read."""
-    mode = umask_mode()
-    for path in Path(folder).iterdir():
-        if path.is_file() and not path.is_symlink():
-            path.chmod(mode)

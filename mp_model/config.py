@@ -34,11 +34,13 @@ class MagicPyramidConfig(BertConfig):
         use_early_exit: default for the ``early_exit`` call argument.
         exit_tau: default normalised-entropy threshold in [0, 1]; an example exits at the first sub-classifier
             whose uncertainty is at most ``tau`` (larger exits earlier).
+        threshold_scale: default scale of the learned pruning thresholds (>= 0, finite; larger prunes more).
         exit_hidden_size: width of each sub-classifier's hidden layer.
         soft_mask_temperature: ``T`` of the soft masks ``sigmoid((s - threshold) / T)`` in training.
 
-    ``exit_tau``, ``use_pruning`` and ``use_early_exit`` are the serve-time defaults of a call that does not pass
-    ``tau``, ``prune`` or ``early_exit``, as ``pipeline("text-classification")`` calls the model. Set them when
+    ``exit_tau``, ``threshold_scale``, ``use_pruning`` and ``use_early_exit`` are the serve-time defaults of a call
+    that does not pass ``tau``, ``threshold_scale``, ``prune`` or ``early_exit``, as
+    ``pipeline("text-classification")`` calls the model. Set them when
     loading (``from_pretrained(folder, exit_tau=0.3)``, ``pipeline(..., model_kwargs={"exit_tau": 0.3})``: keyword
     arguments naming config fields update the config) or on ``model.config``; an ``exit_tau`` outside [0, 1] set
     this way is a ``ValueError`` at the call.
@@ -52,6 +54,7 @@ class MagicPyramidConfig(BertConfig):
         use_pruning: bool = True,
         use_early_exit: bool = True,
         exit_tau: float = 0.5,
+        threshold_scale: float = 1.0,
         exit_hidden_size: int = 128,
         soft_mask_temperature: float = 0.05,
         **kwargs: object,
@@ -64,9 +67,12 @@ class MagicPyramidConfig(BertConfig):
             raise ValueError(f"prune_thresholds needs one value per layer ({layers}), got {len(prune_thresholds)}")
         if not 0.0 <= exit_tau <= 1.0:
             raise ValueError(f"exit_tau must lie in [0, 1], got {exit_tau}")
+        if not 0.0 <= threshold_scale < math.inf:
+            raise ValueError(f"threshold_scale must be non-negative and finite, got {threshold_scale}")
         self.prune_thresholds = check_thresholds(prune_thresholds)
         self.use_pruning = use_pruning
         self.use_early_exit = use_early_exit
         self.exit_tau = float(exit_tau)
+        self.threshold_scale = float(threshold_scale)
         self.exit_hidden_size = exit_hidden_size
         self.soft_mask_temperature = soft_mask_temperature

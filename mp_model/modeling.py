@@ -18,6 +18,7 @@ from mp_model.masked_training import masked_forward
 from mp_model.ort_layers import supports as ort_supports
 from mp_model.outputs import MagicPyramidOutput, MagicPyramidTrainingOutput
 from mp_model.packed_inference import PackedEngine
+from mp_model.permissions import apply_umask
 
 # A tensor or, on the CPU, its numpy view: ``_value_facts`` runs the same operations on either.
 Array = torch.Tensor | np.ndarray
@@ -242,7 +243,7 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         self,
         *,
         tau: float | None = None,
-        threshold_scale: float = 1.0,
+        threshold_scale: float | None = None,
         prune: bool | None = None,
         early_exit: bool | None = None,
         exit_schedule: torch.Tensor | None = None,
@@ -261,7 +262,7 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
             self.checked_thresholds() if prune else None,
             config.num_hidden_layers,
             tau=config.exit_tau if tau is None else tau,
-            threshold_scale=threshold_scale,
+            threshold_scale=getattr(config, "threshold_scale", 1.0) if threshold_scale is None else threshold_scale,
             early_exit=config.use_early_exit if early_exit is None else early_exit,
             exit_schedule=exit_schedule,
             backend=backend,
@@ -271,6 +272,7 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         """Save weights (safetensors) and config; the config records the current thresholds."""
         self.config.prune_thresholds = self.thresholds.detach().float().cpu().tolist()
         super().save_pretrained(*args, **kwargs)
+        apply_umask(kwargs.get("save_directory", args[0] if args else None))  # the weights' file is written 0600
 
     def forward(
         self,
@@ -279,7 +281,7 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         *,
         tau: float | None = None,
-        threshold_scale: float = 1.0,
+        threshold_scale: float | None = None,
         prune: bool | None = None,
         early_exit: bool | None = None,
         backend: str | None = None,
@@ -302,7 +304,8 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
             token_type_ids: ``(batch, seq)`` integers in ``[0, type_vocab_size)``, or None.
             tau: exit threshold on the normalised entropy in [0, 1] (default ``config.exit_tau``); larger
                 exits earlier.
-            threshold_scale: multiplies every layer's pruning threshold (0 prunes nothing; larger prunes more).
+            threshold_scale: multiplies every layer's pruning threshold (0 prunes nothing; larger prunes more;
+                default ``config.threshold_scale``, 1.0 unless set).
             prune, early_exit: switch token pruning / early exit (defaults from the config). Both off gives
                 the dense model through the packed path.
             backend: kernel backend (``None``: Triton on CUDA, PyTorch on CPU).

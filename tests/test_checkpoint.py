@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mp_model import MagicPyramidForSequenceClassification
-from mp_model.checkpoint import apply_umask, load_snapshot, read_snapshot, umask_mode
+from mp_model.checkpoint import load_snapshot, read_snapshot
+from mp_model.permissions import apply_umask, umask_mode
 from tests.utils import write_tiny_model
 
 

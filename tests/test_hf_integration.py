@@ -82,6 +82,7 @@ def test_auto_classes_open_a_saved_folder_as_magic_pyramid(folder: Path) -> None
         ({"exit_tau": 0.0}, {"tau": 0.0}),
         ({"exit_tau": 1.0}, {"tau": 1.0}),
         ({"use_pruning": False, "use_early_exit": False}, {"prune": False, "early_exit": False}),
+        ({"threshold_scale": 0.5}, {"threshold_scale": 0.5}),
     ],
 )
 def test_pipeline_labels_as_the_model_does_with_the_knobs_given_as_model_kwargs(
@@ -127,3 +128,16 @@ def test_save_pretrained_round_trips_through_the_auto_classes(folder: Path, tmp_
         first, second = model(**inputs, tau=0.5), again(**inputs, tau=0.5)
     for name in ("logits", "exit_layer", "kept_tokens", "flops"):
         assert torch.equal(getattr(first, name), getattr(second, name)), name
+
+
+def test_a_threshold_scale_out_of_range_in_the_config_is_refused() -> None:
+    for scale in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="threshold_scale"):
+            MagicPyramidConfig(threshold_scale=scale)
+
+
+def test_saved_weights_get_the_process_normal_permissions(folder: Path, tmp_path: Path) -> None:
+    from mp_model.permissions import umask_mode
+
+    MagicPyramidForSequenceClassification.from_pretrained(folder).save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "model.safetensors").stat().st_mode & 0o777 == umask_mode()

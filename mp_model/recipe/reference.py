@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mp_model.checkpoint import apply_umask
+from mp_model.permissions import apply_umask
 from mp_model.recipe.checks import check_float
 from mp_model.recipe.cli_support import use_threads
 from mp_model.recipe.data import Encoded, batches

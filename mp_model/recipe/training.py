@@ -75,9 +75,9 @@ from typing import Any
 
 import torch
 
-from mp_model.checkpoint import apply_umask
 from mp_model.exit_head import apply_exits
 from mp_model.modeling import MagicPyramidForSequenceClassification
+from mp_model.permissions import apply_umask
 from mp_model.recipe.data import Encoded, TextDataset, check_max_length, encode
 from mp_model.recipe.datasets import load_dataset, warn_overlap
 from mp_model.recipe.evaluation import collect, summarize
