@@ -13,8 +13,8 @@ any HF model does::
     classify(["a moving, brilliant film"])  # [{'label': ..., 'score': ...}]
 
 The pipeline calls the model with the tokenizer's outputs only, so its serve-time knobs are the config's defaults:
-``exit_tau`` (the exit threshold ``tau``), ``threshold_scale``, ``use_pruning`` and ``use_early_exit``. Set them when loading
-(``model_kwargs`` of ``pipeline``, or keyword arguments of ``from_pretrained``: transformers copies keyword
+``exit_tau`` (the exit threshold ``tau``), ``threshold_scale``, ``use_pruning`` and ``use_early_exit``. Set them
+when loading (``model_kwargs`` of ``pipeline``, or keyword arguments of ``from_pretrained``: transformers copies keyword
 arguments that name config fields into the config) or afterwards on ``pipe.model.config``; a value out of range is
 a ``ValueError`` at the first call. ``mp_model.export.to_bert`` writes the dense weights as a plain
 ``BertForSequenceClassification`` checkpoint that loads without this package.
