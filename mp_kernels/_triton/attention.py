@@ -370,7 +370,8 @@ def varlen_attention_triton(
         lse = out
     qk_scale = scale * LOG2_E
     precision = "ieee" if q.dtype == torch.float32 else None
-    fwd = forward_config(head_dim, q.dtype, max_seqlen)
+    sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+    fwd = forward_config(head_dim, q.dtype, max_seqlen, batch * heads, sm_count)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _varlen_forward_kernel[(triton.cdiv(max_seqlen, fwd.block_m), heads, batch)](
             q,

@@ -25,15 +25,20 @@ INTERPRETER_FORWARD = AttentionConfig(block_m=64, block_n=32, num_warps=1, num_s
 INTERPRETER_IMPORTANCE = AttentionConfig(block_m=32, block_n=64, num_warps=1, num_stages=1)
 
 
-def forward_config(head_dim: int, dtype: torch.dtype, max_seqlen: int) -> AttentionConfig:
+def forward_config(
+    head_dim: int, dtype: torch.dtype, max_seqlen: int, slots: int = 1, sm_count: int = 132
+) -> AttentionConfig:
     """Tiles of the forward kernel: small fixed ones under the interpreter, FlashAttention-2's on a GPU.
 
     float32 inputs get smaller tiles and fewer stages: their exact (``"ieee"``) dots run without tensor cores
-    and their tiles take twice the shared memory.
+    and their tiles take twice the shared memory. 128 query rows a program where that still gives one program per
+    SM (``slots``: sequences x heads of the grid), else 64 (at batch 1 the grid is ``heads x cdiv(n, block_m)``:
+    48 programs of 128 rows for BERT-base at 512 tokens, 96 of 64).
     """
     if triton_interpreting():
         return INTERPRETER_FORWARD
-    block_m = 128 if max_seqlen > 64 else 64
+    tall = max_seqlen > 64 and triton.cdiv(max_seqlen, 128) * slots >= sm_count
+    block_m = 128 if tall else 64
     if dtype == torch.float32:
         return AttentionConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     if head_dim <= 32:
