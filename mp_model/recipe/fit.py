@@ -169,6 +169,12 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {key: value.to(device) for key, value in batch.items()}
 
 
+def _new_totals() -> dict[str, float]:
+    """Zeroed running sums of an epoch: example-weighted loss, correct predictions, per-batch kept ratios, and
+    the counts of examples and batches they are over."""
+    return {"loss": 0.0, "correct": 0.0, "kept": 0.0, "examples": 0, "batches": 0}
+
+
 def _restore_rng(saved: dict[str, Any], device: torch.device) -> None:
     """Restore a checkpoint's generator states: the CPU's, and on CUDA the device's (dropout draws from it there).
     Both setters take CPU byte tensors, whatever ``map_location`` the checkpoint was loaded with."""
@@ -180,8 +186,9 @@ def _restore_rng(saved: dict[str, Any], device: torch.device) -> None:
 def _load_checkpoint(partial: Path, device: torch.device) -> dict[str, Any] | None:
     """The partial checkpoint in ``partial`` if it is whole; ``None`` if there is none.
 
-    A checkpoint without a recorded SHA-256, not matching it, or not loading is deleted with a
-    ``TrainingWarning`` (its stage then restarts from its start), as is a leftover temporary file.
+    A checkpoint without a recorded SHA-256, not matching it, not loading, or lacking part of the trainer's state
+    (one written before the epoch's running totals were saved with it) is deleted with a ``TrainingWarning`` (its
+    stage then restarts from its start), as is a leftover temporary file.
     """
     checkpoint = partial / CHECKPOINT_FILE
     checkpoint.with_suffix(".tmp").unlink(missing_ok=True)
@@ -199,7 +206,7 @@ def _load_checkpoint(partial: Path, device: torch.device) -> dict[str, Any] | No
     else:
         try:
             saved = torch.load(checkpoint, map_location=device, weights_only=False)
-            if not isinstance(saved, dict) or not {"stage", "seed", "step", "model", "rng"} <= set(saved):
+            if not isinstance(saved, dict) or not {"stage", "seed", "step", "model", "rng", "totals"} <= set(saved):
                 problem = "it lacks the trainer's state"
         except Exception as error:  # noqa: BLE001 - any unpickling failure means a damaged file
             problem = f"it does not load ({type(error).__name__}: {error})"
@@ -237,8 +244,8 @@ def fit(
     after the last step) and the model ends with the weights of the most accurate call (ties: the later, more
     trained); that call's metrics, ``epoch_dev_accuracy`` and ``best_epoch`` join the returned metrics. With
     ``partial`` (a folder), a checkpoint is written there every ``config.checkpoint_every`` steps (the best weights
-    so far with it) and one found there for the same stage is resumed; ``callback("checkpoint", info)`` follows
-    each write.
+    so far and the epoch's running totals with it) and one found there for the same stage is resumed;
+    ``callback("checkpoint", info)`` follows each write.
     """
     device = torch.device(config.device)
     model.to(device)
@@ -258,6 +265,9 @@ def fit(
     # The best evaluation so far: {"metrics", "epoch", "model"} (a CPU copy), and every evaluation's accuracy.
     best: dict[str, Any] | None = None
     evaluations: list[float] = []
+    # The running sums of the current epoch, which the returned train_* metrics average: checkpointed with the
+    # weights, so that a resumed stage reports the same metrics as an uninterrupted one.
+    totals = _new_totals()
     checkpoint = partial / CHECKPOINT_FILE if partial is not None else None
     saved = _load_checkpoint(partial, device) if partial is not None else None
     if saved is not None:
@@ -270,14 +280,14 @@ def fit(
             _restore_rng(saved, device)
             step = saved["step"]
             best, evaluations = saved.get("best"), list(saved.get("evaluations", []))
+            totals = dict(saved["totals"])
 
     model.train()
-    totals = {"loss": 0.0, "correct": 0.0, "kept": 0.0, "examples": 0, "batches": 0}
     bar = tqdm(total=total, initial=step, desc=f"stage {stage.number} {stage.name}", disable=not progress, leave=False)
     while step < total:
         epoch, skip = divmod(step, per_epoch)
         if skip == 0:
-            totals = {"loss": 0.0, "correct": 0.0, "kept": 0.0, "examples": 0, "batches": 0}
+            totals = _new_totals()
         epoch_batches = batches(train, config.batch_size, shuffle=True, seed=seed * 1000 + epoch, sort_by_length=True)
         for batch in itertools.islice(epoch_batches, skip, None):
             if step >= total:
@@ -330,6 +340,7 @@ def fit(
                         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                         "best": best,
                         "evaluations": evaluations,
+                        "totals": dict(totals),
                     }
                     torch.save(payload, checkpoint.with_suffix(".tmp"))
                     os.replace(checkpoint.with_suffix(".tmp"), checkpoint)

@@ -47,7 +47,8 @@ The run directory's layout, and loading a finished run, belong to ``mp_model.rec
 ``mp_model.recipe.fit``; the knobs to ``mp_model.recipe.train_config``.
 
 Rerunning the same command resumes: completed stages are skipped, an interrupted stage continues from its last
-checkpoint (every ``checkpoint_every`` steps) with its RNG state, so the result equals an uninterrupted run's;
+checkpoint (every ``checkpoint_every`` steps) with its RNG state and the epoch's running metrics, so the
+weights and the recorded metrics equal an uninterrupted run's;
 an interrupted search candidate, and an interrupted stage 4 (one forward pass and seconds of head training),
 restart from their start.
 
