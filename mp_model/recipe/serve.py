@@ -5,7 +5,8 @@ Built on FastAPI over uvicorn (``pip install 'magic-pyramid[serve]'``): FastAPI 
 ``serve.ingress``; uvicorn drains on SIGTERM (it stops accepting, finishes the requests in flight, then runs the
 app's shutdown, where the batcher finishes its queue). This module holds the command (its flags, the model's
 loading, warm-up on CPU and CUDA); ``serve_app`` the HTTP application; ``serve_batching`` the queue and the model's
-worker thread; ``serve_metrics`` the Prometheus metrics.
+worker thread; ``serve_metrics`` the Prometheus metrics; ``serve_ray`` the same application as ``--replicas`` copies
+on Ray Serve.
 
 Endpoints: ``POST /predict`` (TEI's shapes: ``inputs`` is one text, a ``[text, text_pair]`` pair (a list of exactly
 two texts, as TEI reads it), or a list of texts and pairs (a one-element list is a single text, so
@@ -24,6 +25,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mp_model.recipe.serve_batching import Classifier
 
 INSTALL_HINT = "mp serve needs FastAPI and uvicorn: pip install 'magic-pyramid[serve]'"
 
@@ -72,6 +77,11 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, help="tokens a text (default: the model's limit)")
     parser.add_argument("--dense-hf", action="store_true", help="serve the dense HF twin (a baseline)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    replicas = "copies of the model on Ray Serve ([ray] extra), on a local Ray or the cluster at RAY_ADDRESS"
+    parser.add_argument("--replicas", type=int, help=f"{replicas} (default: one process, no Ray)")
+    parser.add_argument("--cpus-per-replica", type=float, help="CPUs Ray reserves for each replica (default: 1)")
+    gpus = "GPUs Ray reserves for each replica (default: 1 with --device cuda, else 0)"
+    parser.add_argument("--gpus-per-replica", type=float, help=gpus)
 
 
 def require_serve() -> None:
@@ -83,21 +93,10 @@ def require_serve() -> None:
         raise ValueError(INSTALL_HINT) from error
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    """``mp serve``: check the flags, load the model, and serve until SIGTERM or Ctrl-C (both drain first: no new
-    connection is accepted, and every request already accepted is answered). Returns 0 after a SIGTERM."""
-    require_serve()
-    import signal
-
-    import uvicorn
-
-    from mp_model.recipe.checks import check_device, check_float, check_int
-    from mp_model.recipe.cli_support import quiet_transformers, use_threads
-    from mp_model.recipe.data import check_max_length
-    from mp_model.recipe.runs import FINAL_DIR, load_model, load_tokenizer
-    from mp_model.recipe.serve_app import create_app
-    from mp_model.recipe.serve_batching import Classifier, Knobs
-    from mp_model.recipe.stream import bound_native_caches
+def check_flags(args: argparse.Namespace) -> Path:
+    """Check ``mp serve``'s flags (a ``ValueError`` naming the first wrong one) and return the model's folder."""
+    from mp_model.recipe.checks import check_float, check_int
+    from mp_model.recipe.runs import FINAL_DIR
 
     for name in (*FLAG_HELP, "port"):
         if name not in ("max_wait_ms", "threshold_scale"):
@@ -106,11 +105,28 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.tau is not None:
         check_float("--tau", args.tau, 0.0, 1.0)
     check_float("--threshold-scale", args.threshold_scale, 0.0)
-    device = check_device(args.device)
+    if args.replicas is None:
+        for flag in ("cpus_per_replica", "gpus_per_replica"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} needs --replicas")
     folder = args.checkpoint or Path(args.run_dir) / FINAL_DIR
     if not folder.exists():
         where = f"--checkpoint {folder}" if args.checkpoint else f"--run-dir {args.run_dir} ({FINAL_DIR}/)"
         raise ValueError(f"no model at {where}: run `mp train` first or pass --checkpoint")
+    return folder
+
+
+def load_classifier(args: argparse.Namespace, folder: Path) -> tuple[Classifier, ServeOptions]:
+    """The ``Classifier`` of the model in ``folder`` on ``--device``, warmed up (on CUDA with the GPU engine's
+    graphs captured), and the server's options: what one server process, or one Ray Serve replica, serves."""
+    from mp_model.recipe.checks import check_device
+    from mp_model.recipe.cli_support import quiet_transformers, use_threads
+    from mp_model.recipe.data import check_max_length
+    from mp_model.recipe.runs import load_model, load_tokenizer
+    from mp_model.recipe.serve_batching import Classifier, Knobs
+    from mp_model.recipe.stream import bound_native_caches
+
+    device = check_device(args.device)
     bound_native_caches()
     quiet_transformers()
     use_threads(args.threads)
@@ -119,14 +135,33 @@ def run_serve(args: argparse.Namespace) -> int:
     limit = model.config.max_position_embeddings
     max_length = check_max_length(limit if args.max_length is None else args.max_length, tokenizer, limit=limit)
     classifier = Classifier(model, tokenizer, device=device, max_length=max_length, dense=args.dense_hf)
-    args.tau = model.config.exit_tau if args.tau is None else args.tau
-    options = ServeOptions(**{name: getattr(args, name) for name in FLAG_HELP}, tau=args.tau, model_id=str(folder))
+    tau = model.config.exit_tau if args.tau is None else args.tau
+    options = ServeOptions(**{name: getattr(args, name) for name in FLAG_HELP}, tau=tau, model_id=str(folder))
     classifier.warm_up(Knobs(options.tau, options.threshold_scale))
     if device.type == "cuda" and not args.dense_hf:
         sizes = [1 << k for k in range(options.max_batch_requests.bit_length()) if 1 << k <= options.max_batch_requests]
         knobs = model.resolve_knobs(threshold_scale=options.threshold_scale)
         model.graph_engine.warm_up(sizes, max_length, knobs)
-    app = create_app(classifier, options)
+    return classifier, options
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """``mp serve``: check the flags, load the model, and serve until SIGTERM or Ctrl-C (both drain first: no new
+    connection is accepted, and every request already accepted is answered). Returns 0 after a SIGTERM. With
+    ``--replicas``, ``mp_model.recipe.serve_ray`` serves the same application on Ray Serve instead."""
+    require_serve()
+    folder = check_flags(args)
+    if args.replicas is not None:
+        from mp_model.recipe.serve_ray import serve_replicas
+
+        return serve_replicas(args, folder)
+    import signal
+
+    import uvicorn
+
+    from mp_model.recipe.serve_app import create_app
+
+    app = create_app(*load_classifier(args, folder))
     print(f"mp serve: {folder} on http://{args.host}:{args.port} (docs at /docs)", flush=True)
     # uvicorn drains on SIGTERM, then raises it again with the handler found at its start: this one, so the
     # command ends with 0 after a graceful shutdown.
