@@ -56,7 +56,8 @@ def test_planners_see_an_h100_inside_and_the_interpreter_after():
     with gpu_planners(sm_count=132):
         assert rows_linear.device_traits(torch.device("cpu")) == (132, compile_check.H100_NAME)
         assert attention_config.choose_head_groups(1, 12, torch.device("cpu")) == 12
-        assert attention_config.forward_config(64, torch.bfloat16, 512).block_m == 128
+        assert attention_config.forward_config(64, torch.bfloat16, 512, slots=8 * 12).block_m == 128
+        assert attention_config.forward_config(64, torch.bfloat16, 512, slots=12).block_m == 64, "fills the SMs"
         assert torch.cuda.get_device_properties(0).multi_processor_count == 132
     assert attention_config.forward_config(64, torch.bfloat16, 512) == interpreter
     assert rows_linear.device_traits(torch.device("cpu")) == (
