@@ -6,7 +6,9 @@ job runs kills the job (SIGBUS) or hands it a mix of old and new weights, and a 
 the bytes of ``config.json`` and ``model.safetensors``, both opened through one handle on the folder (a folder
 moved or replaced meanwhile is either read whole, as it was, or not found), each checked not to have changed while
 it was read, and the weights checked against a recorded SHA-256 when one is given. The model is then built from
-those bytes alone (``load_snapshot``): nothing maps a file that another process can change.
+those bytes alone (``load_snapshot``): nothing maps a file that another process can change. The tokenizer's files
+are read through the same handle (``load_snapshot_tokenizer``), so weights, label names and tokenizer always come
+from one model.
 """
 
 from __future__ import annotations
@@ -24,18 +26,23 @@ from mp_model.config import MagicPyramidConfig
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt")  # a BERT tokenizer needs one of them
 
 
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
     """The bytes of a saved model, read at one time: its parsed ``config`` (``config.json``), its ``weights`` (the
-    tensors of ``model.safetensors``, on the CPU) and the SHA-256 (hex) of each file."""
+    tensors of ``model.safetensors``, on the CPU) and the SHA-256 (hex) of each file; the bytes of the tokenizer
+    files present (``TOKENIZER_FILES``) and one SHA-256 over them (names and bytes, in name order)."""
 
     folder: Path
     config: dict[str, Any]
     weights: dict[str, torch.Tensor]
     config_sha256: str
     weights_sha256: str
+    tokenizer_files: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    tokenizer_sha256: str = ""
 
 
 def _read_whole(directory: int, name: str, folder: Path) -> bytes:
@@ -76,6 +83,8 @@ def read_snapshot(folder: str | os.PathLike[str], checksum: str | None = None) -
     try:
         config_bytes = _read_whole(directory, CONFIG_FILE, folder)
         weight_bytes = _read_whole(directory, WEIGHTS_FILE, folder)
+        present = set(os.listdir(directory))
+        tokenizer_files = {name: _read_whole(directory, name, folder) for name in TOKENIZER_FILES if name in present}
     finally:
         os.close(directory)
     try:
@@ -94,7 +103,43 @@ def read_snapshot(folder: str | os.PathLike[str], checksum: str | None = None) -
         weights = load(weight_bytes)
     except (SafetensorError, ValueError) as error:
         raise ValueError(f"{folder / WEIGHTS_FILE} is damaged ({error})") from error
-    return Snapshot(folder, config, weights, hashlib.sha256(config_bytes).hexdigest(), weights_sha256)
+    tokenizer_hash = hashlib.sha256()
+    for name in sorted(tokenizer_files):
+        tokenizer_hash.update(name.encode() + b"\0" + hashlib.sha256(tokenizer_files[name]).digest())
+    return Snapshot(
+        folder,
+        config,
+        weights,
+        hashlib.sha256(config_bytes).hexdigest(),
+        weights_sha256,
+        tokenizer_files,
+        tokenizer_hash.hexdigest(),
+    )
+
+
+def load_snapshot_tokenizer(snapshot: Snapshot) -> Any:
+    """The tokenizer of ``snapshot``, built from the bytes read with its weights (written to a private temporary
+    folder for ``AutoTokenizer``, which reads paths).
+
+    Raises:
+        ValueError: naming the folder, if it holds no vocabulary (``tokenizer.json`` or ``vocab.txt``: without one
+            a tokenizer loads with only its special tokens and maps every word to ``[UNK]``) or the files do not
+            load.
+    """
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    folder = snapshot.folder
+    if not any(name in snapshot.tokenizer_files for name in VOCABULARY_FILES):
+        raise ValueError(f"{folder} holds no tokenizer vocabulary ({' or '.join(VOCABULARY_FILES)})")
+    with tempfile.TemporaryDirectory(prefix="mp-tokenizer-") as private:
+        for name, data in snapshot.tokenizer_files.items():
+            Path(private, name).write_bytes(data)
+        try:
+            return AutoTokenizer.from_pretrained(private)
+        except (OSError, ValueError, TypeError) as error:
+            raise ValueError(f"{folder}: no usable tokenizer ({' '.join(str(error).split())})") from error
 
 
 def load_snapshot(snapshot: Snapshot) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from mp_model import MagicPyramidForSequenceClassification
 from mp_model.checkpoint import load_snapshot, read_snapshot
@@ -97,3 +99,27 @@ def test_saved_files_get_the_process_umask_not_a_private_mode(models: tuple[Path
         os.umask(old)
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "saved").iterdir()}
     assert modes["model.safetensors"] == modes["config.json"] == 0o644
+
+
+def test_the_tokenizer_comes_from_the_same_snapshot_and_counts_in_its_identity(tmp_path: Path) -> None:
+    from mp_model.checkpoint import load_snapshot_tokenizer
+    from mp_model.recipe.runs import load_checked_with_tokenizer
+
+    folder = write_tiny_model(tmp_path / "model")
+    _, tokenizer, identity = load_checked_with_tokenizer(folder)
+    assert tokenizer("a moving film").input_ids == AutoTokenizer.from_pretrained(folder)("a moving film").input_ids
+    config = folder / "tokenizer_config.json"
+    values = json.loads(config.read_text())
+    config.write_text(json.dumps(values | {"do_lower_case": not values.get("do_lower_case", True)}))
+    assert load_checked_with_tokenizer(folder)[2]["tokenizer_sha256"] != identity["tokenizer_sha256"]
+    assert load_snapshot_tokenizer(read_snapshot(folder)) is not None
+
+
+def test_a_folder_without_a_vocabulary_is_refused_naming_it(tmp_path: Path) -> None:
+    from mp_model.recipe.runs import load_checked_with_tokenizer
+
+    folder = write_tiny_model(tmp_path / "model")
+    for name in ("tokenizer.json", "vocab.txt"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=f"{folder} holds no tokenizer vocabulary"):
+        load_checked_with_tokenizer(folder)

@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,19 @@ def test_resume_checks_every_written_record_not_only_the_last(model_dir: Path, t
     shorter = write_jsonl(tmp_path / "short.jsonl", texts[:10])
     with pytest.raises(ValueError, match="holds 20 records but the input only 10"):
         stream_predict(label, open_texts(shorter), target, fields, resume=True, progress=False)
+
+
+def test_resume_refuses_the_same_weights_with_another_tokenizer(model_dir: Path, tmp_path: Path, capsys) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", mixed_texts(40))
+    target = tmp_path / "out.jsonl"
+    assert main(predict_argv(source, model_dir, "--output", str(target))) == 0
+    changed = Path(shutil.copytree(model_dir, tmp_path / "changed"))
+    config = changed / "tokenizer_config.json"
+    values = json.loads(config.read_text())
+    config.write_text(json.dumps(values | {"do_lower_case": not values.get("do_lower_case", True)}))
+    capsys.readouterr()
+    assert main(predict_argv(source, changed, "--output", str(target), "--resume")) == 2
+    assert "tokenizer_sha256" in capsys.readouterr().err
 
 
 def test_resume_refuses_another_model_or_other_knobs(model_dir: Path, tmp_path: Path, capsys) -> None:

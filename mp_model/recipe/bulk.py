@@ -41,18 +41,17 @@ class _Labeller:
     ) -> None:
         import torch
 
-        from mp_model.recipe.runs import load_checked, load_tokenizer
+        from mp_model.recipe.runs import load_checked_with_tokenizer
 
         bound_native_caches()
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if knobs.pop("gpus", 0) and torch.cuda.is_available() else "cpu"
-        self.model, identity = load_checked(model_dir, self.device)
+        self.model, self.tokenizer, identity = load_checked_with_tokenizer(model_dir, self.device)
         for key, value in (expect or {}).items():
             if identity[key] != value:
                 raise ValueError(f"{model_dir} changed since the job started ({key} differs): run it again")
         self.model.eval()
-        self.tokenizer = load_tokenizer(model_dir)
         self.knobs, self.columns = knobs, columns
 
     def __call__(self, block: Any) -> Any:
@@ -109,8 +108,9 @@ def predict_dataset(
     reserving ``cpus_per_worker`` CPUs (its torch threads) and ``gpus_per_worker`` GPUs (then it runs on CUDA);
     each labels ``block_size`` rows at a time, in batches of at most ``batch_tokens`` padded tokens. A text must be
     a string (and a pair, from ``pair_column``, a string or null). Knobs as ``mp_model.recipe.predict.predict``
-    (``tau`` ``None``: the model's ``exit_tau``). ``expect`` (``config_sha256``, ``weights_sha256``: the identity
-    ``mp_model.recipe.runs.load_checked`` gave the caller) makes each actor refuse a model that has changed since.
+    (``tau`` ``None``: the model's ``exit_tau``). ``expect`` (``config_sha256``, ``weights_sha256``,
+    ``tokenizer_sha256``: the identity ``mp_model.recipe.runs.load_checked`` gave the caller) makes each actor refuse
+    a model that has changed since.
     """
     ray = require_ray()
     knobs = {"tau": tau, "threshold_scale": threshold_scale, "batch_tokens": batch_tokens, "max_length": max_length}

@@ -236,12 +236,11 @@ def _predict_locked(args: argparse.Namespace, folder: Path) -> None:
     from mp_model.recipe.bulk import RayLabeller
     from mp_model.recipe.files import open_texts
     from mp_model.recipe.predict import predict, row_fields, window_labeller
-    from mp_model.recipe.runs import load_checked, load_tokenizer
+    from mp_model.recipe.runs import load_checked_with_tokenizer
     from mp_model.recipe.stream import file_identity, stream_predict
 
-    model, identity = load_checked(folder, args.device)
+    model, tokenizer, identity = load_checked_with_tokenizer(folder, args.device)
     model.eval()
-    tokenizer = load_tokenizer(folder)
     texts = open_texts(args.input, args.column, args.pair_column)
     tau = model.config.exit_tau if args.tau is None else args.tau
     max_length = model.config.max_position_embeddings if args.max_length is None else args.max_length
@@ -253,7 +252,7 @@ def _predict_locked(args: argparse.Namespace, folder: Path) -> None:
     window = args.window
     if args.engine == "ray":
         knobs |= {"batch_tokens": args.max_batch_tokens, "gpus_per_worker": args.gpus_per_worker}
-        expect = {key: identity[key] for key in ("config_sha256", "weights_sha256")}
+        expect = {key: identity[key] for key in ("config_sha256", "weights_sha256", "tokenizer_sha256")}
         label = RayLabeller(
             folder, pairs=texts.pairs, block_size=args.window, workers=args.workers, expect=expect, **knobs
         )

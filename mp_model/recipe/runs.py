@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from mp_model.checkpoint import load_snapshot, read_snapshot
+from mp_model.checkpoint import load_snapshot, load_snapshot_tokenizer, read_snapshot
 from mp_model.modeling import MagicPyramidForSequenceClassification
 from mp_model.recipe.checks import check_device
 
@@ -105,13 +105,12 @@ def recorded_checksum(folder: Path) -> str | None:
     return checksums.get(str(numbers[0])) if isinstance(checksums, dict) else None
 
 
-def load_checked(
-    folder: str | Path, device: torch.device | str = "cpu"
-) -> tuple[MagicPyramidForSequenceClassification, dict[str, str]]:
+def load_checked(folder: str | Path, device: torch.device | str = "cpu", *, tokenizer: bool = False) -> tuple:
     """The model saved in ``folder`` on ``device``, read whole into memory first (``mp_model.checkpoint``: no file
     mapping that another process's write can change, label names from the same snapshot as the weights) and
     checked against the SHA-256 its run records, and its identity: ``folder``, ``config_sha256``,
-    ``weights_sha256``. A ``ValueError`` naming the folder if it is missing, damaged or changed."""
+    ``weights_sha256``, ``tokenizer_sha256``. A ``ValueError`` naming the folder if it is missing, damaged or
+    changed. ``tokenizer``: also build the tokenizer from the same snapshot (``load_checked_with_tokenizer``)."""
     folder = Path(folder)
     device = check_device(device)
     problem = model_folder_problem(folder)
@@ -122,8 +121,19 @@ def load_checked(
         "folder": str(folder),
         "config_sha256": snapshot.config_sha256,
         "weights_sha256": snapshot.weights_sha256,
+        "tokenizer_sha256": snapshot.tokenizer_sha256,
     }
-    return load_snapshot(snapshot).to(device), identity
+    model = load_snapshot(snapshot).to(device)
+    return (model, load_snapshot_tokenizer(snapshot), identity) if tokenizer else (model, identity)
+
+
+def load_checked_with_tokenizer(
+    folder: str | Path, device: torch.device | str = "cpu"
+) -> tuple[MagicPyramidForSequenceClassification, Any, dict[str, str]]:
+    """``load_checked`` plus the tokenizer, read with the weights through one handle on the folder (so a folder
+    replaced meanwhile cannot pair one model's tokenizer with another's weights): ``(model, tokenizer, identity)``,
+    the identity's ``tokenizer_sha256`` covering the tokenizer's files."""
+    return load_checked(folder, device, tokenizer=True)
 
 
 def load_model(folder: str | Path, device: torch.device | str = "cpu") -> MagicPyramidForSequenceClassification:

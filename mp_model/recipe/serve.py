@@ -122,7 +122,7 @@ def load_classifier(args: argparse.Namespace, folder: Path) -> tuple[Classifier,
     from mp_model.recipe.checks import check_device
     from mp_model.recipe.cli_support import quiet_transformers, use_threads
     from mp_model.recipe.data import check_max_length
-    from mp_model.recipe.runs import load_model, load_tokenizer
+    from mp_model.recipe.runs import load_checked_with_tokenizer
     from mp_model.recipe.serve_batching import Classifier, Knobs
     from mp_model.recipe.stream import bound_native_caches
 
@@ -130,8 +130,8 @@ def load_classifier(args: argparse.Namespace, folder: Path) -> tuple[Classifier,
     bound_native_caches()
     quiet_transformers()
     use_threads(args.threads)
-    model = load_model(folder, device).eval()
-    tokenizer = load_tokenizer(folder)
+    model, tokenizer, _ = load_checked_with_tokenizer(folder, device)
+    model.eval()
     limit = model.config.max_position_embeddings
     max_length = check_max_length(limit if args.max_length is None else args.max_length, tokenizer, limit=limit)
     classifier = Classifier(model, tokenizer, device=device, max_length=max_length, dense=args.dense_hf)

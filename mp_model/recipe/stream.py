@@ -199,7 +199,7 @@ def _check_provenance(output: Path, provenance: dict[str, Any]) -> dict[str, Any
     if not isinstance(earlier, dict) or not all(isinstance(earlier.get(k), dict) for k in ("model", "knobs", "input")):
         raise ValueError(f"--resume: {path} is not a provenance file: start a new output")
     model, was = provenance["model"], earlier["model"]
-    for key in ("weights_sha256", "config_sha256"):
+    for key in ("weights_sha256", "config_sha256", "tokenizer_sha256"):
         if model.get(key) != was.get(key):
             raise ValueError(
                 f"--resume: {output} was begun by another model ({was.get('folder')}, {key} "
