@@ -131,12 +131,14 @@ def test_different_outcomes_run_the_same_launches(model, batch) -> None:
 
 
 @pytest.mark.slow
-def test_launch_budget_of_a_layer_and_of_the_forward_around_it() -> None:
+def test_launch_budget_of_a_layer_and_of_the_forward_around_it(request: pytest.FixtureRequest) -> None:
     """Issue #37's structure targets: a pruning and exiting layer is 7 launches (Q/K/V, attention, importance
     with the pruning plan, output projection with add, norm and move, two feed-forward GEMMs, exit step), a dense
     layer 5, a layer without pruning but with exits 7 (exited slots dropped by ``compact_tokens``); no ATen kernel
     inside a layer; outside the layers at most 2 Triton launches (``embed_pack``, ``finish_slots``) and 4 ATen
     kernels per call (copying the inputs in and the outputs out)."""
+    if request.config.getoption("--bounds-check"):
+        pytest.skip("--bounds-check poisons every allocation with fill kernels, which the count would include")
     split = per_layer_launches()
     expected = {"dense": 5, "ltp": 6, "fastbert": 7, "mp": 7}
     assert {name: parts["layer"]["total"] for name, parts in split.items()} == expected
