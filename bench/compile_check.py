@@ -66,7 +66,6 @@ SHAPES = ((1, 64), (1, 512), (8, 128), (64, 512))
 # Planners that answer for the interpreter whenever ``device.type != "cuda"``: called with ``cuda:0`` instead.
 DEVICE_PLANNERS = (
     ("mp_kernels._triton.rows_linear", "device_traits"),
-    ("mp_kernels._triton.linear_add_layer_norm", "device_sm_count"),
     ("mp_kernels._triton.attention_config", "choose_head_groups"),
 )
 LAUNCH_OPTIONS = ("num_warps", "num_stages")

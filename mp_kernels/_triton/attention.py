@@ -25,6 +25,7 @@ import triton.language as tl
 
 from mp_kernels._triton.attention_config import choose_head_groups, forward_config, importance_config
 from mp_kernels._triton.compact_tokens import finish_plan, keep_rule
+from mp_kernels._triton.rows_linear import device_traits
 from mp_kernels._triton.segments import segment
 from mp_kernels._triton.semaphores import arrive, counters
 from mp_kernels.attention_reference import PrunePlan
@@ -370,8 +371,7 @@ def varlen_attention_triton(
         lse = out
     qk_scale = scale * LOG2_E
     precision = "ieee" if q.dtype == torch.float32 else None
-    sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
-    fwd = forward_config(head_dim, q.dtype, max_seqlen, batch * heads, sm_count)
+    fwd = forward_config(head_dim, q.dtype, max_seqlen, batch * heads, device_traits(q.device)[0])
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _varlen_forward_kernel[(triton.cdiv(max_seqlen, fwd.block_m), heads, batch)](
             q,

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 import triton
 
+from mp_kernels._triton.rows_linear import device_traits
 from mp_kernels.dispatch import triton_interpreting
 
 
@@ -61,5 +62,5 @@ def choose_head_groups(key_programs: int, heads: int, device: torch.device) -> i
     """Number of head groups that lets the importance grid fill the GPU (about 4 programs per SM)."""
     if device.type != "cuda":
         return 1
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 4 * device_traits(device)[0]
     return max(1, min(heads, triton.cdiv(target, key_programs)))

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from mp_kernels._triton.add_layer_norm import normalise_rows
+from mp_kernels._triton.rows_linear import device_traits
 from mp_kernels._triton.semaphores import arrive, counters
 from mp_kernels.dispatch import triton_interpreting
 
@@ -128,12 +129,6 @@ def plan(dtype: torch.dtype, k: int, n: int, capacity: int, sm_count: int) -> Pl
                         best = (key, candidate)
             block_nc //= 2
     return best[1]
-
-
-@functools.cache
-def device_sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of the CUDA ``device``."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit
@@ -291,7 +286,7 @@ def linear_add_layer_norm_triton(
         if triton_interpreting():  # programs run in sequence: one part per row block
             launch = make_plan(x.dtype, k, n, capacity, 16, n, 32, 1)
         else:
-            launch = plan(x.dtype, k, n, capacity, device_sm_count(x.device))
+            launch = plan(x.dtype, k, n, capacity, device_traits(x.device)[0])
     split = launch.n_chunks * launch.split_k > 1
     if split:
         part = torch.empty((launch.split_k, capacity, n), dtype=torch.float32, device=x.device)
