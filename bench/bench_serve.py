@@ -14,7 +14,9 @@ loop: Poisson arrivals at each multiple of ``--rate-multiples`` times the batchi
 throughput at 32 clients (at 3x: the overload check: only 200 and 429, no request lost, the server's memory
 afterwards). Every 200 answer of the Magic Pyramid servers is checked against ``mp predict``'s label of its text
 in process. Records: answers by status, transport errors, throughput (200 answers a second) and p50/p95/p99
-latency in ms; ``ratios`` at 32 clients. With matplotlib, a plot of latency against throughput beside the JSON.
+latency in ms; ``ratios`` at 32 clients. ``model_ceiling`` bounds the batching gain without HTTP: the model's
+time a text one text a forward against forwards of ``--ceiling-batch`` texts, for the mix and each bucket alone
+(``model_ceiling``). With matplotlib, a plot of latency against throughput beside the JSON.
 The model is the quick start's run (``--run-dir``) if finished, else all-MiniLM-L6-v2 with untrained heads.
 """
 
@@ -202,6 +204,48 @@ def expected_labels(folder: Path, texts: list[str]) -> list[str]:
     return [row["label"] for row in rows]
 
 
+def model_ceiling(folder: Path, texts: list[str], threads: int, batch_requests: int, repeats: int = 3) -> dict:
+    """What batching can gain at most, without HTTP: seconds a text of the server's model (``Classifier.forward``,
+    default knobs) one text a forward, and in forwards of ``batch_requests`` texts of arrival order, the texts of
+    ``texts`` in both; median of ``repeats`` passes that alternate the two. Their ratio bounds the batching
+    server's throughput over the unbatched one's: HTTP, tokenisation and the clients only add a cost per request
+    that batching does not share."""
+    import statistics
+
+    import torch
+
+    from mp_model.recipe.runs import load_model, load_tokenizer
+    from mp_model.recipe.serve_batching import Classifier, Job, Knobs
+
+    torch.set_num_threads(threads)
+    model = load_model(folder).eval()
+    classifier = Classifier(model, load_tokenizer(folder))
+    knobs = Knobs(model.config.exit_tau, 1.0)
+    jobs = [Job(ids, types, knobs) for ids, types in classifier.encode([(t, None) for t in texts], truncate=True)]
+    classifier.warm_up(knobs)
+
+    def timed(groups: list[list[Job]]) -> float:
+        start = time.perf_counter()
+        for group in groups:
+            ordered = sorted(group, key=lambda job: -len(job.input_ids))
+            classifier.forward(ordered, knobs)
+        return (time.perf_counter() - start) / len(jobs)
+
+    lone = [[job] for job in jobs]
+    batched = [jobs[i : i + batch_requests] for i in range(0, len(jobs), batch_requests)]
+    times: dict[str, list[float]] = {"one_a_forward": [], "batched": []}
+    for _ in range(repeats):
+        times["one_a_forward"].append(timed(lone))
+        times["batched"].append(timed(batched))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "texts": len(jobs),
+        "batch_requests": batch_requests,
+        "ms_per_text": {name: round(1000 * value, 3) for name, value in medians.items()},
+        "batching_gain_bound": round(medians["one_a_forward"] / medians["batched"], 3),
+    }
+
+
 def plot(records: list[dict[str, Any]], path: Path) -> Path | None:
     """p50 and p99 latency against throughput of each server's closed-loop points, or ``None`` without matplotlib."""
     try:
@@ -282,8 +326,14 @@ def run(args: argparse.Namespace, scratch: Path) -> tuple[list[dict[str, Any]], 
         name: start_server(folder, flags, args.threads, scratch / f"{name}.log") for name, flags in SERVERS.items()
     }
     try:
-        texts = bucket_texts(load_tokenizer(folder), args.buckets, args.texts_per_bucket, seed=0)
+        tokenizer = load_tokenizer(folder)
+        texts = bucket_texts(tokenizer, args.buckets, args.texts_per_bucket, seed=0)
         expected = expected_labels(folder, texts)
+        ceilings = {"mix": model_ceiling(folder, texts, args.threads, args.ceiling_batch)}
+        for bucket in args.buckets if len(args.buckets) > 1 else []:
+            alone = bucket_texts(tokenizer, [bucket], args.texts_per_bucket, seed=0)
+            ceilings[bucket] = model_ceiling(folder, alone, args.threads, args.ceiling_batch)
+        print(json.dumps({"model_ceiling": ceilings}), flush=True)
         for name, (process, url) in servers.items():
             wait_ready(process, url, scratch / f"{name}.log")
         with multiprocessing.get_context("spawn").Pool(args.client_processes) as pool:
@@ -300,6 +350,7 @@ def run(args: argparse.Namespace, scratch: Path) -> tuple[list[dict[str, Any]], 
             record["wrong_labels"] = sum(label != expected[index] for index, label in answers)
     top = 32 if 32 in args.clients else max(args.clients)
     summary = {"model": what, "texts": len(texts), "buckets": args.buckets, "threads": args.threads} | memory
+    summary["model_ceiling"] = ceilings
     return records, summary | {"ratios": ratios(records, top)}
 
 
@@ -318,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--texts-per-bucket", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     parser.add_argument("--client-processes", type=int, default=2)
+    parser.add_argument("--ceiling-batch", type=int, default=32, help="texts a forward of the in-process bound")
     parser.add_argument("--smoke", action="store_true", help="toy model, clients 1 and 4, 1 s points")
     args = parser.parse_args(argv)
     if args.smoke:

@@ -39,3 +39,8 @@ def test_smoke_run_measures_every_server_and_checks_every_answer(tmp_path: Path)
         "throughput_vs_dense_hf",
         "p99_vs_unbatched",
     }
+    ceilings = summary["model_ceiling"]
+    assert set(ceilings) == {"mix", "short", "middle"}
+    for ceiling in ceilings.values():
+        assert ceiling["texts"] > 0 and ceiling["batching_gain_bound"] > 0
+        assert set(ceiling["ms_per_text"]) == {"one_a_forward", "batched"}
