@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, TypedDict
 
 import torch
 
+from mp_model.recipe.long_texts import cap_long_texts
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -193,6 +195,9 @@ def encode(tokenizer: PreTrainedTokenizerBase, examples: Sequence[TextExample], 
     Pairs are truncated longest segment first. Single texts and pairs may be mixed. Returns an ``Encoded`` whose
     entry ``i`` belongs to ``examples[i]``. ``max_length`` must hold the special tokens (2 for a single text with
     BERT's ``[CLS] ... [SEP]``, 3 for a pair): below that the tokenizer would silently not truncate at all.
+
+    A very long text is tokenised as a prefix that gives the same ids (``mp_model.recipe.long_texts``), so that
+    memory stays bounded however long the input.
     """
     check_max_length(max_length, tokenizer, pairs=any(example.text_pair is not None for example in examples))
     encoded: Encoded = {
@@ -206,9 +211,15 @@ def encode(tokenizer: PreTrainedTokenizerBase, examples: Sequence[TextExample], 
     for positions, paired in ((singles, False), (pairs, True)):
         if not positions:
             continue
-        output = tokenizer(
+        texts, text_pairs = cap_long_texts(
+            tokenizer,
             [examples[i].text for i in positions],
             [examples[i].text_pair for i in positions] if paired else None,
+            max_length,
+        )
+        output = tokenizer(
+            texts,
+            text_pairs,
             truncation=True,
             max_length=max_length,
             return_attention_mask=True,
