@@ -289,16 +289,16 @@ def ratios(records: list[dict[str, Any]], clients: int) -> dict[str, float | Non
 
 def measure(pool: Any, processes: int, servers: dict[str, tuple[subprocess.Popen, str]], texts: list[str],
             args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
-    """Every closed-loop point of every server, then the open-loop points of ``mp``; the records (answers
-    included) and the batching server's memory before and after the open loop."""
+    """Every closed-loop point (each client count in turn, every server at it), then the open-loop points of
+    ``mp``; the records (answers included) and the batching server's memory before and after the open loop."""
     records: list[dict[str, Any]] = []
 
     def record(fields: dict[str, Any]) -> None:
         records.append(fields)
         print(json.dumps({k: v for k, v in fields.items() if k != "answers"}), flush=True)
 
-    for name, (_process, url) in servers.items():
-        for clients in args.clients:
+    for clients in args.clients:  # the servers take turns at each load, so that a drift of the machine hits all
+        for name, (_process, url) in servers.items():
             record({"server": name} | load_point(pool, processes, url, texts, "closed", clients, args.duration))
     top = 32 if 32 in args.clients else max(args.clients)
     capacity = next(r["throughput_per_s"] for r in records if r["server"] == "mp" and r["clients"] == top)

@@ -24,7 +24,7 @@ def test_smoke_run_measures_every_server_and_checks_every_answer(tmp_path: Path)
     payload = read_results(tmp_path / "serve.json")
     records = payload["records"]
     closed = [(r["server"], r["clients"]) for r in records if r["mode"] == "closed"]
-    assert closed == [(server, n) for server in ("mp", "mp_unbatched", "dense_hf") for n in (1, 4)]
+    assert closed == [(server, n) for n in (1, 4) for server in ("mp", "mp_unbatched", "dense_hf")]
     assert [(r["server"], r["rate_multiple"]) for r in records if r["mode"] == "open"] == [("mp", 3.0)]
     for record in records:
         assert record["requests"] > 0 and set(record["statuses"]) <= {"200", "429"}
