@@ -11,9 +11,11 @@ import torch
 from mp_model.recipe.selection import (
     bootstrap_weights,
     select,
+    select_with,
     selection_reliability,
     within_limit_share,
 )
+from mp_model.recipe.selection import outcome_record as outcome_record_of
 
 
 def record(method: str, accuracy: float, gflops: float, **extra: object) -> dict:
@@ -96,15 +98,17 @@ def test_within_limit_share_equals_the_drop_counted_resample_by_resample() -> No
     assert within_limit_share(dense, candidates, 0.02, weights).tolist() == pytest.approx(expected)
 
 
+def steady_and_noisy() -> list[dict]:
+    """Dense (400 examples, 90 % right) and two LTP settings 0.5 point below it: a steady one at 2 GFLOPs (two
+    disagreements with dense) and a noisy one at 1 GFLOP (78 disagreements, within the limit by luck alone)."""
+    dense = torch.arange(400) % 10 != 0
+    steady = flipped(dense, to_wrong=2, to_right=0, seed=0)
+    noisy = flipped(dense, to_wrong=40, to_right=38, seed=1)
+    return [outcome_record("dense", dense, 4.0), outcome_record("ltp", steady, 2.0), outcome_record("ltp", noisy, 1.0)]
+
+
 def test_the_confidence_rule_refuses_a_drop_within_the_limit_by_luck_alone() -> None:
-    dense = torch.arange(400) % 10 != 0  # 90 % right
-    steady = flipped(dense, to_wrong=2, to_right=0, seed=0)  # drop 0.5 point, two disagreements
-    noisy = flipped(dense, to_wrong=40, to_right=38, seed=1)  # drop 0.5 point, 78 disagreements
-    records = [
-        outcome_record("dense", dense, 4.0),
-        outcome_record("ltp", steady, 2.0),
-        outcome_record("ltp", noisy, 1.0),
-    ]
+    records = steady_and_noisy()
     assert select(records, 0.01)[1]["gflops"] == 1.0, "on the point estimate both qualify: the cheaper wins"
     chosen = select(records, 0.01, confidence=0.8)[1]
     assert chosen["gflops"] == 2.0
@@ -148,3 +152,62 @@ def test_reliability_needs_the_same_settings_on_both_splits() -> None:
     second = [outcome_record("dense", dense, 1.0)]
     with pytest.raises(ValueError, match="same settings"):
         selection_reliability(first, second, 0.01, splits=2)
+
+
+def test_select_with_takes_each_methods_cheapest_qualifying_record_else_its_most_accurate() -> None:
+    records = [
+        record("dense", 0.90, 4.0),
+        record("ltp", 0.70, 1.0),
+        record("ltp", 0.85, 2.0),
+        record("ltp", 0.89, 3.0),
+        record("mp", 0.60, 0.5),
+        record("mp", 0.80, 0.8),
+        record("mp", 0.80, 0.6),
+    ]
+    seen: list[tuple[int, float]] = []
+
+    def accuracy_over_point_seven_but_no_mp(rows: list[dict], dense: dict) -> list[bool]:
+        seen.append((len(rows), dense["accuracy"]))
+        return [r["accuracy"] > 0.7 and r["method"] != "mp" for r in rows]
+
+    chosen = select_with(records, accuracy_over_point_seven_but_no_mp)
+    assert seen == [(7, 0.90)], "called once per dataset with its rows and its dense record"
+    assert [(r["method"], r["gflops"]) for r in chosen] == [("dense", 4.0), ("ltp", 2.0), ("mp", 0.6)]
+
+
+def test_select_with_needs_each_datasets_dense_record() -> None:
+    with pytest.raises(ValueError, match="dense record"):
+        select_with([record("ltp", 0.5, 1.0)], lambda rows, dense: [True] * len(rows))
+
+
+def test_outcome_record_reads_accuracy_and_gflops_from_the_examples() -> None:
+    correct = torch.tensor([True, False, True, True])
+    flops = torch.tensor([1e9, 2e9, 3e9, 6e9], dtype=torch.float64)
+    made = outcome_record_of("d", ("mp", 0.5, 2.0), correct, flops)
+    assert (made["method"], made["tau"], made["threshold_scale"]) == ("mp", 0.5, 2.0)
+    assert made["accuracy"] == 0.75 and made["gflops"] == pytest.approx(3.0)
+    assert made["outcome"]["correct"] is correct
+
+
+def test_reliability_of_a_rule_calls_it_once_per_re_split_with_its_seed() -> None:
+    generator = torch.Generator().manual_seed(1)
+    dense = torch.rand(200, generator=generator) < 0.8
+    risky = flipped(dense, to_wrong=12, to_right=8, seed=3)
+    records = [outcome_record("dense", dense, 4.0), outcome_record("ltp", risky, 1.0, scale=2.0)]
+    records.append(outcome_record("ltp", dense.clone(), 2.0, scale=1.0))
+    first = [
+        outcome_record(r["method"], r["outcome"]["correct"][:80], r["gflops"], r["threshold_scale"]) for r in records
+    ]
+    second = [
+        outcome_record(r["method"], r["outcome"]["correct"][80:], r["gflops"], r["threshold_scale"]) for r in records
+    ]
+    seeds: list[int] = []
+
+    def careful(part: list[dict], seed: int) -> list[dict]:
+        seeds.append(seed)
+        return select(part, 0.01, confidence=0.9, resamples=100, seed=seed)
+
+    by_rule = selection_reliability(first, second, 0.01, splits=15, seed=7, rule=careful)
+    built_in = selection_reliability(first, second, 0.01, confidence=0.9, splits=15, seed=7, resamples=100)
+    assert seeds == list(range(7, 22))
+    assert by_rule == built_in

@@ -92,12 +92,34 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def eval_inputs(
+    run_dir: Path, device: str, dataset_name: str | None = None, max_length: int | None = None
+) -> tuple[Any, Any, Any, dict[str, Any], Any, int]:
+    """What evaluating a run reads: its stage-1 (dense) and final models, tokenizer and saved ``train_config``, the
+    dataset (the run's own, with its seed and ``dev_from_train``, unless ``dataset_name`` names another) with labels
+    matched to the model's, and the ``max_length`` (the run's unless given), checked against the model."""
+    from mp_model.recipe.data import check_max_length
+    from mp_model.recipe.datasets import load_dataset
+    from mp_model.recipe.runs import load_run
+
+    dense, final, tokenizer, saved = load_run(run_dir, device)
+    own = dataset_name in (None, saved.get("dataset"))
+    dataset = load_dataset(
+        dataset_name or saved.get("dataset", "rotten_tomatoes"),
+        seed=saved.get("seed", 0),
+        labels=model_labels(final),
+        dev_from_train=saved.get("dev_from_train", 0) if own else 0,
+    )
+    max_length = max_length if max_length is not None else saved.get("max_length", 128)
+    check_max_length(max_length, tokenizer, limit=final.config.max_position_embeddings)
+    return dense, final, tokenizer, saved, dataset, max_length
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from mp_model.recipe.checks import check_device, check_float, check_int
     from mp_model.recipe.data import check_max_length
-    from mp_model.recipe.datasets import load_dataset
     from mp_model.recipe.provenance import provenance, write_results
-    from mp_model.recipe.runs import STAGES, load_run, read_state
+    from mp_model.recipe.runs import STAGES, read_state
     from mp_model.recipe.selection import select_and_report
 
     quiet_transformers()
@@ -119,15 +141,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.select_split == args.split:
         warnings.warn(f"selecting on the reported split ({args.split})", stacklevel=1)
     run_dir = Path(args.run_dir)
-    dense, final, tokenizer, saved = load_run(run_dir, args.device)
-    dataset = load_dataset(
-        args.dataset or saved.get("dataset", "rotten_tomatoes"),
-        seed=saved.get("seed", 0),
-        labels=model_labels(final),
-        dev_from_train=saved.get("dev_from_train", 0) if args.dataset in (None, saved.get("dataset")) else 0,
+    dense, final, tokenizer, saved, dataset, max_length = eval_inputs(
+        run_dir, args.device, args.dataset, args.max_length
     )
-    max_length = args.max_length if args.max_length is not None else saved.get("max_length", 128)
-    check_max_length(max_length, tokenizer, limit=final.config.max_position_embeddings)
     records, selection = select_and_report(
         dense,
         final,

@@ -15,13 +15,17 @@ stays within ``max_drop`` and the median FLOPs speedup, per method. The model it
 training saw the dev split for checkpoint and search choices), so this measures the selection's noise, not the
 training's.
 
+Other rules (``mp_model.recipe.selection_rules``) share ``select``'s contract through ``select_with``: a rule says
+which settings qualify, ``select_with`` picks each method's cheapest qualifying one. ``selection_reliability``
+measures any such ``Rule``.
+
 ``select_and_report`` is what ``mp eval`` and ``mp quickstart`` run: select on one split (dev), report every
 setting on another (test).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +39,11 @@ LATENCY_CHOICES = ("tables", "selected", "all", "none")
 DEFAULT_CONFIDENCE = 0.8
 RESAMPLES = 1000
 ROUNDING = 1e-9  # accuracies are multiples of 1 / examples, far coarser: only float rounding is forgiven
+
+Rule = Callable[[Sequence[dict[str, Any]], int], list[dict[str, Any]]]
+"""A selection rule: ``(records of one split, seed) -> chosen records``, with ``select``'s contract."""
+Qualifier = Callable[[list[dict[str, Any]], dict[str, Any]], Sequence[bool]]
+"""Which of one dataset's records (the dense one given apart too) may be chosen: one bool per record."""
 
 
 def within_limit(drop: Any, max_drop: float) -> Any:
@@ -80,10 +89,46 @@ def within_limit_share(
     return within_limit(drop, max_drop).double().mean(dim=0)
 
 
-def _check_rule(max_drop: float, confidence: float | None) -> None:
+def check_rule(max_drop: float, confidence: float | None) -> None:
+    """A ``ValueError`` naming ``max_drop`` or ``confidence`` if either is out of range (NaN included)."""
     check_float("max_drop", max_drop, 0.0)
     if confidence is not None:
         check_float("confidence", confidence, 0.0, 1.0)
+
+
+def select_with(records: Sequence[dict[str, Any]], qualifies: Qualifier) -> list[dict[str, Any]]:
+    """Per dataset and method, the record with the fewest GFLOPs among those ``qualifies`` accepts.
+
+    ``qualifies(rows, dense)`` gets one dataset's records and its dense record. Ties go to the more accurate
+    setting. A method with no qualifying setting contributes its most accurate record (check ``accuracy`` against
+    dense's). Returned in the order of ``METHODS``, per dataset.
+    """
+    chosen = []
+    for dataset in dict.fromkeys(r["dataset"] for r in records):
+        rows = [r for r in records if r["dataset"] == dataset]
+        dense = [r for r in rows if r["method"] == "dense"]
+        if not dense:
+            raise ValueError(f"{dataset}: select needs the dense record")
+        accepted = list(qualifies(rows, dense[0]))
+        eligible_rows = [r for r, ok in zip(rows, accepted, strict=True) if ok]
+        for method in METHODS:
+            candidates = [r for r in rows if r["method"] == method]
+            if not candidates:
+                continue
+            eligible = [r for r in eligible_rows if r["method"] == method]
+            if eligible:
+                chosen.append(min(eligible, key=lambda r: (r["gflops"], -r["accuracy"])))
+            else:
+                chosen.append(max(candidates, key=lambda r: (r["accuracy"], -r["gflops"])))
+    return chosen
+
+
+def outcome_matrix(rows: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """``(S, N)`` bool: the per-example correctness of ``rows`` (a ``ValueError`` if one lacks ``outcome``)."""
+    missing = [setting_key(r) for r in rows if "outcome" not in r]
+    if missing:
+        raise ValueError(f"this selection rule needs per-example outcomes; {missing[0]} has none")
+    return torch.stack([r["outcome"]["correct"] for r in rows])
 
 
 def select(
@@ -102,54 +147,42 @@ def select(
     within the limit contributes its most accurate record (check ``accuracy`` against dense's). Returned in the
     order of ``METHODS``.
     """
-    _check_rule(max_drop, confidence)
-    chosen = []
-    for dataset in dict.fromkeys(r["dataset"] for r in records):
-        rows = [r for r in records if r["dataset"] == dataset]
-        dense = [r for r in rows if r["method"] == "dense"]
-        if not dense:
-            raise ValueError(f"{dataset}: select needs the dense record")
+    check_rule(max_drop, confidence)
+
+    def qualifies(rows: list[dict[str, Any]], dense: dict[str, Any]) -> list[bool]:
         if confidence is None:
-            eligible_rows = [r for r in rows if within_limit(dense[0]["accuracy"] - r["accuracy"], max_drop)]
-        else:
-            missing = [setting_key(r) for r in rows if "outcome" not in r]
-            if missing:
-                raise ValueError(f"selection with a confidence needs per-example outcomes; {missing[0]} has none")
-            correct = torch.stack([r["outcome"]["correct"] for r in rows])
-            weights = bootstrap_weights(correct.shape[1], resamples, seed)
-            shares = within_limit_share(dense[0]["outcome"]["correct"], correct, max_drop, weights)
-            for record, share in zip(rows, shares.tolist(), strict=True):
-                record["within_limit_share"] = share
-            eligible_rows = [r for r in rows if r["within_limit_share"] >= confidence - 1e-12]
-        for method in METHODS:
-            candidates = [r for r in rows if r["method"] == method]
-            if not candidates:
-                continue
-            eligible = [r for r in eligible_rows if r["method"] == method]
-            if eligible:
-                chosen.append(min(eligible, key=lambda r: (r["gflops"], -r["accuracy"])))
-            else:
-                chosen.append(max(candidates, key=lambda r: (r["accuracy"], -r["gflops"])))
-    return chosen
+            return [bool(within_limit(dense["accuracy"] - r["accuracy"], max_drop)) for r in rows]
+        correct = outcome_matrix(rows)
+        weights = bootstrap_weights(correct.shape[1], resamples, seed)
+        shares = within_limit_share(dense["outcome"]["correct"], correct, max_drop, weights)
+        for record, share in zip(rows, shares.tolist(), strict=True):
+            record["within_limit_share"] = share
+        return [r["within_limit_share"] >= confidence - 1e-12 for r in rows]
+
+    return select_with(records, qualifies)
+
+
+def outcome_record(dataset: str, key: SettingKey, correct: torch.Tensor, flops: torch.Tensor) -> dict[str, Any]:
+    """The record of setting ``key`` on ``dataset`` from its per-example ``(N,)`` bool ``correct`` and float64
+    ``flops``: ``dataset, method, tau, threshold_scale, accuracy, gflops, outcome``."""
+    method, tau, scale = key
+    return {
+        "dataset": dataset,
+        "method": method,
+        "tau": tau,
+        "threshold_scale": scale,
+        "accuracy": float(correct.double().mean()),
+        "gflops": float(flops.mean()) / 1e9,
+        "outcome": {"correct": correct, "flops": flops},
+    }
 
 
 def _part(records: Sequence[dict[str, Any]], rows: torch.Tensor) -> list[dict[str, Any]]:
     """``records`` restricted to the pooled examples ``rows`` (accuracy, GFLOPs and outcome recomputed)."""
-    part = []
-    for r in records:
-        correct, flops = r["outcome"]["correct"][rows], r["outcome"]["flops"][rows]
-        part.append(
-            {
-                "dataset": r["dataset"],
-                "method": r["method"],
-                "tau": r["tau"],
-                "threshold_scale": r["threshold_scale"],
-                "accuracy": float(correct.double().mean()),
-                "gflops": float(flops.mean()) / 1e9,
-                "outcome": {"correct": correct, "flops": flops},
-            }
-        )
-    return part
+    return [
+        outcome_record(r["dataset"], setting_key(r), r["outcome"]["correct"][rows], r["outcome"]["flops"][rows])
+        for r in records
+    ]
 
 
 def selection_reliability(
@@ -161,14 +194,16 @@ def selection_reliability(
     splits: int = 200,
     seed: int = 0,
     resamples: int = 200,
+    rule: Rule | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per method, how often the rule's choice stays within ``max_drop`` of dense on unseen examples (see above).
 
     ``select_records`` and ``report_records`` are ``evaluate(keep_outcomes=True)`` records of the same settings on
-    two splits of one dataset. Returns ``{method: {"within_limit", "median_drop", "median_flops_speedup"}}``
-    over ``splits`` random re-partitions of the pooled examples.
+    two splits of one dataset. The rule is ``select`` at ``confidence`` (``resamples`` draws), or ``rule``, called
+    with ``seed + split`` on each re-split. Returns ``{method: {"within_limit", "median_drop",
+    "median_flops_speedup"}}`` over ``splits`` random re-partitions of the pooled examples.
     """
-    _check_rule(max_drop, confidence)
+    check_rule(max_drop, confidence)
     check_int("splits", splits)
     keys = [setting_key(r) for r in select_records]
     by_key = {setting_key(r): r for r in report_records}
@@ -187,9 +222,11 @@ def selection_reliability(
     results: dict[str, list[tuple[float, float]]] = {}
     for split in range(splits):
         order = torch.randperm(total, generator=generator)
-        chosen = select(
-            _part(pooled, order[:first]), max_drop, confidence=confidence, resamples=resamples, seed=seed + split
-        )
+        part = _part(pooled, order[:first])
+        if rule is None:
+            chosen = select(part, max_drop, confidence=confidence, resamples=resamples, seed=seed + split)
+        else:
+            chosen = rule(part, seed + split)
         held_out = _part(pooled, order[first:])
         dense = held_out[dense_index]
         for record in chosen:
@@ -248,7 +285,7 @@ def select_and_report(
     """
     if latency not in LATENCY_CHOICES:
         raise ValueError(f"latency must be one of {LATENCY_CHOICES}, got {latency!r}")
-    _check_rule(max_drop, confidence)
+    check_rule(max_drop, confidence)
     check_int("reliability_splits", reliability_splits, 0)
     for name in dict.fromkeys((select_split, split)):
         if not dataset.split(name)[:size]:
