@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from mp_model.recipe.data import SPLITS, TextExample
 from mp_model.recipe.datasets import load_dataset
-from mp_model.recipe.files import load_file, open_texts, read_texts, split_lines
+from mp_model.recipe.files import load_file, open_texts, read_texts
+from mp_model.recipe.records import lone_surrogate, split_lines
 from tests.utils import HYPOTHESIS_SETTINGS, label_counts, labelled_csv, split_sizes, write_utf8
 
 BREAKS = ["\u2028", "\u2029", "\x0c", "\x85", "\x0b", "\x1c", "\r"]
@@ -123,6 +124,54 @@ def test_a_text_pair_column_is_read_as_pairs(tmp_path: Path) -> None:
         read_texts(write_utf8(tmp_path / "n.jsonl", '{"text": "a", "text_pair": null}\n'))
     with pytest.raises(ValueError, match="no column 'h'"):
         read_texts(write_utf8(tmp_path / "q.csv", "text\na\n"), "text", "h")
+
+
+PAIR_KEY_MISSING = [
+    pytest.param(
+        "p.jsonl", '{"text": "a", "h": "b"}\n{"text": "c"}\n', r"p.jsonl, line 2: expected .* key 'h'", id="line"
+    ),
+    pytest.param("p.jsonl", '{"text": "a"}\n\n{"text": "c"}\n', r"p.jsonl, line 1: expected .* key 'h'", id="none-has"),
+    pytest.param(
+        "p.json", '[{"text": "a", "h": "b"}, {"text": "c"}]', r"p.json, record 2: expected .* key 'h'", id="array"
+    ),
+    pytest.param("p.csv", "text,x\na,b\n", r"p.csv: no column 'h'; the columns are \['text', 'x'\]", id="csv"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "message"), PAIR_KEY_MISSING)
+def test_a_pair_column_asked_for_must_be_in_every_record_as_the_text_column_must(
+    tmp_path: Path, name: str, content: str, message: str
+) -> None:
+    path = write_utf8(tmp_path / name, content)
+    with pytest.raises(ValueError, match=message):
+        read_texts(path, "text", "h")
+
+
+def test_a_parquet_file_without_the_pair_column_asked_for_is_refused_before_reading(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"], "h": ["x", "y"]}), path)
+    assert [(t.text, t.text_pair) for t in read_texts(path, "text", "h")] == [("a", "x"), ("b", "y")]
+    with pytest.raises(ValueError, match=r"t.parquet: no column 'nothere'; the columns are \['text', 'h'\]"):
+        open_texts(path, "text", "nothere")
+
+
+def test_an_empty_pair_asked_for_makes_a_single_text_and_a_blank_line_needs_no_key(tmp_path: Path) -> None:
+    path = write_utf8(tmp_path / "p.jsonl", '{"text": "a", "h": ""}\n\n{"text": "c", "h": "d"}\n')
+    assert [(t.text, t.text_pair) for t in read_texts(path, "text", "h")] == [("a", None), ("", None), ("c", "d")]
+
+
+def test_lone_surrogates_are_found_and_surrogate_pairs_are_text() -> None:
+    assert lone_surrogate("bad \ud800") == "U+D800" and lone_surrogate("x\udfff y") == "U+DFFF"
+    assert lone_surrogate(json.loads('"\\ud83d\\ude00"')) is None and lone_surrogate("plain") is None
+
+
+def test_a_lone_surrogate_in_a_labelled_file_is_an_error_at_its_line(tmp_path: Path) -> None:
+    rows = [{"text": "fine", "label": "x"}, {"text": "also fine", "label": "y"}, {"text": "a \ud800", "label": "x"}]
+    path = write_utf8(tmp_path / "d.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"d.jsonl, line 3: 'text' holds a lone surrogate \(U\+D800\)"):
+        load_file(path)
 
 
 def test_missing_files_and_folders_are_named(tmp_path: Path) -> None:

@@ -37,6 +37,19 @@ def test_predict_refuses_bad_knobs_before_computing(tokenizer, knobs: dict, name
         predict(model, tokenizer, [InputText(0, 1, "text")], **knobs)
 
 
+@pytest.mark.parametrize(("text", "pair"), [("bad \ud800", None), ("fine", "bad \udfff")])
+def test_predict_names_a_lone_surrogate_before_computing(tokenizer, text: str, pair: str | None) -> None:
+    from mp_model import MagicPyramidConfig, MagicPyramidForSequenceClassification
+
+    config = MagicPyramidConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2
+    )
+    model = MagicPyramidForSequenceClassification(config)
+    texts = [InputText(0, 1, "a good text"), InputText(1, 2, text, pair)]
+    with pytest.raises(ValueError, match=r"texts\[1\] holds a lone surrogate \(U\+D[8F]"):
+        predict(model, tokenizer, texts)
+
+
 @HYPOTHESIS_SETTINGS
 @given(
     lengths=st.lists(st.integers(1, 64), max_size=60),

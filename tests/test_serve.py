@@ -196,6 +196,16 @@ BAD_INPUTS = [
     pytest.param(b'{"inputs": []}', 422, "inputs is an empty list", id="empty-list"),
     pytest.param(b'{"inputs": "  "}', 422, "inputs[0] holds an empty text", id="empty-text"),
     pytest.param(b'{"inputs": "caf\xe9"}', 422, "not valid UTF-8 (byte 15)", id="invalid-utf8"),
+    pytest.param(
+        b'{"inputs": "bad \\ud800"}',
+        422,
+        "inputs holds a lone surrogate (U+D800), which is not valid Unicode text",
+        id="lone-surrogate",
+    ),
+    pytest.param(
+        b'{"inputs": ["a", "b", "c \\udc00"]}', 422, "inputs[2] holds a lone surrogate (U+DC00)", id="in-list"
+    ),
+    pytest.param(b'{"inputs": [["a", "b \\ud83d"]]}', 422, "inputs[0][1] holds a lone surrogate", id="in-pair"),
     pytest.param(b'{"inputs": "' + b"a" * 10_000_000 + b'"}', 413, "more than the limit of 65536", id="10MB-body"),
     pytest.param(json.dumps({"inputs": ["a"] * 100_000}).encode(), 413, "more than the limit", id="100k-inputs"),
     pytest.param(json.dumps({"inputs": ["a"] * 5}).encode(), 413, "holds 5 texts, more than the 4", id="5-inputs"),
@@ -211,6 +221,11 @@ def test_bad_input_gets_its_status_and_a_one_line_message(
     assert (got, answer["error_type"]) == (status, "validation")
     assert message in answer["error"] and "\n" not in answer["error"]
     assert server.predict({"inputs": "still serving"})[0] == 200
+
+
+def test_a_surrogate_pair_is_one_character_and_is_served(servers: dict[str, Server]) -> None:
+    body = json.dumps({"inputs": "a film \U0001f600"}).encode()  # ASCII JSON: the emoji as "\\ud83d\\ude00"
+    assert b"\\ud83d\\ude00" in body and servers["main"].call("POST", "/predict", body)[0] == 200
 
 
 def test_a_failing_text_gets_424_and_other_requests_their_answers(servers: dict[str, Server]) -> None:

@@ -3,7 +3,7 @@ the model once, and ``RayLabeller`` is ``mp predict --engine ray``'s labeller (`
 
 Ray is optional (``pip install magic-pyramid[ray]``); ``require_ray`` says how to install it. Each actor labels
 its blocks with ``mp_model.recipe.predict.predict`` (texts sorted by length, batched by a token budget), so its
-rows are those of the in-process engine: the model's outputs do not depend on the batch a text runs in.
+labels and exit layers are those of the in-process engine (confidences agree to float32 rounding, about 1e-6).
 """
 
 from __future__ import annotations

@@ -156,8 +156,8 @@ def _configure_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--column", default="text", help="CSV column or JSON key holding the text")
     parser.add_argument(
         "--pair-column",
-        help="CSV column or JSON key holding the second text of a pair, encoded as a BERT pair "
-        "(default: a 'text_pair' column if the file has one)",
+        help="CSV column or JSON key holding the second text of a pair, encoded as a BERT pair, which every record "
+        "must then have (default: a 'text_pair' column or key where the file has one)",
     )
     parser.add_argument(
         "--output",

@@ -2,48 +2,28 @@
 
 ``load_file`` reads a CSV, TSV or JSON-lines file of labelled examples; given a model's labels it matches the
 file's labels to them by name (or by id). ``open_texts`` (lazily) and ``read_texts`` give one text per input record,
-in order, blank ones included. All read records through ``iter_records``, lazily: lines end only at ``\\n`` or
-``\\r\\n`` (never at the other Unicode line breaks), CSV quoting is strict.
+in order, blank ones included. All read records through ``mp_model.recipe.records.iter_records``, lazily.
 """
 
 from __future__ import annotations
 
-import csv
-import itertools
-import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mp_model.recipe.data import DEV_FRACTION, SPLITS, TEST_FRACTION, TextDataset, TextExample, random_split
+from mp_model.recipe.records import FILE_FORMATS, check_input_file, iter_records, lines_of, lone_surrogate, read_records
 
 # Values accepted in a file's ``split`` column, mapped to the split they name.
 SPLIT_COLUMN = "split"
 SPLIT_VALUES = {"train": "train", "dev": "dev", "validation": "dev", "test": "test"}
-FILE_FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 
 _INTEGER = re.compile(r"[+-]?\d+")
-_SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate (JSON "\\ud800") is not text: no tokenizer takes it
 # The second segment of a sentence pair is read from this column when a file has it (``load_file``, ``read_texts``).
 PAIR_COLUMN = "text_pair"
-
-
-@dataclass(frozen=True)
-class Record:
-    """One record of an input file, in file order.
-
-    Attributes:
-        line: the 1-based line where the record starts (``None`` for an element of a JSON array).
-        where: how messages name it: ``"line 3"``, or ``"record 2"`` in a JSON array.
-        values: ``{column: value}``; ``None`` for a blank line.
-    """
-
-    line: int | None
-    where: str
-    values: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -66,179 +46,6 @@ class InputText:
     def empty(self) -> bool:
         """Whether there is nothing to classify (blank or whitespace-only text)."""
         return not self.text.strip()
-
-
-def split_lines(content: str) -> list[str]:
-    """The lines of ``content``, split at ``\\n`` and ``\\r\\n`` only; a final line break ends the last line.
-
-    Unlike ``str.splitlines``, form feeds, NEL (U+0085), U+2028/U+2029 and lone ``\\r`` stay inside their line.
-    """
-    lines = content.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
-
-
-def check_input_file(path: str | os.PathLike[str]) -> Path:
-    """``path`` as a ``Path`` if it names an existing regular file; a ``ValueError`` naming it otherwise."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory, not a file")
-    if not path.exists():
-        raise ValueError(f"{path}: no such file")
-    if not path.is_file():
-        raise ValueError(f"{path} is not a regular file")
-    return path
-
-
-def _read_text(path: Path) -> str:
-    """The UTF-8 text of ``path`` (a byte-order mark is dropped); a ``ValueError`` naming the line of a bad byte."""
-    data = check_input_file(path).read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise ValueError(f"{path} is not UTF-8 text: line {line}: {error}") from error
-
-
-def _lines(path: Path) -> Iterator[str]:
-    """The lines of ``path``, read lazily and decoded as UTF-8 (a byte-order mark dropped), each without its ``\n``
-    (a ``\r`` before it is kept); a ``ValueError`` naming the line of a bad byte."""
-    with check_input_file(path).open("rb") as file:
-        for number, raw in enumerate(file, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as error:
-                raise ValueError(f"{path} is not UTF-8 text: line {number}: {error}") from error
-            yield line[:-1] if line.endswith("\n") else line
-
-
-def _after_blank_lines(lines: Iterator[str]) -> tuple[list[str], Iterator[str]] | None:
-    """The leading lines up to the first that is not blank (included) and the rest, or ``None`` if all are blank."""
-    leading: list[str] = []
-    for line in lines:
-        leading.append(line)
-        if line.strip():
-            return leading, lines
-    return None
-
-
-def iter_records(path: Path) -> tuple[list[str] | None, Iterator[Record]]:
-    """The header and a lazy iterator of the records of a CSV/TSV/JSON-lines (or Parquet) file: one per record of
-    the file, blank lines included (as ``None``), read in bounded memory.
-
-    The header (CSV header, Parquet columns, ``None`` for JSON) is read, and the file checked to hold something,
-    before this returns. A ``.json`` file may hold one JSON array of objects (then read whole); its records, and a
-    Parquet file's, are numbered from 1. CSV quoting is strict: a quote never closed, or closed inside a field, is
-    an error at the line of the record it opened in; every CSV record has as many fields as the header. Errors in
-    a record are raised when the iterator reaches it.
-    """
-    suffix = path.suffix.lower()
-    if suffix not in FILE_FORMATS:
-        raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_FORMATS)}")
-    if suffix == ".parquet":
-        return _parquet_records(path)
-    start = _after_blank_lines(_lines(path))
-    if start is None:
-        raise ValueError(f"{path} is empty")
-    leading, rest = start
-    lines = itertools.chain(leading, rest)
-    if suffix in (".csv", ".tsv"):
-        return _csv_records(path, lines)
-    if suffix == ".json" and leading[-1].lstrip().startswith("["):
-        try:
-            values = json.loads(_read_text(path))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}, line {error.lineno}: invalid JSON: {error.msg}") from error
-        if not isinstance(values, list):
-            raise ValueError(f"{path}: expected a JSON array of objects")
-        records = (Record(None, f"record {number}", value) for number, value in enumerate(values, start=1))
-        return None, _objects(path, records)
-    return None, _objects(path, _json_lines(path, lines))
-
-
-def _csv_records(path: Path, lines: Iterator[str]) -> tuple[list[str], Iterator[Record]]:
-    kind = path.suffix[1:].upper()
-    reader = csv.reader((line + "\n" for line in lines), delimiter="\t" if kind == "TSV" else ",", strict=True)
-
-    def malformed(error: csv.Error, start: int) -> ValueError:
-        spans = f" (the record starting there runs to line {reader.line_num}: an unbalanced quote?)"
-        return ValueError(
-            f"{path}, line {start}: malformed {kind}: {error}" + (spans if reader.line_num > start else "")
-        )
-
-    try:
-        header = next(reader)
-    except csv.Error as error:  # the header's quote is never closed
-        raise malformed(error, 1) from error
-    repeated = sorted({name for name in header if header.count(name) > 1})
-    if not header or repeated:
-        raise ValueError(f"{path}, line 1: a header of distinct column names is needed, got {header}")
-
-    def records() -> Iterator[Record]:
-        start = reader.line_num + 1
-        try:
-            for fields in reader:
-                if not fields:
-                    yield Record(start, f"line {start}", None)
-                elif len(fields) != len(header):
-                    raise ValueError(f"{path}, line {start}: {len(fields)} fields where the header has {len(header)}")
-                else:
-                    yield Record(start, f"line {start}", dict(zip(header, fields, strict=True)))
-                start = reader.line_num + 1
-        except csv.Error as error:
-            raise malformed(error, start) from error
-
-    return header, records()
-
-
-def _json_lines(path: Path, lines: Iterator[str]) -> Iterator[Record]:
-    for number, line in enumerate(lines, start=1):
-        line = line[:-1] if line.endswith("\r") else line
-        value = None
-        if line.strip():
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: invalid JSON: {error.msg}") from error
-            if value is None:
-                raise ValueError(f"{path}, line {number}: expected a JSON object, got null")
-        yield Record(number, f"line {number}", value)
-
-
-def _objects(path: Path, records: Iterable[Record]) -> Iterator[Record]:
-    """``records``, each checked to hold a JSON object (or to be blank)."""
-    for record in records:
-        if record.values is not None and not isinstance(record.values, dict):
-            raise ValueError(f"{path}, {record.where}: expected a JSON object, got {type(record.values).__name__}")
-        yield record
-
-
-def _parquet_records(path: Path) -> tuple[list[str], Iterator[Record]]:
-    """A Parquet file's columns and its rows as records numbered from 1, read a row group at a time."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as error:
-        raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from error
-    try:
-        file = pq.ParquetFile(check_input_file(path))
-    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
-        raise ValueError(f"{path} is not a readable Parquet file ({error})") from error
-    header = list(file.schema_arrow.names)
-
-    def records() -> Iterator[Record]:
-        number = 0
-        for batch in file.iter_batches(batch_size=4096):
-            for values in batch.to_pylist():
-                number += 1
-                yield Record(None, f"record {number}", values)
-
-    return header, records()
-
-
-def read_records(path: Path) -> tuple[list[str] | None, list[Record]]:
-    """``iter_records``'s header and records, as a list."""
-    return (result := iter_records(path))[0], list(result[1])
 
 
 def _label_key(value: Any) -> str:
@@ -316,8 +123,9 @@ def load_file(
 
     Raises:
         ValueError: naming the file (and line) for a missing file, an unsupported extension, an empty file, a
-            missing column, a malformed line, an empty text, a bad label or split value, a label the model does not
-            know, fewer than two labels, or too few rows to fill every split that the fractions ask for.
+            missing column, a malformed line, an empty text or one holding a lone surrogate, a bad label or split
+            value, a label the model does not know, fewer than two labels, or too few rows to fill every split that
+            the fractions ask for.
     """
     path = Path(path)
     header, records = read_records(path)
@@ -351,6 +159,9 @@ def load_file(
         pair = row.get(pair_column) if pair_column is not None else None
         if pair is not None and not isinstance(pair, str):
             raise ValueError(f"{place}: {pair_column!r} must be a string, got {pair!r}")
+        for column, value in ((text_column, row[text_column]), (pair_column, pair or "")):
+            if surrogate := lone_surrogate(value):
+                raise ValueError(f"{place}: {column!r} holds a lone surrogate ({surrogate}), which is not Unicode text")
         texts.append((row[text_column], pair if pair and pair.strip() else None))
         try:
             keys.append(_label_key(row[label_column]))
@@ -396,13 +207,16 @@ class TextFile:
     """A file of texts to label, checked (``open_texts``) and read lazily: each iteration reads it again.
 
     ``column`` and ``pair_column`` (``None`` for a ``.txt`` file) name where the text and the second segment of a
-    pair are read; ``pairs``: whether the file has pairs (``pair_column`` given, or the file has that column or key).
+    pair are read; ``pairs``: whether the file has pairs (``pair_column`` given, or the file has that column or key);
+    ``pair_required``: whether every record must have ``pair_column`` (it was asked for by name), as it must have
+    ``column``.
     """
 
     path: Path
     column: str
     pair_column: str | None
     pairs: bool
+    pair_required: bool = False
 
     def __iter__(self) -> Iterator[InputText]:
         """The file's texts, one per record, in order (see ``read_texts``), in bounded memory.
@@ -425,20 +239,22 @@ class TextFile:
 
     def _texts(self) -> Iterator[InputText]:
         if self.path.suffix.lower() not in FILE_FORMATS:
-            for index, line in enumerate(_lines(self.path)):
+            for index, line in enumerate(lines_of(self.path)):
                 line = line[:-1] if line.endswith("\r") else line
                 yield InputText(index, index + 1, line if line.strip() else "")
             return
         _, records = iter_records(self.path)
         for index, record in enumerate(records):
             values = record.values or {}
-            if record.values is not None and self.column not in values:
-                raise ValueError(f"{self.path}, {record.where}: expected an object with key {self.column!r}")
+            for name in (self.column, self.pair_column if self.pair_required else None):
+                if record.values is not None and name is not None and name not in values:
+                    raise ValueError(f"{self.path}, {record.where}: expected an object with key {name!r}")
             segments = []
             for name in (self.column, self.pair_column):
                 value = values.get(name, "") if name is not None else ""
-                if not isinstance(value, str) or not (value.isascii() or not _SURROGATE.search(value)):
-                    shown = "a lone surrogate (not text)" if isinstance(value, str) else type(value).__name__
+                surrogate = lone_surrogate(value) if isinstance(value, str) else None
+                if not isinstance(value, str) or surrogate:
+                    shown = f"a lone surrogate ({surrogate}: not text)" if surrogate else type(value).__name__
                     raise ValueError(f"{self.path}, {record.where}: {name!r} must be a string, got {shown} {value!r}")
                 segments.append(value if value.strip() else "")
             text, pair = segments
@@ -472,11 +288,12 @@ def open_texts(path: str | os.PathLike[str], column: str = "text", pair_column: 
         for name in (column, pair_column):
             if name is not None and name not in header:
                 raise ValueError(f"{path}: no column {name!r}; the columns are {header}")
-    pairs = pair_column is not None
-    if pair_column is None and PAIR_COLUMN != column:
-        pair_column = PAIR_COLUMN
-        pairs = PAIR_COLUMN in header if header is not None else _has_key(path, PAIR_COLUMN)
-    return TextFile(path, column, pair_column, pairs)
+    if pair_column is not None:
+        return TextFile(path, column, pair_column, True, pair_required=True)
+    if PAIR_COLUMN == column:
+        return TextFile(path, column, None, False)
+    pairs = PAIR_COLUMN in header if header is not None else _has_key(path, PAIR_COLUMN)
+    return TextFile(path, column, PAIR_COLUMN, pairs)
 
 
 def read_texts(path: str | os.PathLike[str], column: str = "text", pair_column: str | None = None) -> list[InputText]:
@@ -489,11 +306,14 @@ def read_texts(path: str | os.PathLike[str], column: str = "text", pair_column: 
     a column ``column``. Every record gives exactly one ``InputText``, in file order, with its position and line:
     a blank line, or an empty or whitespace-only text, gives an empty one (``InputText.empty``), so
     ``result[i].index == i`` and, in a text or JSON-lines file, ``result[i].line == i + 1``. The second segment of
-    a pair comes from ``pair_column`` (which must then exist), or from a ``text_pair`` column if the file has one;
-    an empty or absent one makes a single text.
+    a pair comes from ``pair_column``, which every record must then have, like ``column`` (a key missing from a
+    JSON record is an error at its line, as a missing column is in a CSV file); without ``pair_column`` it comes
+    from a ``text_pair`` column or key where the file has one, and a record without that key is a single text. An
+    empty second segment makes a single text.
 
     Raises:
-        ValueError: naming the file and line for a missing or unreadable file, a missing column or key, a JSON
+        ValueError: naming the file and line for a missing or unreadable file, a missing column or key (either the
+            text's or a ``pair_column`` asked for), a JSON
             value that is not a string (``null``, a number, a list...), malformed CSV or JSON, or a file that holds
             no text at all.
     """

@@ -3,8 +3,8 @@
 ``predict`` labels a sequence of texts (``mp predict`` gives it one window of the file at a time,
 ``mp_model.recipe.stream``; the Ray engine one block, ``mp_model.recipe.bulk``). Its batches are formed from the
 texts sorted by length, longest first, either ``batch_size`` at a time or, with ``batch_tokens``, as many as fit a
-token budget (``token_budget_batches``). A text's row does not depend on the batch it ran in (the model is batch
-invariant), so every engine and batching gives the same rows.
+token budget (``token_budget_batches``). A text's label and exit layer do not depend on the batch it ran in; its
+confidence agrees to float32 rounding (about 1e-6), so every engine and batching gives the same labels.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from mp_model.recipe.checks import check_device, check_float, check_int
 from mp_model.recipe.data import TextExample, check_max_length, encode
 from mp_model.recipe.evaluation import run_batch
 from mp_model.recipe.files import InputText
+from mp_model.recipe.records import lone_surrogate
 
 LABEL_FIELDS = ("label", "label_id", "confidence", "exit_layer", "gflops")
 
@@ -103,8 +104,9 @@ def predict(
     Raises:
         ValueError: before computing, for a knob out of range (``tau`` in [0, 1], ``threshold_scale`` >= 0,
             ``batch_size`` and ``batch_tokens`` >= 1, ``max_length`` between the special tokens and the model's
-            position embeddings), a missing device, or pairs for a model without a second segment; after, if the
-            model gives a non-finite logit (naming the records), rather than a label that means nothing.
+            position embeddings), a missing device, a text with a lone surrogate, or pairs for a model without a
+            second segment; after, if the model gives a non-finite logit (naming the records), rather than a label
+            that means nothing.
     """
     tau = check_float("tau", model.config.exit_tau if tau is None else tau, 0.0, 1.0)
     threshold_scale = check_float("threshold_scale", threshold_scale, 0.0)
@@ -118,6 +120,10 @@ def predict(
     max_length = check_max_length(limit if max_length is None else max_length, tokenizer, pairs=pairs, limit=limit)
     if pairs and getattr(model.config, "type_vocab_size", 2) < 2:
         raise ValueError("the texts hold pairs but the model has a single segment type (type_vocab_size 1)")
+    for position, text in enumerate(texts):
+        for part in (text.text, text.text_pair):
+            if part is not None and (found := lone_surrogate(part)) is not None:
+                raise ValueError(f"texts[{position}] holds a lone surrogate ({found}), which is not valid Unicode text")
     model.eval().to(device)
     rows = [blank_row(text, pairs) for text in texts]
     todo = [position for position, text in enumerate(texts) if not text.empty]

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from mp_model.recipe.records import lone_surrogate
 from mp_model.recipe.serve import ServeOptions
 from mp_model.recipe.serve_batching import Batcher, Classifier, InferenceError, InputTooLong, Job, Knobs, Scores
 from mp_model.recipe.serve_metrics import ServeMetrics
@@ -59,7 +60,9 @@ def parse_inputs(inputs: str | list[Any], limit: int) -> tuple[list[tuple[str, s
     exactly two texts: a pair, as TEI reads it).
 
     Raises:
-        RequestError: 422 for an empty list or text, or an item of another shape; 413 for more than ``limit`` items.
+        RequestError: 422 for an empty list or text, a text holding a lone surrogate (JSON's ``"\\ud800"``: not
+            Unicode text, refused before any tokenising), or an item of another shape; 413 for more than ``limit``
+            items.
     """
     single = isinstance(inputs, str) or (len(inputs) == 2 and all(isinstance(item, str) for item in inputs))
     items = [inputs] if single else inputs
@@ -74,6 +77,12 @@ def parse_inputs(inputs: str | list[Any], limit: int) -> tuple[list[tuple[str, s
             raise RequestError(422, f"inputs[{position}] must be a text or a [text, text_pair] pair", "validation")
         if not all(part.strip() for part in parts):
             raise RequestError(422, f"inputs[{position}] holds an empty text", "validation")
+        for index, part in enumerate(parts):
+            if surrogate := lone_surrogate(part):
+                where = "inputs" if single else f"inputs[{position}]"
+                where += "" if isinstance(item, str) else f"[{index}]"
+                message = f"{where} holds a lone surrogate ({surrogate}), which is not valid Unicode text"
+                raise RequestError(422, message, "validation")
         texts.append((parts[0], parts[1] if len(parts) == 2 else None))
     return texts, single
 

@@ -6,9 +6,11 @@ Each text of a request becomes a ``Job`` with its encoding, its knobs (``tau``, 
 jobs with the same knobs in arrival order, as many as fit ``max_batch_requests`` texts and ``max_batch_tokens``
 padded tokens (texts x longest, as ``mp predict``'s ``token_budget_batches``; a text longer than the budget runs
 alone); it waits up to ``max_wait`` after the oldest job's arrival for the batch to fill. The batch runs sorted
-longest first through ``mp_model.recipe.evaluation.run_batch``, the packed path of ``mp predict``: a text's answer
-does not depend on the batch it ran in. An exception in a pass fails that batch's jobs only; a non-finite logit fails
-its own text. ``close`` lets the worker finish every job already queued, then stops it.
+longest first through ``mp_model.recipe.evaluation.run_batch``, the packed path of ``mp predict``: a text's label
+and exit layer do not depend on the batch it ran in (its scores agree to float32 rounding). An exception in a pass
+fails that batch's jobs only; a non-finite logit fails its own text. Once the queue drains, the worker hands the
+heap's free pages back to the system (at most once a second), so that the memory a burst took does not stay.
+``close`` lets the worker finish every job already queued, then stops it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from mp_model.recipe.data import TextExample, batches, encode
 from mp_model.recipe.evaluation import run_batch
 from mp_model.recipe.predict import token_budget_batches
 from mp_model.recipe.serve_metrics import ServeMetrics
+from mp_model.recipe.stream import release_free_memory
+
+TRIM_INTERVAL = 1.0  # seconds: at most one heap trim a second, and only once the queue has drained
 
 
 class InferenceError(RuntimeError):
@@ -228,10 +233,14 @@ class Batcher:
                 self._condition.wait(left)
 
     def _work(self) -> None:
+        trimmed = time.perf_counter()
         while (chosen := self._next_batch()) is not None:
             live = [job for job in chosen if job.future.set_running_or_notify_cancel()]
             if live:
                 self._run(live)
+            if not self._jobs and time.perf_counter() - trimmed > TRIM_INTERVAL:
+                release_free_memory()  # the queue drained: the heap grown by a burst goes back to the system
+                trimmed = time.perf_counter()
 
     def _run(self, jobs: list[Job]) -> None:
         """Run ``jobs`` sorted longest first and hand each its outcome."""
