@@ -19,6 +19,7 @@ from mp_model.ort_layers import supports as ort_supports
 from mp_model.outputs import MagicPyramidOutput, MagicPyramidTrainingOutput
 from mp_model.packed_inference import PackedEngine
 from mp_model.permissions import apply_umask
+from mp_model.saved_files import write_manifest
 
 # A tensor or, on the CPU, its numpy view: ``_value_facts`` runs the same operations on either.
 Array = torch.Tensor | np.ndarray
@@ -184,22 +185,24 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> MagicPyramidForSequenceClassification:
-        """``PreTrainedModel.from_pretrained``, in float32 unless ``dtype`` (or ``torch_dtype``) says otherwise.
+        """``PreTrainedModel.from_pretrained``, in float32 unless ``dtype`` (or ``torch_dtype``) says otherwise, on
+        bytes of its own (``mp_model.loading``): a local folder's files are read whole and checked against its
+        ``checksums.json`` and the checksums its run records, nothing stays memory-mapped.
 
         transformers 5 loads a checkpoint in its stored dtype; a float16 copy of a model would then give float16
         master weights, which AdamW cannot train (its ``eps`` underflows), and a float16 model on the CPU path.
-        Cast for inference afterwards (``model.to(torch.bfloat16)``) or pass ``dtype``. A local folder without a
-        ``config.json`` (and no ``config`` given) is a ``ValueError`` naming it.
-        """
-        import os
+        Cast for inference afterwards (``model.to(torch.bfloat16)``) or pass ``dtype``.
 
-        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        if "config" not in kwargs and isinstance(source, str | os.PathLike) and os.path.isdir(source):
-            if not os.path.isfile(os.path.join(source, "config.json")):
-                raise ValueError(f"{source} holds no config.json: it is not a saved model folder")
+        Raises:
+            ValueError: naming the folder or file, if a local folder is missing, its ``config.json`` is missing
+                (and no ``config`` is given) or not a JSON object, its ``model.safetensors`` is damaged, or its files
+                do not match their ``checksums.json`` or their run's recorded checksums.
+        """
+        from mp_model.loading import load_pretrained
+
         if "dtype" not in kwargs and "torch_dtype" not in kwargs:
             kwargs["dtype"] = torch.float32
-        return super().from_pretrained(*args, **kwargs)
+        return load_pretrained(super().from_pretrained, cls.config_class, *args, **kwargs)
 
     @property
     def graph_engine(self) -> GraphEngine:
@@ -269,10 +272,14 @@ class MagicPyramidForSequenceClassification(BertPreTrainedModel):
         )
 
     def save_pretrained(self, *args: object, **kwargs: object) -> None:
-        """Save weights (safetensors) and config; the config records the current thresholds."""
+        """Save weights (safetensors) and config; the config records the current thresholds. Then, last, the
+        folder's ``checksums.json`` (``mp_model.checkpoint.write_manifest``), which every load checks the files
+        against: a folder copied over in parts is refused until it is whole again."""
         self.config.prune_thresholds = self.thresholds.detach().float().cpu().tolist()
         super().save_pretrained(*args, **kwargs)
-        apply_umask(kwargs.get("save_directory", args[0] if args else None))  # the weights' file is written 0600
+        folder = kwargs.get("save_directory", args[0] if args else None)
+        apply_umask(folder)  # the weights' file is written 0600
+        write_manifest(folder)
 
     def forward(
         self,

@@ -99,6 +99,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     weights = load_file(folder / "model.safetensors")
     weights["bert.embeddings.word_embeddings.weight"][minilm_tokenizer().convert_tokens_to_ids(POISON)] = float("nan")
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "checksums.json").unlink()  # edited by hand: no longer the files of one save
     return folder
 
 

@@ -246,10 +246,11 @@ def write_tiny_model(folder: Path, seed: int = 0) -> Path:
 
 def write_half_copy(source: Path, target: Path, *, poison: str | None = None) -> Path:
     """A copy of the model folder ``source`` in ``target`` with its weights stored in float16 (as a converted,
-    smaller checkpoint ships), ``config.json`` saying so; ``poison`` names one weight set to NaN."""
+    smaller checkpoint ships), ``config.json`` saying so; ``poison`` names one weight set to NaN. The copy has no
+    ``checksums.json``: its files are not those of the source's save."""
     from safetensors.torch import load_file, save_file
 
-    shutil.copytree(source, target)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("checksums.json"))
     weights = load_file(source / "model.safetensors")
     half = {name: t.half() if t.is_floating_point() else t for name, t in weights.items()}
     if poison is not None:

@@ -9,8 +9,10 @@ Run directory::
     partial/              trainer.pt (weights, optimizers, schedulers, RNG, step) of an interrupted stage
 
 Damage is found, never trusted: ``model_folder_problem`` says why a stage folder cannot be loaded (no config, no
-weights, a damaged ``model.safetensors``, a checksum that does not match), ``read_state`` starts an unreadable
-``state.json`` over with a ``TrainingWarning``, ``finished_run_problem`` says why a folder is not a finished run.
+weights, a damaged ``model.safetensors``, files that do not match their ``checksums.json`` or a checksum recorded in
+``state.json``), ``read_state`` starts an unreadable ``state.json`` over with a ``TrainingWarning`` (training only:
+loading a stage folder of a run whose ``state.json`` is missing or damaged is refused, ``recorded_checksums``),
+``finished_run_problem`` says why a folder is not a finished run.
 Every file is written atomically (``write_json``; a temporary file, then ``os.replace``).
 """
 
@@ -28,11 +30,10 @@ import torch
 from mp_model.checkpoint import load_snapshot, load_snapshot_tokenizer, read_snapshot
 from mp_model.modeling import MagicPyramidForSequenceClassification
 from mp_model.recipe.checks import check_device
+from mp_model.saved_files import MANIFEST_FILE, STAGES, STATE_FILE, not_one_save, read_run_state, recorded_checksums
 
-STAGES = {1: "finetune", 2: "soft", 3: "hard", 4: "exits"}
 DENSE_DIR = "stage1_finetune"
 FINAL_DIR = "stage4_exits"
-STATE_FILE = "state.json"
 CONFIG_FILE = "train_config.json"
 PARTIAL_DIR = "partial"
 CHECKPOINT_FILE = "trainer.pt"
@@ -60,12 +61,16 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def model_folder_problem(folder: Path, checksum: str | None = None) -> str | None:
+def model_folder_problem(
+    folder: Path, checksum: str | None = None, config_checksum: str | None = None, *, hashes: bool = True
+) -> str | None:
     """Why ``folder`` cannot be a saved model, or ``None`` if it looks whole.
 
     It must hold a ``config.json`` object and weights (``model.safetensors``, sharded safetensors or
     ``pytorch_model.bin``); a ``model.safetensors`` must have a whole header covering the file and, if
-    ``checksum`` is given, that SHA-256.
+    ``checksum`` is given, that SHA-256; ``config.json`` must have ``config_checksum`` if it is given; both must
+    match the folder's ``checksums.json`` if it has one (files of one save). ``hashes`` False: no file is hashed
+    (a caller that reads the files whole checks the bytes it read, ``mp_model.checkpoint.check_files``).
     """
     if not folder.is_dir():
         return "no such folder" if not folder.exists() else "not a folder"
@@ -88,35 +93,42 @@ def model_folder_problem(folder: Path, checksum: str | None = None) -> str | Non
                 file.keys()
         except (SafetensorError, OSError) as error:
             return f"model.safetensors is damaged ({error})"
-        if checksum is not None and sha256(weights) != checksum:
+        if hashes and checksum is not None and sha256(weights) != checksum:
             return "model.safetensors does not match its recorded SHA-256"
-    return None
-
-
-def recorded_checksum(folder: Path) -> str | None:
-    """The SHA-256 that its run's ``state.json`` records for a stage folder's weights, or ``None`` (not a stage
-    folder of a run, or none recorded)."""
-    numbers = [n for n in STAGES if folder.name == f"stage{n}_{STAGES[n]}"]
-    if not numbers or not (folder.parent / STATE_FILE).is_file():
+    if not hashes:
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", TrainingWarning)
-        checksums = read_state(folder.parent).get("checksums")
-    return checksums.get(str(numbers[0])) if isinstance(checksums, dict) else None
+    if config_checksum is not None and sha256(folder / "config.json") != config_checksum:
+        return "config.json does not match its recorded SHA-256"
+    return _manifest_problem(folder)
+
+
+def _manifest_problem(folder: Path) -> str | None:
+    """Why the files of ``folder`` do not match its ``checksums.json`` (not from one save), or ``None``."""
+    if not (folder / MANIFEST_FILE).is_file():
+        return None
+    try:
+        recorded = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{MANIFEST_FILE} is unreadable ({error})"
+    if not isinstance(recorded, dict):
+        return f"{MANIFEST_FILE} does not hold an object"
+    differ = [name for name, value in recorded.items() if (folder / name).is_file() and sha256(folder / name) != value]
+    return not_one_save(differ) if differ else None
 
 
 def load_checked(folder: str | Path, device: torch.device | str = "cpu", *, tokenizer: bool = False) -> tuple:
     """The model saved in ``folder`` on ``device``, read whole into memory first (``mp_model.checkpoint``: no file
     mapping that another process's write can change, label names from the same snapshot as the weights) and
-    checked against the SHA-256 its run records, and its identity: ``folder``, ``config_sha256``,
+    checked against its ``checksums.json`` and the SHA-256 its run records (``recorded_checksums``; a stage folder of a
+    run whose ``state.json`` is missing or damaged is refused), and its identity: ``folder``, ``config_sha256``,
     ``weights_sha256``, ``tokenizer_sha256``. A ``ValueError`` naming the folder if it is missing, damaged or
     changed. ``tokenizer``: also build the tokenizer from the same snapshot (``load_checked_with_tokenizer``)."""
     folder = Path(folder)
     device = check_device(device)
-    problem = model_folder_problem(folder)
+    problem = model_folder_problem(folder, hashes=False)  # read_snapshot checks the bytes it reads
     if problem is not None:
         raise ValueError(f"{folder} is not a saved model: {problem}")
-    snapshot = read_snapshot(folder, recorded_checksum(folder))
+    snapshot = read_snapshot(folder, *recorded_checksums(folder))
     identity = {
         "folder": str(folder),
         "config_sha256": snapshot.config_sha256,
@@ -149,33 +161,33 @@ def read_state(directory: str | Path) -> dict[str, Any]:
     if not path.exists():
         return fresh
     try:
-        state = json.loads(path.read_text())
-        if not isinstance(state, dict) or not all(n in STAGES for n in state.get("stages_done", [])):
-            raise ValueError("not a run state")
-    except (OSError, ValueError) as error:
-        warnings.warn(f"{path} is unreadable ({error}): the run starts over", TrainingWarning, stacklevel=3)
+        state = read_run_state(directory)
+    except ValueError as error:
+        warnings.warn(f"{error}: the run starts over", TrainingWarning, stacklevel=3)
         return fresh
     return fresh | state
 
 
 def finished_run_problem(directory: str | Path) -> str | None:
     """Why ``directory`` is not a finished run (every stage done by ``state.json``, its stage-1 and final folders
-    whole and matching their checksums), or ``None`` if it is one. Reads only; repairs nothing."""
+    whole and matching their checksums), with what to do, or ``None`` if it is one. Reads only; repairs nothing."""
     directory = Path(directory)
     if not directory.is_dir():
         return f"{directory} is not a folder"
     if not (directory / STATE_FILE).is_file():
-        return f"{directory} holds no {STATE_FILE}"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", TrainingWarning)
-        state = read_state(directory)
-    missing = [n for n in STAGES if n not in state["stages_done"]]
+        return f"{directory} holds no {STATE_FILE}: run `mp train` first"
+    try:
+        state = read_run_state(directory)
+    except ValueError as error:
+        return f"{error}: `mp train` would start this run over"
+    missing = [n for n in STAGES if n not in state.get("stages_done", [])]
     if missing:
-        return f"{directory}: stage(s) {', '.join(map(str, missing))} not done"
+        return f"{directory}: stage(s) {', '.join(map(str, missing))} not done: run `mp train` first"
     for number, name in ((1, DENSE_DIR), (4, FINAL_DIR)):
-        problem = model_folder_problem(directory / name, state.get("checksums", {}).get(str(number)))
+        recorded = (state.get(key, {}).get(str(number)) for key in ("checksums", "config_checksums"))
+        problem = model_folder_problem(directory / name, *recorded)
         if problem is not None:
-            return f"{directory / name}: {problem}"
+            return f"{directory / name}: {problem}: `mp train` would train it again"
     return None
 
 
@@ -232,7 +244,7 @@ def load_run(
     directory = Path(directory)
     problem = finished_run_problem(directory)
     if problem is not None:
-        raise ValueError(f"--run-dir {directory} is not a finished run ({problem}): run `mp train` first")
+        raise ValueError(f"--run-dir {directory} is not a finished run: {problem}")
     dense = load_model(directory / DENSE_DIR, device).eval()
     final = load_model(directory / FINAL_DIR, device).eval()
     if dense.config.id2label != final.config.id2label:

@@ -39,7 +39,7 @@ class ServeOptions:
 
     max_batch_tokens: int = 8192
     max_batch_requests: int = 64
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0
     max_concurrent_requests: int = 512
     max_client_batch_size: int = 32
     max_body_bytes: int = 2_000_000
@@ -51,7 +51,8 @@ class ServeOptions:
 FLAG_HELP = {
     "max_batch_tokens": "padded tokens (texts x longest) a batch (default: %(default)s)",
     "max_batch_requests": "texts a batch (default: %(default)s)",
-    "max_wait_ms": "longest wait of a text for its batch to fill (default: %(default)s)",
+    "max_wait_ms": "longest wait of a text for its batch to fill (default: %(default)s: a batch takes what waits "
+    "while the previous one runs; a wait pays where batching gains much, on a GPU)",
     "max_concurrent_requests": "requests in flight; 429 beyond (default: %(default)s)",
     "max_client_batch_size": "texts a request; 413 beyond (default: %(default)s)",
     "max_body_bytes": "bytes a request body; 413 beyond (default: %(default)s)",

@@ -35,6 +35,12 @@ from mp_model.recipe.stream import release_free_memory
 TRIM_INTERVAL = 1.0  # seconds: at most one heap trim a second, and only once the queue has drained
 
 
+LONE_BELOW = 4
+"""On the CPU, a batch of fewer texts runs one text a forward: the lone-sequence path (ONNX Runtime) is faster
+per text than the packed path at 2 and 3 texts (quick-start model, one thread: 5.4 ms a short text alone, 6.7 in
+pairs, 5.1 in fours, 4.5 in eights; ``bench/NOTES.md``, "mp serve")."""
+
+
 class InferenceError(RuntimeError):
     """The model failed on a text (an exception in its batch's pass, or a non-finite logit): HTTP 424."""
 
@@ -123,8 +129,11 @@ class Classifier:
 
     @torch.inference_mode()
     def forward(self, jobs: Sequence[Job], knobs: Knobs) -> list[Scores | InferenceError]:
-        """One padded batch of ``jobs`` (all with ``knobs``) through the model; one outcome per job, in order."""
+        """One padded batch of ``jobs`` (all with ``knobs``) through the model; one outcome per job, in order. On the
+        CPU, fewer than ``LONE_BELOW`` texts run one a forward."""
         count = len(jobs)
+        if 1 < count < LONE_BELOW and self.device.type == "cpu" and self.dense is None:
+            return [outcome for job in jobs for outcome in self.forward([job], knobs)]
         encoded = {
             "input_ids": [job.input_ids for job in jobs],
             "attention_mask": [[1] * len(job.input_ids) for job in jobs],

@@ -53,7 +53,8 @@ an interrupted search candidate, and an interrupted stage 4 (one forward pass an
 restart from their start.
 
 Damage is repaired, never trusted. Every file is written atomically (a temporary file, then ``os.replace``);
-``state.json`` records the SHA-256 of each stage's weights and ``partial/progress.json`` that of ``trainer.pt``.
+``state.json`` records the SHA-256 of each stage's weights and config (``checksums``, ``config_checksums``) and
+``partial/progress.json`` that of ``trainer.pt``.
 On resuming, a partial checkpoint that is missing its checksum, does not match it or does not load is discarded
 with a ``TrainingWarning`` and its stage restarts from its start (the previous stage's folder); a stage that
 ``state.json`` calls done but whose folder is gone, does not match its checksum or does not load is dropped with a
@@ -239,8 +240,10 @@ class Trainer:
         """Cross-check ``state.json`` against the stage folders: a done stage whose folder is missing or damaged is
         dropped, with the later ones, and trained again (with a ``TrainingWarning``)."""
         checksums = self.state.setdefault("checksums", {})
+        config_checksums = self.state.setdefault("config_checksums", {})
         for number in sorted(self.state["stages_done"]):
-            problem = model_folder_problem(self.stage_dir(number), checksums.get(str(number)))
+            recorded = checksums.get(str(number)), config_checksums.get(str(number))
+            problem = model_folder_problem(self.stage_dir(number), *recorded)
             if problem is None:
                 continue
             dropped = [n for n in self.state["stages_done"] if n >= number]
@@ -253,6 +256,7 @@ class Trainer:
             for n in dropped:
                 self.state.pop(f"stage{n}", None)
                 checksums.pop(str(n), None)
+                config_checksums.pop(str(n), None)
             self._save_state()
             break
 
@@ -301,6 +305,7 @@ class Trainer:
         os.replace(tmp, target)
         if (target / "model.safetensors").is_file():
             self.state.setdefault("checksums", {})[str(number)] = sha256(target / "model.safetensors")
+            self.state.setdefault("config_checksums", {})[str(number)] = sha256(target / "config.json")
 
     def _finish(self, number: int, model: MagicPyramidForSequenceClassification, metrics: dict[str, Any]) -> None:
         self._save(model, number)
