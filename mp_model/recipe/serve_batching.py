@@ -35,10 +35,12 @@ from mp_model.recipe.stream import release_free_memory
 TRIM_INTERVAL = 1.0  # seconds: at most one heap trim a second, and only once the queue has drained
 
 
-LONE_BELOW = 4
-"""On the CPU, a batch of fewer texts runs one text a forward: the lone-sequence path (ONNX Runtime) is faster
-per text than the packed path at 2 and 3 texts (quick-start model, one thread: 5.4 ms a short text alone, 6.7 in
-pairs, 5.1 in fours, 4.5 in eights; ``bench/NOTES.md``, "mp serve")."""
+LONE_BELOW = 16
+"""On the CPU, a batch of fewer texts runs one text a forward. In process the packed path gains little at a few
+texts (quick-start model, one thread: 5.4 ms a short text alone, 6.7 in pairs, 5.1 in fours, 4.5 in eights, 4.1 in
+32s), and inside the server it lost at 8 clients (0.74x of one text a forward with 4 here, 1.03x with 16; at 32
+clients 1.12x and 1.13x; ``bench/NOTES.md``, "mp serve"): its many small calls compete with the event loop, while
+the lone-sequence path is one ONNX Runtime call."""
 
 
 class InferenceError(RuntimeError):
