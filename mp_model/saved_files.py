@@ -73,17 +73,17 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _check_manifest(folder: Path, manifest: bytes, hashes: dict[str, str]) -> None:
-    """A ``ValueError`` naming ``folder`` unless every file that ``checksums.json`` lists has its SHA-256."""
+def manifest_problem(manifest: bytes, hashes: dict[str, str]) -> str | None:
+    """Why files with SHA-256 ``hashes`` (``{file name: hex}``) are not those that the bytes of a
+    ``checksums.json`` list (damaged, or not from one save), or ``None`` if every listed one matches."""
     try:
         recorded = json.loads(manifest)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{folder / MANIFEST_FILE} is damaged ({error})") from error
+        return f"{MANIFEST_FILE} is damaged ({error})"
     if not isinstance(recorded, dict) or not all(isinstance(value, str) for value in recorded.values()):
-        raise ValueError(f"{folder / MANIFEST_FILE} is damaged: not an object of SHA-256 strings")
+        return f"{MANIFEST_FILE} is damaged: not an object of SHA-256 strings"
     differ = [name for name in hashes if name in recorded and recorded[name] != hashes[name]]
-    if differ:
-        raise ValueError(f"{folder}: {not_one_save(differ)}")
+    return not_one_save(differ) if differ else None
 
 
 def not_one_save(differ: list[str]) -> str:
@@ -143,8 +143,9 @@ def check_files(files: SavedFiles, checksum: str | None = None, config_checksum:
     for name, expected in ((WEIGHTS_FILE, checksum), (CONFIG_FILE, config_checksum)):
         if expected is not None and hashes[name] != expected:
             raise ValueError(f"{files.folder / name} does not match its recorded SHA-256 (changed or damaged)")
-    if files.manifest is not None:
-        _check_manifest(files.folder, files.manifest, hashes)
+    problem = None if files.manifest is None else manifest_problem(files.manifest, hashes)
+    if problem is not None:
+        raise ValueError(f"{files.folder}: {problem}")
 
 
 def write_manifest(folder: str | os.PathLike[str]) -> None:

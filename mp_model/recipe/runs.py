@@ -30,7 +30,16 @@ import torch
 from mp_model.checkpoint import load_snapshot, load_snapshot_tokenizer, read_snapshot
 from mp_model.modeling import MagicPyramidForSequenceClassification
 from mp_model.recipe.checks import check_device
-from mp_model.saved_files import MANIFEST_FILE, STAGES, STATE_FILE, not_one_save, read_run_state, recorded_checksums
+from mp_model.saved_files import CONFIG_FILE as MODEL_CONFIG_FILE
+from mp_model.saved_files import (
+    MANIFEST_FILE,
+    STAGES,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    manifest_problem,
+    read_run_state,
+    recorded_checksums,
+)
 
 DENSE_DIR = "stage1_finetune"
 FINAL_DIR = "stage4_exits"
@@ -106,14 +115,12 @@ def _manifest_problem(folder: Path) -> str | None:
     """Why the files of ``folder`` do not match its ``checksums.json`` (not from one save), or ``None``."""
     if not (folder / MANIFEST_FILE).is_file():
         return None
+    names = (MODEL_CONFIG_FILE, WEIGHTS_FILE)
+    hashes = {name: sha256(folder / name) for name in names if (folder / name).is_file()}
     try:
-        recorded = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return manifest_problem((folder / MANIFEST_FILE).read_bytes(), hashes)
+    except OSError as error:
         return f"{MANIFEST_FILE} is unreadable ({error})"
-    if not isinstance(recorded, dict):
-        return f"{MANIFEST_FILE} does not hold an object"
-    differ = [name for name, value in recorded.items() if (folder / name).is_file() and sha256(folder / name) != value]
-    return not_one_save(differ) if differ else None
 
 
 def load_checked(folder: str | Path, device: torch.device | str = "cpu", *, tokenizer: bool = False) -> tuple:
