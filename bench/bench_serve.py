@@ -6,17 +6,18 @@ batching off and against the dense HF model behind the same batching server, in 
 
 Three servers, each ``mp serve`` in its own process with ``--threads`` torch threads: ``mp`` (token-budget
 batching), ``mp_unbatched`` (``--max-batch-requests 1``: one text a forward) and ``dense_hf`` (``--dense-hf``: the
-model's HF twin, batching on). The clients are separate processes (``--client-processes``), each an asyncio loop
-of ``httpx`` clients sending one text per request (``truncate: true``), texts drawn from the length buckets
-(``short`` and ``middle`` Rotten Tomatoes reviews, ``long`` BBC articles). Closed loop: ``C`` clients each send
-their next request when the last is answered, for ``--duration`` seconds, at each ``C`` of ``--clients``. Open
-loop: Poisson arrivals at each multiple of ``--rate-multiples`` times the batching server's closed-loop
-throughput at 32 clients (at 3x: the overload check: only 200 and 429, no request lost, the server's memory
-afterwards). Every 200 answer of the Magic Pyramid servers is checked against ``mp predict``'s label of its text
-in process. Records: answers by status, transport errors, throughput (200 answers a second) and p50/p95/p99
-latency in ms; ``ratios`` at 32 clients. ``model_ceiling`` bounds the batching gain without HTTP: the model's
-time a text one text a forward against forwards of ``--ceiling-batch`` texts, for the mix and each bucket alone
-(``model_ceiling``). With matplotlib, a plot of latency against throughput beside the JSON.
+model's HF twin, batching on). The clients are separate processes (``--client-processes``), each an asyncio loop of
+``httpx`` clients sending one text per request (``truncate: true``), texts drawn from the length buckets (``short``
+and ``middle`` Rotten Tomatoes reviews, ``long`` BBC articles). Every server first gets ``--warmup`` seconds of
+unrecorded load. Closed loop: ``C`` clients each send their next request when the last is answered, for
+``--duration`` seconds, at each ``C`` of ``--clients``; ``--rounds`` rounds a point, the servers taking turns in an
+order reversed every other round, pooled. Open loop: Poisson arrivals at each multiple of ``--rate-multiples`` times
+the batching server's closed-loop throughput at 32 clients (at 3x: the overload check: only 200 and 429, no request
+lost, the server's memory afterwards). Every 200 answer of the Magic Pyramid servers is checked against ``mp
+predict``'s label of its text in process. Records: answers by status, transport errors, throughput (200 answers a
+second) and p50/p95/p99 latency in ms; ``ratios`` at 32 clients. ``model_ceiling`` bounds the batching gain without
+HTTP: the model's time a text one text a forward against forwards of ``--ceiling-batch`` texts, for the mix and each
+bucket alone (``model_ceiling``). With matplotlib, a plot of latency against throughput beside the JSON.
 The model is the quick start's run (``--run-dir``) if finished, else all-MiniLM-L6-v2 with untrained heads.
 """
 
@@ -157,11 +158,11 @@ def _client_process(arguments: tuple) -> list:
     return asyncio.run(_drive(*arguments))
 
 
-def load_point(
+def drive(
     pool: Any, processes: int, url: str, texts: list[str], mode: str, level: float, duration: float
-) -> dict[str, Any]:
-    """One measured point: the load split over the ``processes`` client processes of ``pool``; its counts,
-    throughput and latency, and its answers ``(text index, label)``."""
+) -> tuple[list[tuple[int, float, int, str | None]], float]:
+    """One round of load, split over the ``processes`` client processes of ``pool``: every request's ``(text
+    index, latency s, status, label)`` and the seconds the round lasted."""
     count = max(1, min(processes, int(level))) if mode == "closed" else processes
     shares = (
         [level // count + (i < level % count) for i in range(count)] if mode == "closed" else [level / count] * count
@@ -169,7 +170,16 @@ def load_point(
     start = time.time() + 0.5  # the client processes get their share, then all begin together
     jobs = [(url, texts, mode, share, start, duration, 1000 + i) for i, share in enumerate(shares) if share]
     results = [row for rows in pool.map(_client_process, jobs, chunksize=1) for row in rows]
-    elapsed = max(duration, time.time() - start)
+    return results, max(duration, time.time() - start)
+
+
+def summarise(
+    mode: str, level: float, duration: float, rounds: list[tuple[list[tuple[int, float, int, str | None]], float]]
+) -> dict[str, Any]:
+    """One point from its ``rounds`` (``drive``'s results), pooled: throughput is the 200 answers over the seconds
+    of every round, the latency quantiles are those of every round's 200 answers."""
+    results = [row for rows, _ in rounds for row in rows]
+    elapsed = sum(seconds for _, seconds in rounds)
     latencies = sorted(latency for _, latency, status, _ in results if status == 200)
     statuses: dict[str, int] = {}
     for _, _, status, _ in results:
@@ -181,11 +191,13 @@ def load_point(
     return {
         "mode": mode,
         "clients" if mode == "closed" else "rate_per_s": level,
+        "rounds": len(rounds),
         "requests": len(results),
-        "offered_per_s": round(len(results) / duration, 2),
+        "offered_per_s": round(len(results) / (duration * len(rounds)), 2),
         "statuses": statuses,
         "transport_errors": statuses.get("0", 0),
         "throughput_per_s": round(len(latencies) / elapsed, 2),
+        "round_throughputs_per_s": [round(sum(s == 200 for _, _, s, _ in rows) / sec, 2) for rows, sec in rounds],
         "p50_ms": quantile(0.50),
         "p95_ms": quantile(0.95),
         "p99_ms": quantile(0.99),
@@ -297,9 +309,19 @@ def measure(pool: Any, processes: int, servers: dict[str, tuple[subprocess.Popen
         records.append(fields)
         print(json.dumps({k: v for k, v in fields.items() if k != "answers"}), flush=True)
 
-    for clients in args.clients:  # the servers take turns at each load, so that a drift of the machine hits all
-        for name, (_process, url) in servers.items():
-            record({"server": name} | load_point(pool, processes, url, texts, "closed", clients, args.duration))
+    for _process, url in servers.values():  # unrecorded: the first point of a run measured slow (#40)
+        drive(pool, processes, url, texts, "closed", max(args.clients), args.warmup)
+    names = list(servers)
+    for clients in args.clients:
+        # The servers take turns at each load, in an order reversed every other round (A B C C B A ...), so that
+        # a drift of the machine or an order effect hits every server alike.
+        rounds: dict[str, list] = {name: [] for name in names}
+        for turn in range(args.rounds):
+            for name in names if turn % 2 == 0 else names[::-1]:
+                url = servers[name][1]
+                rounds[name].append(drive(pool, processes, url, texts, "closed", clients, args.duration))
+        for name in names:
+            record({"server": name} | summarise("closed", clients, args.duration, rounds[name]))
     top = 32 if 32 in args.clients else max(args.clients)
     capacity = next(r["throughput_per_s"] for r in records if r["server"] == "mp" and r["clients"] == top)
     process, url = servers["mp"]
@@ -307,7 +329,7 @@ def measure(pool: Any, processes: int, servers: dict[str, tuple[subprocess.Popen
     for multiple in args.rate_multiples:
         rate = max(1.0, round(multiple * capacity, 1))
         duration = args.overload_duration if multiple > 1 else args.duration
-        point = load_point(pool, processes, url, texts, "open", rate, duration)
+        point = summarise("open", rate, duration, [drive(pool, processes, url, texts, "open", rate, duration)])
         record({"server": "mp", "rate_multiple": multiple} | point)
     time.sleep(2)
     return records, {"mp_rss_idle_bytes": idle, "mp_rss_after_open_loop_bytes": rss_bytes(process.pid)}
@@ -363,7 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=Path("runs/rotten_tomatoes"))
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--rate-multiples", type=float, nargs="+", default=[0.5, 1.0, 3.0])
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds a closed-loop point")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds a closed-loop round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of each closed-loop point, servers alternating")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of unrecorded load on each server first")
     parser.add_argument("--overload-duration", type=float, default=30.0, help="seconds of an open-loop point > 1x")
     parser.add_argument("--buckets", nargs="+", default=["short", "middle", "long"], choices=list(BUCKET_SOURCES))
     parser.add_argument("--texts-per-bucket", type=int, default=100)
@@ -374,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.clients, args.rate_multiples, args.buckets = [1, 4], [3.0], ["short", "middle"]
-        args.duration = args.overload_duration = 1.0
+        args.duration = args.overload_duration = args.warmup = 1.0
         args.texts_per_bucket, args.client_processes = 10, 1
     with tempfile.TemporaryDirectory() as scratch:
         records, summary = run(args, Path(scratch))
