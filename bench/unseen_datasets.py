@@ -7,6 +7,12 @@
   speech's paragraphs fall in every split. (Split by speaker instead, the party is not learnable from a
   paragraph: MiniLM fine-tuned by ``mp train`` reached 52 % on a dev split that was 57 % one party.)
 
+* ``fortunes``: the sayings of Debian's ``fortunes`` package (``apt-get install fortunes``: BSD ``fortune``'s
+  files in ``/usr/share/games/fortunes``, or ``MP_FORTUNES_DIR``), labelled by the file they are in, among the
+  files named for a subject (``SUBJECTS``: not an author, a source or a grab-bag such as ``cookie`` or
+  ``miscellaneous``) that hold at least 150 sayings of ``MIN_WORDS`` words (fixed before any training): 12 classes,
+  quips and quotations of a few lines, a task of another kind than reviews, news or speeches. Split as above.
+
 ``python -m bench.unseen_datasets --out-dir DIR`` writes ``DIR/<name>.jsonl``, one record ``{"text", "label",
 "split"}`` a line, which ``mp train --dataset DIR/<name>.jsonl`` reads as a user's file (the recipe untouched).
 """
@@ -16,6 +22,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +49,50 @@ def conventions_2012(seed: int = 0) -> list[Record]:
     return _split_records(rows, seed)
 
 
+FORTUNES_DIR = Path(os.environ.get("MP_FORTUNES_DIR", "/usr/share/games/fortunes"))
+OVERSTRIKE = re.compile("[^\x08]\x08")
+SUBJECTS = (
+    "computers",
+    "drugs",
+    "education",
+    "food",
+    "law",
+    "linux",
+    "men-women",
+    "politics",
+    "science",
+    "songs-poems",
+    "startrek",
+    "work",
+)
+
+
+def fortunes(seed: int = 0) -> list[Record]:
+    """``{"text", "label", "split"}`` records of ``fortunes`` (module docstring); a ``FileNotFoundError`` saying
+    how to install the package if its files are missing."""
+    missing = [name for name in SUBJECTS if not (FORTUNES_DIR / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{FORTUNES_DIR / missing[0]} not found: install Debian's fortunes package (apt-get install fortunes) or "
+            "set MP_FORTUNES_DIR to a folder of its files"
+        )
+    rows = []
+    for name in SUBJECTS:
+        text = (FORTUNES_DIR / name).read_text(encoding="utf-8", errors="replace")
+        # Sayings are separated by lines of "%"; a few overstrike with backspaces (bold on a terminal): "X\bX".
+        sayings = [_unstrike(saying) for saying in text.replace("\r", "").split("\n%\n")]
+        rows += [(normalise_whitespace(saying), name) for saying in sayings]
+    return _split_records(rows, seed)
+
+
+def _unstrike(text: str) -> str:
+    """``text`` as it reads: each character a backspace erases removed (``"__\\b\\bis"`` is ``"is"``), and the
+    other control characters (a few bells) but whitespace."""
+    while (erased := OVERSTRIKE.sub("", text)) != text:
+        text = erased
+    return "".join(c for c in text if c >= " " or c.isspace())
+
+
 def _split_records(rows: list[tuple[str, str]], seed: int) -> list[Record]:
     """Records of the ``(text, label)`` rows of at least ``MIN_WORDS`` words, repeats dropped, split 80/10/10
     stratified by label (``random_split``), in split order."""
@@ -58,6 +110,7 @@ def _split_records(rows: list[tuple[str, str]], seed: int) -> list[Record]:
 
 DATASETS: dict[str, Callable[[int], list[Record]]] = {
     "conventions_2012": conventions_2012,
+    "fortunes": fortunes,
 }
 
 

