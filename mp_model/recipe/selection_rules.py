@@ -40,9 +40,9 @@ from mp_model.recipe.selection import (
 )
 
 TIE = 1e-12  # sums of at most a few hundred drops: their float error is far below this
-BOOTSTRAP_CONFIDENCES = (0.5, 0.6, 0.7, 0.8)
-SMOOTHED_CONFIDENCES = (0.6, 0.7)
-NORMAL_BOUNDS = (0.25, 0.5)
+BOOTSTRAP_CONFIDENCES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+SMOOTHED_CONFIDENCES = (0.6, 0.7, 0.8, 0.9)
+NORMAL_BOUNDS = (0.25, 0.5, 1.0, 1.5)
 
 
 def exceeding_cells(values: torch.Tensor, limit: float | torch.Tensor) -> torch.Tensor:
