@@ -15,9 +15,11 @@ order reversed every other round, pooled. Open loop: Poisson arrivals at each mu
 the batching server's closed-loop throughput at 32 clients (at 3x: the overload check: only 200 and 429, no request
 lost, the server's memory afterwards). Every 200 answer of the Magic Pyramid servers is checked against ``mp
 predict``'s label of its text in process. Records: answers by status, transport errors, throughput (200 answers a
-second) and p50/p95/p99 latency in ms; ``ratios`` at 32 clients. ``model_ceiling`` bounds the batching gain without
-HTTP: the model's time a text one text a forward against forwards of ``--ceiling-batch`` texts, for the mix and each
-bucket alone (``model_ceiling``). With matplotlib, a plot of latency against throughput beside the JSON.
+second) and p50/p95/p99 latency in ms, and ``inside_server`` (from ``/metrics``: texts a batch, a text's queue wait,
+a batch's model pass, a request's time inside the server); ``ratios`` at 32 clients. ``model_ceiling`` bounds the
+batching gain without HTTP: the model's time a text one text a forward against forwards of ``--ceiling-batch``
+texts, for the mix and each bucket alone (``model_ceiling``). With matplotlib, a plot of latency against throughput
+beside the JSON.
 The model is the quick start's run (``--run-dir``) if finished, else all-MiniLM-L6-v2 with untrained heads.
 """
 
@@ -173,6 +175,38 @@ def drive(
     return results, max(duration, time.time() - start)
 
 
+INSIDE = {  # /metrics histograms read around each round: what a batch held, and where a text's time went
+    "batch_texts": "mp_batch_texts",
+    "queue_ms": "mp_queue_duration_seconds",
+    "inference_ms_per_batch": "mp_inference_duration_seconds",
+    "request_ms": "mp_request_duration_seconds",
+}
+
+
+def server_sums(url: str) -> dict[str, float]:
+    """The ``_sum`` and ``_count`` of the server's ``INSIDE`` histograms, from ``url/metrics``."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    wanted = {f"{metric}_{part}" for metric in INSIDE.values() for part in ("sum", "count")}
+    sums = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            sums[name] = float(value)
+    return sums
+
+
+def inside_means(sums: dict[str, float]) -> dict[str, float | None]:
+    """Means over a point's rounds of ``server_sums`` differences: texts a batch, then milliseconds (a text's wait
+    in the queue, a batch's model pass, a whole request inside the server)."""
+    means: dict[str, float | None] = {}
+    for key, metric in INSIDE.items():
+        count = sums.get(f"{metric}_count", 0.0)
+        scale = 1.0 if key == "batch_texts" else 1000.0
+        means[key] = round(scale * sums.get(f"{metric}_sum", 0.0) / count, 3) if count else None
+    return means
+
+
 def summarise(
     mode: str, level: float, duration: float, rounds: list[tuple[list[tuple[int, float, int, str | None]], float]]
 ) -> dict[str, Any]:
@@ -316,12 +350,17 @@ def measure(pool: Any, processes: int, servers: dict[str, tuple[subprocess.Popen
         # The servers take turns at each load, in an order reversed every other round (A B C C B A ...), so that
         # a drift of the machine or an order effect hits every server alike.
         rounds: dict[str, list] = {name: [] for name in names}
+        inside: dict[str, dict[str, float]] = {name: {} for name in names}
         for turn in range(args.rounds):
             for name in names if turn % 2 == 0 else names[::-1]:
                 url = servers[name][1]
+                before = server_sums(url)
                 rounds[name].append(drive(pool, processes, url, texts, "closed", clients, args.duration))
+                for key, value in server_sums(url).items():
+                    inside[name][key] = inside[name].get(key, 0.0) + value - before.get(key, 0.0)
         for name in names:
-            record({"server": name} | summarise("closed", clients, args.duration, rounds[name]))
+            point = summarise("closed", clients, args.duration, rounds[name])
+            record({"server": name} | point | {"inside_server": inside_means(inside[name])})
     top = 32 if 32 in args.clients else max(args.clients)
     capacity = next(r["throughput_per_s"] for r in records if r["server"] == "mp" and r["clients"] == top)
     process, url = servers["mp"]

@@ -27,6 +27,13 @@ def test_smoke_run_measures_every_server_and_checks_every_answer(tmp_path: Path)
     assert closed == [(server, n) for n in (1, 4) for server in ("mp", "mp_unbatched", "dense_hf")]
     assert [(r["server"], r["rate_multiple"]) for r in records if r["mode"] == "open"] == [("mp", 3.0)]
     assert {r["rounds"] for r in records if r["mode"] == "closed"} == {2}
+    for record in (r for r in records if r["mode"] == "closed"):
+        inside = record["inside_server"]
+        assert set(inside) == {"batch_texts", "queue_ms", "inference_ms_per_batch", "request_ms"}
+        assert inside["batch_texts"] >= 1 and inside["inference_ms_per_batch"] > 0
+        assert inside["request_ms"] > 0 and inside["queue_ms"] >= 0
+        if record["server"] == "mp_unbatched":
+            assert inside["batch_texts"] == 1
     for record in records:
         assert record["requests"] > 0 and set(record["statuses"]) <= {"200", "429"}
         assert sum(record["statuses"].values()) == record["requests"] and record["transport_errors"] == 0
