@@ -4,7 +4,8 @@ batching off and against the dense HF model behind the same batching server, in 
     python -m bench.bench_serve --out bench/results/e2e/serve-cpu.json
     python -m bench.bench_serve --smoke --out /tmp/serve-smoke.json     # toy model, seconds: checks the plumbing
 
-Three servers, each ``mp serve`` in its own process with ``--threads`` torch threads: ``mp`` (token-budget
+Three servers, each ``mp serve`` in its own process with ``--threads`` torch threads and the model in a process of its
+own (``--model-worker``; ``thread`` runs it in a thread of the server, as before #40's fix): ``mp`` (token-budget
 batching), ``mp_unbatched`` (``--max-batch-requests 1``: one text a forward) and ``dense_hf`` (``--dense-hf``: the
 model's HF twin, batching on). The clients are separate processes (``--client-processes``), each an asyncio loop of
 ``httpx`` clients sending one text per request (``truncate: true``), texts drawn from the length buckets (``short``
@@ -110,11 +111,14 @@ def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout: float = 
 
 
 def rss_bytes(pid: int) -> int:
-    """The resident set size of process ``pid`` (``VmRSS``)."""
+    """The resident set size (``VmRSS``) of process ``pid`` and its descendants: the server with its model's process
+    (and ``multiprocessing``'s resource tracker)."""
+    total = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+            total = int(line.split()[1]) * 1024
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return total + sum(rss_bytes(int(child)) for child in children)
 
 
 async def _drive(url: str, texts: list[str], mode: str, level: float, start: float, duration: float, seed: int) -> list:
@@ -384,7 +388,8 @@ def run(args: argparse.Namespace, scratch: Path) -> tuple[list[dict[str, Any]], 
     else:
         folder, what = model_folder(args.run_dir, scratch)
     servers = {
-        name: start_server(folder, flags, args.threads, scratch / f"{name}.log") for name, flags in SERVERS.items()
+        name: start_server(folder, [*flags, "--model-worker", args.model_worker], args.threads, scratch / f"{name}.log")
+        for name, flags in SERVERS.items()
     }
     try:
         tokenizer = load_tokenizer(folder)
@@ -410,7 +415,8 @@ def run(args: argparse.Namespace, scratch: Path) -> tuple[list[dict[str, Any]], 
         if record["server"] != "dense_hf":
             record["wrong_labels"] = sum(label != expected[index] for index, label in answers)
     top = 32 if 32 in args.clients else max(args.clients)
-    summary = {"model": what, "texts": len(texts), "buckets": args.buckets, "threads": args.threads} | memory
+    summary = {"model": what, "texts": len(texts), "buckets": args.buckets, "threads": args.threads}
+    summary |= {"model_worker": args.model_worker} | memory
     summary["model_ceiling"] = ceilings
     return records, summary | {"ratios": ratios(records, top)}
 
@@ -432,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--texts-per-bucket", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     parser.add_argument("--client-processes", type=int, default=2)
+    parser.add_argument("--model-worker", choices=("process", "thread"), default="process", help="every server's")
     parser.add_argument("--ceiling-batch", type=int, default=32, help="texts a forward of the in-process bound")
     parser.add_argument("--smoke", action="store_true", help="toy model, clients 1 and 4, 1 s points")
     args = parser.parse_args(argv)

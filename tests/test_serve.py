@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import random
 import signal
 import socket
@@ -105,11 +106,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
-    """Two servers started together: ``main`` (defaults, 4 inputs a request at most, 64 KB bodies) and ``held``
-    (3 requests in flight at most, batches waiting 1.5 s to fill)."""
+    """Three servers started together: ``main`` (defaults: the model in its own process; 4 inputs a request at
+    most, 64 KB bodies), ``thread`` (the model in a thread of the server) and ``held`` (3 requests in flight at
+    most, batches waiting 1.5 s to fill)."""
     logs = tmp_path_factory.mktemp("logs")
     started = {
         "main": Server(model_dir, logs / "main.log", "--max-client-batch-size", "4", "--max-body-bytes", "65536"),
+        "thread": Server(model_dir, logs / "thread.log", "--max-client-batch-size", "4", "--model-worker", "thread"),
         "held": Server(model_dir, logs / "held.log", "--max-concurrent-requests", "3", "--max-wait-ms", "1500"),
     }
     try:
@@ -145,8 +148,11 @@ def by_label(predictions: list[dict]) -> list[float]:
     return [score for _, score in sorted((p["label"], p["score"]) for p in predictions)]
 
 
-def test_answers_equal_the_model_in_process_whatever_the_batch(servers: dict[str, Server], model_dir: Path) -> None:
-    server = servers["main"]
+@pytest.mark.parametrize("name", ["main", "thread"])
+def test_answers_equal_the_model_in_process_whatever_the_batch(
+    servers: dict[str, Server], model_dir: Path, name: str
+) -> None:
+    server = servers[name]
     texts = sentences(12)
     knobs = [{}, {"tau": 0.9, "threshold_scale": 2.0}, {"tau": 0.0}]
     payloads = [{"inputs": text} | knobs[i % 3] for i, text in enumerate(texts)]
@@ -244,6 +250,7 @@ def test_info_metrics_and_openapi_describe_the_server(servers: dict[str, Server]
     _, info, _ = server.call("GET", "/info")
     assert info["model_type"]["classifier"]["id2label"] == {"0": "LABEL_0", "1": "LABEL_1"}
     assert (info["max_input_length"], info["max_client_batch_size"], info["layers"]) == (64, 4, 3)
+    assert (info["model_worker"], servers["thread"].call("GET", "/info")[1]["model_worker"]) == ("process", "thread")
     status, metrics, headers = server.call("GET", "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
     for line in ('mp_requests_total{status="200"}', 'mp_requests_total{status="422"}', "mp_queue_depth 0"):
@@ -266,8 +273,30 @@ def test_requests_beyond_the_concurrency_limit_get_429(servers: dict[str, Server
     assert all(body["error_type"] == "overloaded" for status, body, _ in answers if status == 429)
 
 
+def model_processes(pid: int) -> list[int]:
+    """The process ids of the children of ``pid`` started by ``multiprocessing``'s spawn (Linux; the resource
+    tracker, another child, is left out)."""
+    children = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return [child for child in children if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()]
+
+
+def test_a_dead_model_process_gets_424_and_health_503(model_dir: Path, tmp_path: Path) -> None:
+    server = Server(model_dir, tmp_path / "dying.log")
+    try:
+        server.wait_ready()
+        assert server.predict({"inputs": "a good film"})[0] == 200
+        (child,) = model_processes(server.process.pid)
+        os.kill(child, signal.SIGKILL)
+        status, answer, _ = server.predict({"inputs": "a good film"})
+        assert status == 424 and answer["error_type"] == "backend" and "model process is gone" in answer["error"]
+        assert server.call("GET", "/health")[0] == 503
+    finally:
+        server.stop()
+
+
 def test_sigterm_answers_every_accepted_request_then_exits_0(servers: dict[str, Server]) -> None:
     server = servers["held"]
+    (model_process,) = model_processes(server.process.pid)
     with ThreadPoolExecutor(3) as pool:
         pending = [pool.submit(server.predict, {"inputs": f"text {i}"}) for i in range(3)]
         deadline = time.monotonic() + 5
@@ -279,6 +308,7 @@ def test_sigterm_answers_every_accepted_request_then_exits_0(servers: dict[str, 
     assert server.process.wait(20) == 0
     with pytest.raises(OSError):
         server.call("GET", "/health", timeout=2)
+    assert not Path(f"/proc/{model_process}").exists()  # the model's process ended with the server
 
 
 def test_mp_serve_refuses_a_missing_model_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,7 +5,8 @@ Built on FastAPI over uvicorn (``pip install 'magic-pyramid[serve]'``): FastAPI 
 ``serve.ingress``; uvicorn drains on SIGTERM (it stops accepting, finishes the requests in flight, then runs the
 app's shutdown, where the batcher finishes its queue). This module holds the command (its flags, the model's
 loading, warm-up on CPU and CUDA); ``serve_app`` the HTTP application; ``serve_batching`` the queue and the model's
-worker thread; ``serve_metrics`` the Prometheus metrics; ``serve_ray`` the same application as ``--replicas`` copies
+worker thread; ``serve_worker`` the model's own process (``--model-worker process``, the default);
+``serve_metrics`` the Prometheus metrics; ``serve_ray`` the same application as ``--replicas`` copies
 on Ray Serve.
 
 Endpoints: ``POST /predict`` (TEI's shapes: ``inputs`` is one text, a ``[text, text_pair]`` pair (a list of exactly
@@ -78,6 +79,10 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, help="tokens a text (default: the model's limit)")
     parser.add_argument("--dense-hf", action="store_true", help="serve the dense HF twin (a baseline)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--model-worker", choices=("process", "thread"), default="process",
+                        help="run the model in a process of its own, away from the event loop's interpreter lock, "
+                        "or in a thread of the server's; a --replicas replica runs it in a thread of its Ray actor "
+                        "(default: %(default)s)")  # fmt: skip
     replicas = "copies of the model on Ray Serve ([ray] extra), on a local Ray or the cluster at RAY_ADDRESS"
     parser.add_argument("--replicas", type=int, help=f"{replicas} (default: one process, no Ray)")
     parser.add_argument("--cpus-per-replica", type=float, help="CPUs Ray reserves for each replica (default: 1)")
@@ -162,7 +167,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from mp_model.recipe.serve_app import create_app
 
-    app = create_app(*load_classifier(args, folder))
+    if args.model_worker == "process":
+        from mp_model.recipe.runs import load_tokenizer
+        from mp_model.recipe.serve_worker import ModelProcess
+
+        settings = {name: value for name, value in vars(args).items() if name != "handler"}
+        model = ModelProcess(settings, folder, load_tokenizer(folder))
+        app = create_app(model, model.options)
+    else:
+        app = create_app(*load_classifier(args, folder))
     print(f"mp serve: {folder} on http://{args.host}:{args.port} (docs at /docs)", flush=True)
     # uvicorn drains on SIGTERM, then raises it again with the handler found at its start: this one, so the
     # command ends with 0 after a graceful shutdown.

@@ -23,6 +23,7 @@ from mp_model.recipe.records import lone_surrogate
 from mp_model.recipe.serve import ServeOptions
 from mp_model.recipe.serve_batching import Batcher, Classifier, InferenceError, InputTooLong, Job, Knobs, Scores
 from mp_model.recipe.serve_metrics import ServeMetrics
+from mp_model.recipe.serve_worker import ModelProcess
 
 # A body over the limit is still read (and dropped) up to this size, so that the client gets its 413.
 DRAIN_BYTES = 32 * 1024 * 1024
@@ -123,7 +124,7 @@ def parse_body(body: bytes, limit: int) -> tuple[PredictRequest, list[tuple[str,
 class ServerState:
     """What the endpoints share: the classifier, its batcher (started with the app), the metrics and the options."""
 
-    def __init__(self, classifier: Classifier, options: ServeOptions) -> None:
+    def __init__(self, classifier: Classifier | ModelProcess, options: ServeOptions) -> None:
         self.classifier, self.options = classifier, options
         self.metrics = ServeMetrics(classifier.layers)
         self.batcher: Batcher | None = None
@@ -187,7 +188,7 @@ class ServerState:
         classifier, options = self.classifier, self.options
         return {
             "model_id": options.model_id,
-            "model_dtype": str(next(classifier.model.parameters()).dtype).removeprefix("torch."),
+            "model_dtype": classifier.dtype,
             "model_type": {"classifier": {"id2label": dict(enumerate(classifier.labels))}},
             "max_input_length": classifier.max_length,
             "max_concurrent_requests": options.max_concurrent_requests,
@@ -196,14 +197,15 @@ class ServerState:
             "max_client_batch_size": options.max_client_batch_size,
             "max_wait_ms": options.max_wait_ms,
             "device": str(classifier.device),
-            "dense_hf": classifier.dense is not None,
+            "dense_hf": classifier.dense_hf,
+            "model_worker": classifier.worker,
             "layers": classifier.layers,
             "tau": options.tau,
             "threshold_scale": options.threshold_scale,
         }
 
 
-def create_app(classifier: Classifier, options: ServeOptions) -> fastapi.FastAPI:
+def create_app(classifier: Classifier | ModelProcess, options: ServeOptions) -> fastapi.FastAPI:
     """The application serving ``classifier`` with ``options``; its batcher runs from startup to shutdown, where it
     finishes every text already queued."""
     state = ServerState(classifier, options)
@@ -213,6 +215,7 @@ def create_app(classifier: Classifier, options: ServeOptions) -> fastapi.FastAPI
         state.start()
         yield
         await asyncio.get_running_loop().run_in_executor(None, state.batcher.close)
+        classifier.close()
 
     app = fastapi.FastAPI(
         title="mp serve",
@@ -252,7 +255,7 @@ def create_app(classifier: Classifier, options: ServeOptions) -> fastapi.FastAPI
 
     @app.get("/health", summary="200 while the model's worker runs, 503 otherwise")
     async def health() -> Response:
-        if state.batcher is not None and state.batcher.alive:
+        if state.batcher is not None and state.batcher.alive and classifier.alive:
             return Response(status_code=200)
         return RequestError(503, "the model's worker is not running", "unhealthy").response()
 

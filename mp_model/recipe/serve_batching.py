@@ -81,6 +81,23 @@ class Job:
     arrival: float = field(default_factory=time.perf_counter)
 
 
+def encode_texts(
+    tokenizer: Any, max_length: int, texts: Sequence[tuple[str, str | None]], truncate: bool
+) -> list[tuple[list[int], list[int]]]:
+    """``(input_ids, token_type_ids)`` of each ``(text, text_pair)``, truncated to ``max_length`` tokens if
+    ``truncate``; otherwise a text longer than that is an ``InputTooLong`` naming its position."""
+    examples = [TextExample(text, 0, pair) for text, pair in texts]
+    limit = max_length if truncate else max_length + 1
+    encoded = encode(tokenizer, examples, limit)
+    for position, ids in enumerate(encoded["input_ids"]):
+        if len(ids) > max_length:
+            raise InputTooLong(
+                f"inputs[{position}] has more than {max_length} tokens, the model's limit: shorten it or send "
+                "truncate: true"
+            )
+    return list(zip(encoded["input_ids"], encoded["token_type_ids"], strict=True))
+
+
 class Classifier:
     """A loaded model and its tokenizer as the server uses them: ``encode`` texts, ``forward`` one batch.
 
@@ -106,20 +123,30 @@ class Classifier:
             from mp_model.hf_twin import hf_twin
 
             self.dense = hf_twin(model)
+        self.alive = True  # in process the model lives as long as the server (``serve_worker`` may lose its child)
+        self.worker = "thread"  # the model runs in the batcher's thread (``serve_worker.ModelProcess``: "process")
+
+    @property
+    def dtype(self) -> str:
+        """The model's parameter dtype, as ``"float32"``."""
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    @property
+    def dense_hf(self) -> bool:
+        """Whether this serves the dense HF twin."""
+        return self.dense is not None
+
+    def facts(self) -> dict[str, Any]:
+        """What the server's process needs to know of the model when it runs elsewhere (``serve_worker``)."""
+        return {"labels": self.labels, "layers": self.layers, "max_length": self.max_length,
+                "device": str(self.device), "dtype": self.dtype, "dense_hf": self.dense_hf}  # fmt: skip
 
     def encode(self, texts: Sequence[tuple[str, str | None]], truncate: bool) -> list[tuple[list[int], list[int]]]:
-        """``(input_ids, token_type_ids)`` of each ``(text, text_pair)``, truncated to ``max_length`` tokens if
-        ``truncate``; otherwise a text longer than that is an ``InputTooLong`` naming its position."""
-        examples = [TextExample(text, 0, pair) for text, pair in texts]
-        limit = self.max_length if truncate else self.max_length + 1
-        encoded = encode(self.tokenizer, examples, limit)
-        for position, ids in enumerate(encoded["input_ids"]):
-            if len(ids) > self.max_length:
-                raise InputTooLong(
-                    f"inputs[{position}] has more than {self.max_length} tokens, the model's limit: shorten it or "
-                    "send truncate: true"
-                )
-        return list(zip(encoded["input_ids"], encoded["token_type_ids"], strict=True))
+        """``encode_texts`` with this model's tokenizer and length."""
+        return encode_texts(self.tokenizer, self.max_length, texts, truncate)
+
+    def close(self) -> None:
+        """Nothing to release: the model goes with the server's process (``ModelProcess.close`` ends its child)."""
 
     def warm_up(self, knobs: Knobs) -> None:
         """One pass of a lone text and one of a pair of texts, so that the first requests do not pay for building
