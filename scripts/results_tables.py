@@ -149,9 +149,13 @@ def on_reported_split(records: list[dict[str, Any]], max_drop: float) -> str:
 
 
 def _rule(selection: str) -> str:
-    """A short name of an ``mp eval`` selection rule: ``dev, 0.8`` for a paired-bootstrap confidence, else ``dev``."""
-    confidence = re.search(r"confidence ([0-9.]+)", selection)
-    return f"dev, {confidence.group(1)}" if confidence else "dev"
+    """A short name of an ``mp eval`` selection rule: ``dev, 0.8`` for a paired-bootstrap confidence, ``dev, normal
+    k=1`` for a normal bound, else ``dev``."""
+    confidence = re.search(r"confidence ([0-9.]+)|bootstrap ([0-9.]+)", selection)
+    if confidence:
+        return f"dev, {confidence.group(1) or confidence.group(2)}"
+    bound = re.search(r"normal k=[0-9.]+", selection)
+    return f"dev, {bound.group(0)}" if bound else "dev"
 
 
 def _choice(record: dict[str, Any] | None, dense: dict[str, Any], max_drop: float) -> str:
@@ -187,8 +191,9 @@ def summary_table(files: list[tuple[Path, dict[str, Any]]]) -> str:
     lines += [
         "",
         "Each cell: accuracy on the reported split (points from dense), FLOPs speedup; † more than "
-        '1 point below dense. "chosen on": dev at a paired-bootstrap confidence of 0.8, or dev by the point '
-        "estimate (older runs).",
+        '1 point below dense. "chosen on": dev by the drop plus one standard error (normal k=1, the default of '
+        "`mp eval`), at a paired-bootstrap confidence of 0.8 (the default before), or by the point estimate (older "
+        "runs).",
     ]
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from mp_model.recipe import quickstart
 from mp_model.recipe.cli import COMMANDS, build_parser, main, train_config_from_args
 from mp_model.recipe.evaluation import METHODS
 from mp_model.recipe.runs import FINAL_DIR, STATE_FILE
-from mp_model.recipe.selection import DEFAULT_CONFIDENCE
+from mp_model.recipe.selection import ROUNDING
 from mp_model.recipe.train_config import TrainConfig
 from tests.utils import write_tiny_model, write_toy_dataset
 
@@ -169,27 +170,52 @@ def test_eval_json_holds_one_well_formed_record_per_setting(
     assert dense["flops_speedup"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize(
+    ("flags", "qualifies"),
+    [
+        ([], lambda r: r["drop_bound"] <= 0.01 + ROUNDING),  # the default rule: normal:1
+        (["--rule", "bootstrap:0.8"], lambda r: r["within_limit_share"] >= 0.8),
+        (["--confidence", "none"], lambda r: r["dev_drop"] <= 0.01 + ROUNDING),
+    ],
+)
 def test_eval_json_lets_each_choice_be_checked_from_the_dev_numbers_of_every_setting(
-    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    run_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    qualifies: Callable[[dict], bool],
 ) -> None:
     out_file = tmp_path / "results.json"
     argv = [
         *("eval", "--run-dir", str(run_dir), "--json", str(out_file), "--taus", "0.1", "0.5", "0.9"),
-        *("--scales", "1.0", "2.0", "--latency", "none", "--batch-size", "4"),
+        *("--scales", "1.0", "2.0", "--latency", "none", "--batch-size", "4", "--reliability-splits", "0", *flags),
     ]
     assert run_main(argv, capsys)[0] == 0
     records = json.loads(out_file.read_text())["records"]
+    dense_dev = next(r["dev_accuracy"] for r in records if r["method"] == "dense")
     for record in records:
         assert record["selected_on"] == "dev" and 0.0 <= record["dev_accuracy"] <= 1.0 and record["dev_gflops"] > 0
-        assert 0.0 <= record["within_limit_share"] <= 1.0
+        record["dev_drop"] = dense_dev - record["dev_accuracy"]
     for method in ("dense", *METHODS):
         rows = [r for r in records if r["method"] == method]
-        eligible = [r for r in rows if r["within_limit_share"] >= DEFAULT_CONFIDENCE]
+        eligible = [r for r in rows if qualifies(r)]
         if eligible:
             expected = min(eligible, key=lambda r: (r["dev_gflops"], -r["dev_accuracy"]))
         else:
             expected = max(rows, key=lambda r: (r["dev_accuracy"], -r["dev_gflops"]))
         assert [r for r in rows if r["selected"]] == [expected]
+
+
+def test_eval_refuses_a_bad_rule_in_one_line_before_any_work(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for flags, message in (
+        (["--rule", "normal"], "--rule: rule must be one of normal:K, bootstrap:C"),
+        (["--rule", "bootstrap:1.5"], "--rule: rule's C must be a finite number"),
+        (["--confidence", "nan"], "--confidence: rule's C must be a finite number"),
+        (["--rule", "point", "--confidence", "0.8"], "give --rule or --confidence, not both"),
+    ):
+        code = main(["eval", "--run-dir", str(run_dir), *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, err
 
 
 def test_reference_is_a_plain_fine_tune_that_eval_reports_beside_the_selection(
@@ -218,13 +244,13 @@ def test_reference_is_a_plain_fine_tune_that_eval_reports_beside_the_selection(
     code, out = run_main([*argv, "--scales", "1.0", "--reliability-splits", "5"], capsys)
     assert code == 0
     assert "plain fine-tune (transformers.BertForSequenceClassification" in out
-    assert "point estimate rule, 5 re-splits" in out and "confidence 0.8 rule, 5 re-splits" in out
+    assert "point estimate rule, 5 re-splits" in out and "normal k=1 rule, 5 re-splits" in out
     meta = json.loads(out_file.read_text())["provenance"]
     assert meta["training_arithmetic"] == {f"stage{n}": config.arithmetic for n in (1, 2, 3, 4)}
     test = encode(load_data(config).tokenizer, load_data(config).dataset.test, config.max_length)
     assert meta["reference"]["accuracy"] == pytest.approx(accuracy(model, test, batch_size=4, device="cpu"))
     reliability = meta["selection_details"]["reliability"]
-    assert set(reliability) == {"point estimate", "confidence 0.8"}
+    assert set(reliability) == {"point estimate", "normal k=1"}
     for methods in reliability.values():
         assert set(methods) == {"ltp", "fastbert", "mp"}
         assert all(0.0 <= m["within_limit"] <= 1.0 for m in methods.values())

@@ -72,10 +72,12 @@ def test_summary_has_a_row_per_run_with_each_dev_choice_on_test_and_marks_the_on
     ]
     meta = {"selection": "per method, fewest GFLOPs within 0.01 accuracy of dense on dev at confidence 0.8"}
     older = [dict(r, dataset="other") for r in records[:1]]
+    normal = {"selection": "per method, fewest GFLOPs within 0.01 accuracy of dense on dev at normal k=1"}
     text = tables().summary_table(
         [
             (Path("toy-cpu.json"), {"provenance": meta, "records": records}),
             (Path("old-cpu.json"), {"provenance": {"selection": "on dev"}, "records": older}),
+            (Path("new-cpu.json"), {"provenance": normal, "records": older}),
         ]
     )
     rows = text.splitlines()
@@ -85,6 +87,7 @@ def test_summary_has_a_row_per_run_with_each_dev_choice_on_test_and_marks_the_on
         "| 87.00 (-3.00), 3.00x † | 89.50 (-0.50), 2.50x |"
     )
     assert rows[3] == "| `old-cpu` | other | dev | 90.00 / 1.000 | - | - | - | - |"
+    assert rows[4] == "| `new-cpu` | other | dev, normal k=1 | 90.00 / 1.000 | - | - | - | - |"
 
 
 def test_eval_table_names_its_commands_and_sweeps_tau_at_the_selected_scale() -> None:

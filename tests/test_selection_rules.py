@@ -14,6 +14,7 @@ from mp_model.recipe.selection_rules import (
     candidate_rules,
     exceeding_cells,
     isotonic_grid,
+    parse_rule,
     select_normal_bound,
     select_smoothed,
 )
@@ -157,3 +158,25 @@ def test_the_rules_refuse_a_bad_limit_and_records_without_outcomes(name: str) ->
     bare = [{key: value for key, value in r.items() if key != "outcome"} for r in records]
     with pytest.raises(ValueError, match="per-example outcomes"):
         rule(bare, 0.01)
+
+
+@pytest.mark.parametrize(
+    ("spec", "name"),
+    [("normal:1", "normal k=1"), ("bootstrap:0.8", "bootstrap 0.8"), ("Smoothed:0.9", "smoothed bootstrap 0.9"),
+     ("smoothed", "smoothed point"), ("point", "point")],
+)  # fmt: skip
+def test_a_rule_spec_names_the_candidate_rule_that_chooses_alike(spec: str, name: str) -> None:
+    parsed_name, rule = parse_rule(spec)
+    assert parsed_name == name
+    dense, steady, noisy = steady_and_noisy()
+    records = [dense, steady | {"threshold_scale": 1.0}, noisy | {"threshold_scale": 2.0}]  # a 2 x 1 grid
+    assert rule(records, 3) == candidate_rules()[name](records, 3)
+
+
+MALFORMED = ["normal", "normal:x", "bootstrap", "point:1", "median:1", "", "normal:-1", "smoothed:2"]
+
+
+@pytest.mark.parametrize("spec", MALFORMED)
+def test_a_malformed_rule_spec_is_a_value_error(spec: str) -> None:
+    with pytest.raises(ValueError, match="rule"):
+        parse_rule(spec)

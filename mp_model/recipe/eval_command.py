@@ -20,7 +20,8 @@ from mp_model.recipe.cli_support import (
 
 def configure_eval(parser: argparse.ArgumentParser) -> None:
     from mp_model.recipe.evaluation import DEFAULT_SCALES, DEFAULT_TAUS, METHODS
-    from mp_model.recipe.selection import DEFAULT_CONFIDENCE, LATENCY_CHOICES
+    from mp_model.recipe.selection import LATENCY_CHOICES
+    from mp_model.recipe.selection_rules import RULE_SPECS
 
     parser.add_argument("--run-dir", default="runs/rotten_tomatoes", help="a finished `mp train` run directory")
     parser.add_argument("--dataset", help="dataset name or file (default: the run's)")
@@ -38,12 +39,16 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-drop", type=float, default=0.01, help="selection: largest accuracy drop from dense")
     parser.add_argument(
+        "--rule",
+        metavar="SPEC",
+        help=f"selection rule, one of {RULE_SPECS} (default {DEFAULT_RULE}: a setting's paired drop from dense plus "
+        "K standard errors must be within --max-drop; bootstrap:C: within it in a share C of paired bootstrap "
+        "resamples; docs/training.md)",
+    )
+    parser.add_argument(
         "--confidence",
-        type=_confidence,
-        default=DEFAULT_CONFIDENCE,
         metavar="C|none",
-        help="selection: the drop must be within --max-drop in this share of paired bootstrap resamples of the "
-        "selection split ('none': on the point estimate)",
+        help="the same as --rule bootstrap:C ('none': --rule point)",
     )
     parser.add_argument(
         "--reliability-splits",
@@ -72,9 +77,9 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="write the records with provenance to this file")
 
 
-def _confidence(text: str) -> float | None:
-    """A confidence in [0, 1], or ``none`` for the point-estimate rule."""
-    return None if text.lower() == "none" else float(text)
+DEFAULT_RULE = "normal:1"
+"""``mp eval``'s selection rule, chosen by the pre-registered study of #42 (``bench/NOTES.md``, "Choosing the
+selection rule") over bootstrap:0.8, the rule before it."""
 
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:
@@ -115,6 +120,23 @@ def eval_inputs(
     return dense, final, tokenizer, saved, dataset, max_length
 
 
+def selection_rule(args: argparse.Namespace) -> tuple[str, Any]:
+    """``(name, Rule)`` of ``--rule`` or ``--confidence``, ``DEFAULT_RULE`` if neither; a ``ValueError`` naming the
+    flag if both are given or either is malformed or out of range."""
+    from mp_model.recipe.selection_rules import parse_rule
+
+    if args.rule is not None and args.confidence is not None:
+        raise ValueError("give --rule or --confidence, not both")
+    flag, spec = "--rule", args.rule or DEFAULT_RULE
+    if args.confidence is not None:
+        flag = "--confidence"
+        spec = "point" if args.confidence.strip().lower() == "none" else f"bootstrap:{args.confidence}"
+    try:
+        return parse_rule(spec, args.max_drop)
+    except ValueError as error:
+        raise ValueError(f"{flag}: {error}") from None
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from mp_model.recipe.checks import check_device, check_float, check_int
     from mp_model.recipe.data import check_max_length
@@ -129,8 +151,7 @@ def run_eval(args: argparse.Namespace) -> int:
     for scale in args.scales:
         check_float("--scales", scale, 0.0)
     check_float("--max-drop", args.max_drop, 0.0, 1.0)
-    if args.confidence is not None:
-        check_float("--confidence", args.confidence, 0.0, 1.0)
+    rule = selection_rule(args)
     check_int("--reliability-splits", args.reliability_splits, 0)
     for name in ("batch_size", "latency_examples", "latency_repeats"):
         check_int("--" + name.replace("_", "-"), getattr(args, name))
@@ -154,7 +175,7 @@ def run_eval(args: argparse.Namespace) -> int:
         split=args.split,
         size=args.size,
         max_drop=args.max_drop,
-        confidence=args.confidence,
+        rule=rule,
         reliability_splits=args.reliability_splits,
         methods=args.methods,
         taus=args.taus,
@@ -166,10 +187,10 @@ def run_eval(args: argparse.Namespace) -> int:
         latency_repeats=args.latency_repeats,
     )
     selected = [r for r in records if r["selected"]]
-    rule = "the point estimate" if args.confidence is None else f"confidence {args.confidence:g} (paired bootstrap)"
+    rule_name = rule[0]
     print(
         f"{dataset.name} {args.split} ({records[0]['examples']} examples), settings selected on {args.select_split} "
-        f"(fewest GFLOPs within {args.max_drop:g} of dense at {rule}):"
+        f"(fewest GFLOPs within {args.max_drop:g} of dense at {rule_name}):"
     )
     print(format_table(selected))
     reference = reference_accuracy(run_dir, dataset, tokenizer, max_length, args, saved)
@@ -193,7 +214,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 f"stage{n}": state.get(f"stage{n}", {}).get("arithmetic", "unrecorded") for n in STAGES
             },
             "selection": f"per method, fewest GFLOPs within {args.max_drop} accuracy of dense on {args.select_split} "
-            f"at {rule}",
+            f"at {rule_name}",
             "selection_details": selection,
             "reference": reference,
             "latency": "ms per padded batch, median of passes over the first latency_examples examples sorted by "

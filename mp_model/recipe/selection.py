@@ -269,16 +269,20 @@ def select_and_report(
     latency_examples: int = 256,
     latency_repeats: int = 3,
     reliability_splits: int = 0,
+    rule: tuple[str, Rule] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Select each method's setting on ``select_split`` and report every setting of the sweep on ``split``.
+
+    The rule is ``select``'s at ``max_drop`` and ``confidence``, or ``rule``, a ``(name, Rule)`` pair such as
+    ``selection_rules.parse_rule`` gives (then ``confidence`` is unused).
 
     Both splits are cut to their first ``size`` examples (None: whole) and encoded at ``max_length``. ``latency``
     names the settings timed on ``split``: ``"tables"`` (the selected ones and the tau sweeps of ``table_settings``),
     ``"selected"``, ``"all"`` or ``"none"``. Returns ``evaluate``'s records on ``split``, each with ``selected``
     and ``selected_on`` (``select_split``) added, and the same setting's ``<select_split>_accuracy``,
-    ``<select_split>_gflops`` (and ``within_limit_share`` with a ``confidence``), so that the choice can be checked
-    from the records alone; and a dict of the selection:
-    its rule, and with ``reliability_splits > 0`` ``selection_reliability`` of this rule and of the plain one.
+    ``<select_split>_gflops`` (and ``within_limit_share`` or ``drop_bound`` where the rule set it), so that the
+    choice can be checked from the records alone; and a dict of the selection: its rule, and with
+    ``reliability_splits > 0`` ``selection_reliability`` of this rule and of the point estimate.
 
     Raises:
         ValueError: for an empty split, an unknown ``latency`` or a rule out of range, before anything is computed.
@@ -293,7 +297,7 @@ def select_and_report(
     common = dict(dataset=dataset.name, methods=methods, taus=taus, scales=scales, batch_size=batch_size, device=device)
     pick = encode(tokenizer, dataset.split(select_split)[:size], max_length)
     picked_records = evaluate(dense_model, model, pick, split=select_split, keep_outcomes=True, **common)
-    chosen = select(picked_records, max_drop, confidence=confidence)
+    chosen = select(picked_records, max_drop, confidence=confidence) if rule is None else rule[1](picked_records, 0)
     chosen_keys = [setting_key(r) for r in chosen]
     timed = {"none": None, "all": "all", "selected": chosen_keys, "tables": table_settings(chosen, taus)}[latency]
     report = encode(tokenizer, dataset.split(split)[:size], max_length)
@@ -308,14 +312,21 @@ def select_and_report(
         keep_outcomes=reliability_splits > 0,
         **common,
     )
-    rule = "point estimate" if confidence is None else f"paired bootstrap, {RESAMPLES} resamples, confidence"
-    selection: dict[str, Any] = {"max_drop": max_drop, "confidence": confidence, "rule": rule, "on": select_split}
-    selection["examples"] = len(pick["labels"])
+    if rule is None:
+        name = "point estimate" if confidence is None else f"paired bootstrap, {RESAMPLES} resamples, confidence"
+        rules = {"point estimate": (None, None), f"confidence {confidence}": (confidence, None)}
+        if confidence is None:
+            rules.pop(f"confidence {confidence}")
+    else:
+        name, rules = rule[0], {"point estimate": (None, None), rule[0]: (None, rule[1])}
+    selection: dict[str, Any] = {"max_drop": max_drop, "confidence": confidence if rule is None else None}
+    selection |= {"rule": name, "on": select_split, "examples": len(pick["labels"])}
     if reliability_splits > 0:
         selection["reliability"] = {
-            name: selection_reliability(picked_records, records, max_drop, confidence=c, splits=reliability_splits)
-            for name, c in (("point estimate", None), (f"confidence {confidence}", confidence))
-            if name == "point estimate" or confidence is not None
+            label: selection_reliability(
+                picked_records, records, max_drop, confidence=c, splits=reliability_splits, rule=custom
+            )
+            for label, (c, custom) in rules.items()
         }
     on_pick = {setting_key(r): r for r in picked_records}
     for record in records:
@@ -326,6 +337,7 @@ def select_and_report(
         record["selected_on"] = select_split
         record[f"{select_split}_accuracy"] = picked["accuracy"]
         record[f"{select_split}_gflops"] = picked["gflops"]
-        if "within_limit_share" in picked:
-            record["within_limit_share"] = picked["within_limit_share"]
+        for name in ("within_limit_share", "drop_bound"):  # what the rule read, so that its choice can be checked
+            if name in picked:
+                record[name] = picked[name]
     return records, selection

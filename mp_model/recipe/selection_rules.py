@@ -156,7 +156,8 @@ def select_smoothed(
 
 def select_normal_bound(records: Sequence[dict[str, Any]], max_drop: float = 0.01, *, k: float) -> list[dict[str, Any]]:
     """``select`` with a setting qualifying if its drop plus ``k`` standard errors of the paired per-example
-    difference from dense is within ``max_drop`` (records need ``outcome``). Same contract as ``select``."""
+    difference from dense is within ``max_drop`` (records need ``outcome``; each gets that sum as ``drop_bound``).
+    Same contract as ``select``."""
     check_float("max_drop", max_drop, 0.0)
     check_float("k", k, 0.0)
 
@@ -164,7 +165,10 @@ def select_normal_bound(records: Sequence[dict[str, Any]], max_drop: float = 0.0
         correct = outcome_matrix(rows).double()
         differences = dense["outcome"]["correct"].double()[None, :] - correct
         error = differences.std(dim=1, correction=0) / math.sqrt(differences.shape[1])
-        return within_limit(differences.mean(dim=1) + k * error, max_drop).tolist()
+        bounds = differences.mean(dim=1) + k * error
+        for record, bound in zip(rows, bounds.tolist(), strict=True):
+            record["drop_bound"] = bound
+        return within_limit(bounds, max_drop).tolist()
 
     return select_with(records, qualifies)
 
@@ -188,3 +192,32 @@ def candidate_rules(max_drop: float = 0.01, resamples: int = RESAMPLES) -> dict[
     for k in NORMAL_BOUNDS:
         rules[f"normal k={k:g}"] = lambda records, seed, k=k: select_normal_bound(records, max_drop, k=k)
     return rules
+
+
+RULE_SPECS = "normal:K, bootstrap:C, smoothed:C, smoothed or point"
+
+
+def parse_rule(spec: str, max_drop: float = 0.01, resamples: int = RESAMPLES) -> tuple[str, Rule]:
+    """The rule ``spec`` names and its name as ``candidate_rules`` spells it: ``normal:K`` (``select_normal_bound``,
+    ``K`` >= 0), ``bootstrap:C`` (``select`` at confidence ``C`` in [0, 1]), ``smoothed:C`` (``select_smoothed`` at
+    ``C``), ``smoothed`` (its point estimate) or ``point`` (``select``'s). A ``ValueError`` for any other text."""
+    name, _, value = spec.strip().lower().partition(":")
+    if name == "point" and not value:
+        return "point", lambda records, seed: select(records, max_drop)
+    if name == "smoothed" and not value:
+        return "smoothed point", lambda records, seed: select_smoothed(records, max_drop)
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"rule must be one of {RULE_SPECS}, got {spec!r}") from None
+    if name == "normal":
+        check_float("rule's K", number, 0.0)
+        return f"normal k={number:g}", lambda records, seed: select_normal_bound(records, max_drop, k=number)
+    if name in ("bootstrap", "smoothed"):
+        check_float("rule's C", number, 0.0, 1.0)
+        chosen = select if name == "bootstrap" else select_smoothed
+        label = "bootstrap" if name == "bootstrap" else "smoothed bootstrap"
+        return f"{label} {number:g}", lambda records, seed: chosen(
+            records, max_drop, confidence=number, resamples=resamples, seed=seed
+        )
+    raise ValueError(f"rule must be one of {RULE_SPECS}, got {spec!r}")
