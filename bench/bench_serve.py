@@ -243,21 +243,26 @@ def summarise(
     }
 
 
-def expected_labels(folder: Path, texts: list[str]) -> list[str]:
-    """``mp predict``'s label of each text in process (the server's default knobs, truncated to the model)."""
+def expected_labels(folder: Path, texts: list[str], device: str = "cpu") -> list[str]:
+    """``mp predict``'s label of each text in process on ``device`` (the server's default knobs, truncated to the
+    model)."""
     from mp_model.recipe.files import InputText
     from mp_model.recipe.predict import predict
     from mp_model.recipe.runs import load_model, load_tokenizer
 
-    model, tokenizer = load_model(folder).eval(), load_tokenizer(folder)
-    rows = predict(model, tokenizer, [InputText(i, None, text) for i, text in enumerate(texts)], batch_tokens=8192)
+    model, tokenizer = load_model(folder, device).eval(), load_tokenizer(folder)
+    inputs = [InputText(i, None, text) for i, text in enumerate(texts)]
+    rows = predict(model, tokenizer, inputs, batch_tokens=8192, device=device)
     return [row["label"] for row in rows]
 
 
-def model_ceiling(folder: Path, texts: list[str], threads: int, batch_requests: int, repeats: int = 3) -> dict:
+def model_ceiling(
+    folder: Path, texts: list[str], threads: int, batch_requests: int, repeats: int = 3, device: str = "cpu"
+) -> dict:
     """What batching can gain at most, without HTTP: seconds a text of the server's model (``Classifier.forward``,
-    default knobs) one text a forward, and in forwards of ``batch_requests`` texts of arrival order, the texts of
-    ``texts`` in both; median of ``repeats`` passes that alternate the two. Their ratio bounds the batching
+    default knobs, on ``device``) one text a forward, and in forwards of ``batch_requests`` texts of arrival order,
+    the texts of ``texts`` in both; median of ``repeats`` passes that alternate the two, after one unrecorded pass
+    of each (a first lone pass measured twice as slow: #40). Their ratio bounds the batching
     server's throughput over the unbatched one's: HTTP, tokenisation and the clients only add a cost per request
     that batching does not share."""
     import statistics
@@ -268,8 +273,8 @@ def model_ceiling(folder: Path, texts: list[str], threads: int, batch_requests: 
     from mp_model.recipe.serve_batching import Classifier, Job, Knobs
 
     torch.set_num_threads(threads)
-    model = load_model(folder).eval()
-    classifier = Classifier(model, load_tokenizer(folder))
+    model = load_model(folder, device).eval()
+    classifier = Classifier(model, load_tokenizer(folder), device=device)
     knobs = Knobs(model.config.exit_tau, 1.0)
     jobs = [Job(ids, types, knobs) for ids, types in classifier.encode([(t, None) for t in texts], truncate=True)]
     classifier.warm_up(knobs)
@@ -284,6 +289,7 @@ def model_ceiling(folder: Path, texts: list[str], threads: int, batch_requests: 
     lone = [[job] for job in jobs]
     batched = [jobs[i : i + batch_requests] for i in range(0, len(jobs), batch_requests)]
     times: dict[str, list[float]] = {"one_a_forward": [], "batched": []}
+    timed(lone), timed(batched)
     for _ in range(repeats):
         times["one_a_forward"].append(timed(lone))
         times["batched"].append(timed(batched))
@@ -387,18 +393,19 @@ def run(args: argparse.Namespace, scratch: Path) -> tuple[list[dict[str, Any]], 
         folder, what = tiny_model(scratch / "tiny"), "random 2-layer toy model (--smoke)"
     else:
         folder, what = model_folder(args.run_dir, scratch)
+    server_flags = ["--model-worker", args.model_worker, "--device", args.device]
     servers = {
-        name: start_server(folder, [*flags, "--model-worker", args.model_worker], args.threads, scratch / f"{name}.log")
+        name: start_server(folder, [*flags, *server_flags], args.threads, scratch / f"{name}.log")
         for name, flags in SERVERS.items()
     }
     try:
         tokenizer = load_tokenizer(folder)
         texts = bucket_texts(tokenizer, args.buckets, args.texts_per_bucket, seed=0)
-        expected = expected_labels(folder, texts)
-        ceilings = {"mix": model_ceiling(folder, texts, args.threads, args.ceiling_batch)}
+        expected = expected_labels(folder, texts, args.device)
+        ceilings = {"mix": model_ceiling(folder, texts, args.threads, args.ceiling_batch, device=args.device)}
         for bucket in args.buckets if len(args.buckets) > 1 else []:
             alone = bucket_texts(tokenizer, [bucket], args.texts_per_bucket, seed=0)
-            ceilings[bucket] = model_ceiling(folder, alone, args.threads, args.ceiling_batch)
+            ceilings[bucket] = model_ceiling(folder, alone, args.threads, args.ceiling_batch, device=args.device)
         print(json.dumps({"model_ceiling": ceilings}), flush=True)
         for name, (process, url) in servers.items():
             wait_ready(process, url, scratch / f"{name}.log")
@@ -416,7 +423,7 @@ def run(args: argparse.Namespace, scratch: Path) -> tuple[list[dict[str, Any]], 
             record["wrong_labels"] = sum(label != expected[index] for index, label in answers)
     top = 32 if 32 in args.clients else max(args.clients)
     summary = {"model": what, "texts": len(texts), "buckets": args.buckets, "threads": args.threads}
-    summary |= {"model_worker": args.model_worker} | memory
+    summary |= {"model_worker": args.model_worker, "device": args.device} | memory
     summary["model_ceiling"] = ceilings
     return records, summary | {"ratios": ratios(records, top)}
 
@@ -439,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     parser.add_argument("--client-processes", type=int, default=2)
     parser.add_argument("--model-worker", choices=("process", "thread"), default="process", help="every server's")
+    parser.add_argument("--device", default="cpu", help="every server's model's, and the in-process checks' (cuda)")
     parser.add_argument("--ceiling-batch", type=int, default=32, help="texts a forward of the in-process bound")
     parser.add_argument("--smoke", action="store_true", help="toy model, clients 1 and 4, 1 s points")
     args = parser.parse_args(argv)
@@ -448,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         args.texts_per_bucket, args.client_processes = 10, 1
     with tempfile.TemporaryDirectory() as scratch:
         records, summary = run(args, Path(scratch))
-    meta = provenance("cpu", command=" ".join(sys.argv)) | {"summary": summary}
+    meta = provenance(args.device, command=" ".join(sys.argv)) | {"summary": summary}
     path = write_results(args.out, records, meta)
     shown = plot(records, args.out.with_suffix(".png"))
     print(json.dumps(summary))
