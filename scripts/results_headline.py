@@ -24,6 +24,7 @@ HEADLINE_RUNS = (
     ("Rotten Tomatoes", "evaluations/rotten_tomatoes-dev2000-bf16-scales-seed*-cpu.json"),
     ("BBC News", "evaluations/bbc_news-all-cpu.json"),
     ("conventions_2012", "evaluations/conventions_2012-bf16-scales-seed*-cpu.json"),
+    ("fortunes", "evaluations/fortunes-bf16-scales-seed*-cpu.json"),
 )
 CPU_RUN = "e2e/e2e-cpu-ort.json"
 GPU_RUN = "e2e/e2e-h200-bf16.json"

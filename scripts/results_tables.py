@@ -66,7 +66,10 @@ ARCHIVE_RULE = (
     "default replaced (fp32 training, which covers the older lr and epoch defaults, pruning stages trained on the "
     "labels, stage 4 on mixed labels or by reverse KL, the teacher runs, and the 340-article BBC News dev split), or "
     "whose stage 4 was retrained on three threshold scales in a later file of the same models "
-    "(`rotten_tomatoes-dev2000-bf16-seed{0,1,2}` by `...-bf16-scales-seed{0,1,2}`). End to end: a run on the same "
+    "(`rotten_tomatoes-dev2000-bf16-seed{0,1,2}` by `...-bf16-scales-seed{0,1,2}`), or whose setting was chosen "
+    "by a selection rule that a later default replaced (paired bootstrap at confidence 0.8, replaced by the normal "
+    "bound k=1 in #42: `rotten_tomatoes-dev2000-bf16-scales-seed{0..5}` and `conventions_2012-bf16-scales-seed{0,1,"
+    "2}`; the same models, evaluated again where their runs were at hand). End to end: a run on the same "
     "device from an older commit whose cells a later full run re-measured; `(bert-base, mixed, 32)`, "
     "`(minilm, long, 32)` and `(minilm, mixed, 32)` exist only in the archived runs of commit a77389c."
 )
