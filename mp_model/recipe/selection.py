@@ -318,7 +318,9 @@ def select_and_report(
         if confidence is None:
             rules.pop(f"confidence {confidence}")
     else:
-        name, rules = rule[0], {"point estimate": (None, None), rule[0]: (None, rule[1])}
+        name, rules = rule[0], {"point estimate": (None, None)}
+        if name != "point":  # the point rule is the point estimate: its re-splits would run twice
+            rules[name] = (None, rule[1])
     selection: dict[str, Any] = {"max_drop": max_drop, "confidence": confidence if rule is None else None}
     selection |= {"rule": name, "on": select_split, "examples": len(pick["labels"])}
     if reliability_splits > 0:
