@@ -5,6 +5,7 @@ a reader opens, and generated pages that match what ``scripts/results_tables.py`
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 from types import ModuleType
@@ -102,3 +103,32 @@ def test_the_headline_averages_the_seeds_and_names_a_lone_run_as_one() -> None:
     assert " | 1 run | " in rows["BBC News"]
     latency = {label.split(",")[0]: row for label, row in rows.items() if "latency" in label}
     assert "ONNX Runtime" in latency["CPU latency"] and "HF compiled" in latency["GPU latency"]
+
+
+def _evaluation(path: Path, dense: float, reference: float | None) -> Path:
+    """A minimal ``mp eval`` results file: each method's chosen record, and the run's plain fine-tune if given."""
+    records = [
+        {"method": method, "selected": True, "accuracy": dense + change, "flops_speedup": speedup}
+        for method, change, speedup in (
+            ("dense", 0.0, 1.0),
+            ("mp", -0.005, 2.5),
+            ("ltp", 0.0, 1.2),
+            ("fastbert", 0.0, 2.0),
+        )
+    ]
+    meta = {"max_drop": 0.01}
+    if reference is not None:
+        meta["reference"] = {"split": "test", "accuracy": reference, "lr": 5e-5, "epoch": 3}
+    path.write_text(json.dumps({"provenance": meta, "records": records}))
+    return path
+
+
+def test_the_dense_cell_gives_dense_minus_the_plain_fine_tune_over_the_runs_that_have_one(tmp_path: Path) -> None:
+    headline = tables().headline
+    both = [_evaluation(tmp_path / f"seed{s}.json", 0.80, ref) for s, ref in ((0, 0.802), (1, 0.796))]
+    row = headline.accuracy_row("set", both, tmp_path, "")
+    assert row[2] == "80.00 ± 0.00 (80.00 to 80.00); minus its plain fine-tune: +0.10 ± 0.42 (-0.20 to +0.40) points"
+    one = [both[0], _evaluation(tmp_path / "seed2.json", 0.80, None)]
+    assert headline.accuracy_row("set", one, tmp_path, "")[2].endswith("-0.20 points (1 of 2 runs)")
+    none = [_evaluation(tmp_path / "seed3.json", 0.80, None)]
+    assert headline.accuracy_row("set", none, tmp_path, "")[2] == "80.00"
