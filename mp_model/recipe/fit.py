@@ -83,6 +83,12 @@ def step_counts(epochs: float, examples: int, batch_size: int) -> tuple[int, int
     return per_epoch, total
 
 
+def keeps_epoch(dev_accuracy: float, best: float | None) -> bool:
+    """Whether an epoch scoring ``dev_accuracy`` replaces the best kept so far (``best``; ``None``: none yet): every
+    loop that keeps its epoch of best dev accuracy (the recipe's stages, ``mp reference``) keeps the later on a tie."""
+    return best is None or dev_accuracy >= best
+
+
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
 
@@ -321,7 +327,7 @@ def fit(
                 measured = dict(evaluate())
                 model.train()
                 evaluations.append(float(measured["dev_accuracy"]))
-                if best is None or evaluations[-1] >= best["metrics"]["dev_accuracy"]:
+                if keeps_epoch(evaluations[-1], None if best is None else best["metrics"]["dev_accuracy"]):
                     weights = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
                     best = {"metrics": measured, "epoch": len(evaluations), "model": weights}
             if checkpoint is not None and config.checkpoint_every > 0 and step % config.checkpoint_every == 0:

@@ -4,8 +4,9 @@
 plain fine-tune, and stages 2-4 lose no more than the selection limit from it. The loop is deliberately independent
 of ``mp_model.recipe.fit``: it trains the ``transformers`` class itself (no masks, no thresholds, no exits), with
 the run's training examples, batch size, AdamW groups, warm-up and linear decay and stage-1 epochs, over a grid of
-learning rates (default: the run's ``lr`` alone), and keeps the ``(lr, epoch)`` with the best dev accuracy
-(ties: the earlier). It is written to ``<run>/reference`` with ``reference.json`` (metrics of every grid point).
+learning rates (default: the run's ``lr`` alone), and keeps the ``(lr, epoch)`` with the best dev accuracy (ties:
+the later epoch, by stage 1's rule ``keeps_epoch``, and the earlier learning rate). It is written to
+``<run>/reference`` with ``reference.json`` (metrics of every grid point).
 
 ``mp reference --run-dir runs/rotten_tomatoes --lrs 2e-5 5e-5 1e-4`` trains it for a run (the run's
 ``train_config.json`` gives the data and budget; no stage need be done).
@@ -32,7 +33,7 @@ from mp_model.permissions import apply_umask
 from mp_model.recipe.checks import check_float
 from mp_model.recipe.cli_support import use_threads
 from mp_model.recipe.data import Encoded, batches
-from mp_model.recipe.fit import linear_schedule, step_counts, weight_groups
+from mp_model.recipe.fit import keeps_epoch, linear_schedule, step_counts, weight_groups
 from mp_model.recipe.runs import CONFIG_FILE, model_folder_problem, read_json_object, write_json
 from mp_model.recipe.train_config import TrainConfig
 from mp_model.recipe.training import load_data
@@ -81,8 +82,9 @@ def accuracy(model: torch.nn.Module, encoded: Encoded, *, batch_size: int, devic
 
 def _fine_tune(
     config: TrainConfig, data: Any, lr: float, *, progress: bool
-) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
-    """One learning rate: train, evaluate dev after each epoch; returns the best epoch's model and every epoch."""
+) -> tuple[torch.nn.Module, dict[str, Any], list[dict[str, Any]]]:
+    """One learning rate: train, evaluate dev after each epoch; returns the kept epoch's model (``keeps_epoch``), that
+    epoch's record and every epoch's."""
     from transformers import BertForSequenceClassification
 
     device = torch.device(config.device)
@@ -99,7 +101,7 @@ def _fine_tune(
     per_epoch, total = step_counts(config.epochs_finetune, len(data.train["labels"]), config.batch_size)
     scheduler = linear_schedule(optimizer, math.ceil(config.warmup_ratio * total), total)
     epochs: list[dict[str, Any]] = []
-    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    best: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None
     step = 0
     bar = tqdm(total=total, desc=f"reference lr={lr:g}", disable=not progress, leave=False)
     for epoch in range(math.ceil(total / per_epoch)):
@@ -125,12 +127,13 @@ def _fine_tune(
             bar.update(1)
         dev = accuracy(model, data.dev, batch_size=config.eval_batch_size, device=device)
         epochs.append({"lr": lr, "epoch": epoch + 1, "steps": step, "dev_accuracy": dev})
-        if best is None or dev > best[0]:
-            best = (dev, copy.deepcopy(model.state_dict()))
+        if keeps_epoch(dev, None if best is None else best[0]["dev_accuracy"]):
+            best = (epochs[-1], copy.deepcopy(model.state_dict()))
     bar.close()
-    if best is not None:
-        model.load_state_dict(best[1])
-    return model, epochs
+    if best is None:
+        raise ValueError("the reference trained no epoch: epochs_finetune must be > 0")
+    model.load_state_dict(best[1])
+    return model, best[0], epochs
 
 
 def train_reference(
@@ -153,13 +156,11 @@ def train_reference(
     grid: list[dict[str, Any]] = []
     best_model, best_point = None, None
     for lr in grid_lrs:
-        model, epochs = _fine_tune(config, data, lr, progress=progress)
+        model, point, epochs = _fine_tune(config, data, lr, progress=progress)
         grid += epochs
-        point = max(epochs, key=lambda e: (e["dev_accuracy"], -e["epoch"]))
         if best_point is None or point["dev_accuracy"] > best_point["dev_accuracy"]:
             best_model, best_point = model, point
-    if best_model is None or best_point is None:
-        raise ValueError("the reference trained no epoch: epochs_finetune must be > 0")
+    assert best_model is not None and best_point is not None  # grid_lrs is not empty
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
