@@ -218,7 +218,8 @@ def headline_page(root: Path) -> str:
         "the same table. Accuracy rows: each method's fewest-GFLOPs setting within 1 point of dense on dev (by the "
         "rule each results file names: `mp eval`'s default, the drop plus one standard error, or before it a paired "
         "bootstrap at confidence 0.8), reported on test; mean ± standard deviation (lowest to highest) over seeds "
-        "where several ran. Latency rows: median latency ratios in one run, ranges over the length buckets.",
+        "where several ran; the dense cell adds dense minus the run's plain fine-tune (`mp reference`) on test "
+        "where the files carry one. Latency rows: median latency ratios in one run, ranges over the length buckets.",
         "",
         headline_table(root, ""),
         "",
