@@ -92,9 +92,9 @@ def _links(paths: list[Path], root: Path, base: str) -> str:
 
 def reference_note(metas: list[dict[str, Any]], dense: list[float]) -> str:
     """``; minus its plain fine-tune: -0.08 points`` (a spread over several runs; ``(2 of 3 runs)`` where not all
-    have one): dense (``dense``, test accuracy
-    in percent, one per run) minus the run's plain fine-tune (``mp reference``) on test, over the runs whose
-    ``mp eval`` file (``metas``: provenances) carries one; empty where none does."""
+    have one): dense (``dense``, test accuracy in percent, one per run) minus the run's plain fine-tune (``mp
+    reference``) on test, over the runs whose ``mp eval`` file (``metas``: provenances) carries one; empty where none
+    does."""
     differences = [
         value - 100 * meta["reference"]["accuracy"]
         for meta, value in zip(metas, dense, strict=True)

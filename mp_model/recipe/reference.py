@@ -2,11 +2,12 @@
 
 ``mp eval`` reports it beside the recipe's models, so that a user sees the recipe's dense model (stage 1) reach a
 plain fine-tune, and stages 2-4 lose no more than the selection limit from it. The loop is deliberately independent
-of ``mp_model.recipe.fit``: it trains the ``transformers`` class itself (no masks, no thresholds, no exits), with
-the run's training examples, batch size, AdamW groups, warm-up and linear decay and stage-1 epochs, over a grid of
-learning rates (default: the run's ``lr`` alone), and keeps the ``(lr, epoch)`` with the best dev accuracy (ties:
-the later epoch, by stage 1's rule ``keeps_epoch``, and the earlier learning rate). It is written to
-``<run>/reference`` with ``reference.json`` (metrics of every grid point).
+of ``mp_model.recipe.fit``'s training loop (it shares only fit's schedule helpers and best-epoch rule): it trains the
+``transformers`` class itself (no masks, no thresholds, no exits), with the run's training examples, batch size,
+AdamW groups, warm-up and linear decay and stage-1 epochs, over a grid of learning rates (default: the run's ``lr``
+alone), and keeps the ``(lr, epoch)`` with the best dev accuracy (ties: the later epoch, by stage 1's rule
+``keeps_epoch``, and the earlier learning rate). It is written to ``<run>/reference`` with ``reference.json``
+(metrics of every grid point).
 
 ``mp reference --run-dir runs/rotten_tomatoes --lrs 2e-5 5e-5 1e-4`` trains it for a run (the run's
 ``train_config.json`` gives the data and budget; no stage need be done).
