@@ -190,7 +190,8 @@ def test_eval_json_lets_each_choice_be_checked_from_the_dev_numbers_of_every_set
         *("eval", "--run-dir", str(run_dir), "--json", str(out_file), "--taus", "0.1", "0.5", "0.9"),
         *("--scales", "1.0", "2.0", "--latency", "none", "--batch-size", "4", "--reliability-splits", "0", *flags),
     ]
-    assert run_main(argv, capsys)[0] == 0
+    code, out = run_main(argv, capsys)
+    assert code == 0
     records = json.loads(out_file.read_text())["records"]
     dense_dev = next(r["dev_accuracy"] for r in records if r["method"] == "dense")
     for record in records:
@@ -204,6 +205,10 @@ def test_eval_json_lets_each_choice_be_checked_from_the_dev_numbers_of_every_set
         else:
             expected = max(rows, key=lambda r: (r["dev_accuracy"], -r["dev_gflops"]))
         assert [r for r in rows if r["selected"]] == [expected]
+        assert expected["met_rule"] is bool(eligible), "a choice no setting qualified for is marked as such"
+        assert all("met_rule" not in r for r in rows if not r["selected"])
+    missed = [m for m in METHODS if not next(r for r in records if r["selected"] and r["method"] == m)["met_rule"]]
+    assert (f"no setting of {', '.join(missed)} met the rule on dev" in out) is bool(missed)
 
 
 def test_eval_refuses_a_bad_rule_in_one_line_before_any_work(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from mp_model.recipe.selection import (
     bootstrap_weights,
+    fallback_note,
     select,
     select_with,
     selection_reliability,
@@ -173,6 +174,20 @@ def test_select_with_takes_each_methods_cheapest_qualifying_record_else_its_most
     chosen = select_with(records, accuracy_over_point_seven_but_no_mp)
     assert seen == [(7, 0.90)], "called once per dataset with its rows and its dense record"
     assert [(r["method"], r["gflops"]) for r in chosen] == [("dense", 4.0), ("ltp", 2.0), ("mp", 0.6)]
+    assert [r["met_rule"] for r in chosen] == [True, True, False], "the fallback is marked, not passed off"
+
+
+def test_the_fallback_note_names_each_method_no_setting_qualified_for() -> None:
+    rows = [record("dense", 0.9, 4.0, met_rule=True), record("ltp", 0.9, 2.0, met_rule=True)]
+    assert fallback_note(rows, "dev") is None
+    assert fallback_note([record("mp", 0.9, 2.0)], "dev") is None, "records of no rule: nothing to say"
+    note = fallback_note(rows + [record("fastbert", 0.8, 1.0, met_rule=False)], "dev")
+    assert note == (
+        "no setting of fastbert met the rule on dev: its row shows the most accurate on dev, "
+        "which may be over the limit"
+    )
+    rows += [record("fastbert", 0.8, 1.0, met_rule=False), record("mp", 0.8, 1.0, met_rule=False)]
+    assert fallback_note(rows, "dev").startswith("no setting of fastbert, mp met the rule on dev: their rows show")
 
 
 def test_select_with_needs_each_datasets_dense_record() -> None:

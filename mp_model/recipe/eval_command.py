@@ -142,7 +142,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from mp_model.recipe.data import check_max_length
     from mp_model.recipe.provenance import provenance, write_results
     from mp_model.recipe.runs import STAGES, read_state
-    from mp_model.recipe.selection import select_and_report
+    from mp_model.recipe.selection import fallback_note, select_and_report
 
     quiet_transformers()
     check_device(args.device)
@@ -193,6 +193,9 @@ def run_eval(args: argparse.Namespace) -> int:
         f"(fewest GFLOPs within {args.max_drop:g} of dense at {rule_name}):"
     )
     print(format_table(selected))
+    note = fallback_note(selected, args.select_split)
+    if note is not None:
+        print(note)
     reference = reference_accuracy(run_dir, dataset, tokenizer, max_length, args, saved)
     if reference is not None:
         dense_accuracy = next(r["accuracy"] for r in records if r["method"] == "dense")

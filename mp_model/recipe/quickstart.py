@@ -39,7 +39,7 @@ from mp_model.recipe.datasets import load_dataset
 from mp_model.recipe.evaluation import DEFAULT_SCALES, DEFAULT_TAUS, METHODS
 from mp_model.recipe.provenance import provenance, write_results
 from mp_model.recipe.runs import finished_run_problem, load_run
-from mp_model.recipe.selection import select_and_report
+from mp_model.recipe.selection import fallback_note, select_and_report
 from mp_model.recipe.train_config import TrainConfig, default_model_path
 from mp_model.recipe.training import train
 
@@ -214,6 +214,7 @@ SUMMARY_KEYS = (
     "latency_speedup",
     "mean_exit_layer",
     "kept_ratio",
+    "met_rule",
     "buckets",
 )
 
@@ -285,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{config.dataset} test ({test_examples} examples), settings selected on dev within {MAX_DROP:g} of dense:")
     print(f"x latency: HF sdpa time / ours, padded batches of {BATCH_SIZE} sorted by length")
     print(format_table(rows))
+    note = fallback_note(rows, "dev")
+    if note is not None:
+        print(note)
     print(f"\nwrote {path}, {out / 'eval.json'} and {', '.join(p.name for p in figures)} in {out}")
     print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + f", total {sum(seconds.values()):.0f} s")
     print(

@@ -101,7 +101,8 @@ def select_with(records: Sequence[dict[str, Any]], qualifies: Qualifier) -> list
 
     ``qualifies(rows, dense)`` gets one dataset's records and its dense record. Ties go to the more accurate
     setting. A method with no qualifying setting contributes its most accurate record (check ``accuracy`` against
-    dense's). Returned in the order of ``METHODS``, per dataset.
+    dense's). Each returned record gets ``met_rule``: whether the rule accepted it (False: that fallback). Returned
+    in the order of ``METHODS``, per dataset.
     """
     chosen = []
     for dataset in dict.fromkeys(r["dataset"] for r in records):
@@ -117,10 +118,26 @@ def select_with(records: Sequence[dict[str, Any]], qualifies: Qualifier) -> list
                 continue
             eligible = [r for r in eligible_rows if r["method"] == method]
             if eligible:
-                chosen.append(min(eligible, key=lambda r: (r["gflops"], -r["accuracy"])))
+                pick = min(eligible, key=lambda r: (r["gflops"], -r["accuracy"]))
             else:
-                chosen.append(max(candidates, key=lambda r: (r["accuracy"], -r["gflops"])))
+                pick = max(candidates, key=lambda r: (r["accuracy"], -r["gflops"]))
+            pick["met_rule"] = bool(eligible)
+            chosen.append(pick)
     return chosen
+
+
+def fallback_note(selected: Sequence[dict[str, Any]], select_split: str) -> str | None:
+    """The line that says which of the ``selected`` records (``select_and_report``'s, with ``met_rule``) no
+    setting of their method qualified for, so that each is its method's most accurate on ``select_split`` rather
+    than a setting within the limit; None when every method had a qualifying setting."""
+    missed = [r["method"] for r in selected if r.get("met_rule") is False]
+    if not missed:
+        return None
+    return (
+        f"no setting of {', '.join(missed)} met the rule on {select_split}: "
+        f"{'its row shows' if len(missed) == 1 else 'their rows show'} the most accurate on {select_split}, "
+        "which may be over the limit"
+    )
 
 
 def outcome_matrix(rows: Sequence[dict[str, Any]]) -> torch.Tensor:
@@ -281,8 +298,9 @@ def select_and_report(
     ``"selected"``, ``"all"`` or ``"none"``. Returns ``evaluate``'s records on ``split``, each with ``selected``
     and ``selected_on`` (``select_split``) added, and the same setting's ``<select_split>_accuracy``,
     ``<select_split>_gflops`` (and ``within_limit_share`` or ``drop_bound`` where the rule set it), so that the
-    choice can be checked from the records alone; and a dict of the selection: its rule, and with
-    ``reliability_splits > 0`` ``selection_reliability`` of this rule and of the point estimate.
+    choice can be checked from the records alone, and the selected ones ``met_rule`` (``select_with``); and a dict
+    of the selection: its rule, and with ``reliability_splits > 0`` ``selection_reliability`` of this rule and of
+    the point estimate.
 
     Raises:
         ValueError: for an empty split, an unknown ``latency`` or a rule out of range, before anything is computed.
@@ -299,6 +317,7 @@ def select_and_report(
     picked_records = evaluate(dense_model, model, pick, split=select_split, keep_outcomes=True, **common)
     chosen = select(picked_records, max_drop, confidence=confidence) if rule is None else rule[1](picked_records, 0)
     chosen_keys = [setting_key(r) for r in chosen]
+    met_rule = {setting_key(r): r["met_rule"] for r in chosen}  # read now: the re-splits below choose again
     timed = {"none": None, "all": "all", "selected": chosen_keys, "tables": table_settings(chosen, taus)}[latency]
     report = encode(tokenizer, dataset.split(split)[:size], max_length)
     records = evaluate(
@@ -339,6 +358,8 @@ def select_and_report(
         record["selected_on"] = select_split
         record[f"{select_split}_accuracy"] = picked["accuracy"]
         record[f"{select_split}_gflops"] = picked["gflops"]
+        if record["selected"]:
+            record["met_rule"] = met_rule[key]
         for name in ("within_limit_share", "drop_bound"):  # what the rule read, so that its choice can be checked
             if name in picked:
                 record[name] = picked[name]
