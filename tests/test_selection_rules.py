@@ -15,6 +15,7 @@ from mp_model.recipe.selection_rules import (
     exceeding_cells,
     isotonic_grid,
     parse_rule,
+    select_else_point,
     select_normal_bound,
     select_smoothed,
 )
@@ -119,6 +120,25 @@ def test_the_normal_bound_refuses_a_drop_within_the_limit_by_luck_alone() -> Non
     assert select_normal_bound(records, 0.01, k=0.0)[1]["gflops"] == 1.0, "k = 0 is the point estimate"
     # The noisy one's standard error is sqrt(78 / 400) / 20 = 2.2 points: half of it takes it over the limit.
     assert select_normal_bound(records, 0.01, k=0.5)[1]["gflops"] == 2.0
+
+
+def test_where_no_setting_meets_the_bound_the_point_estimate_chooses_not_the_most_accurate() -> None:
+    dense = torch.arange(200) % 10 != 0  # 90 % on 200 examples: one point is two examples
+    two_lost = flipped(dense, to_wrong=2, to_right=0, seed=1)  # drop 1.0 point: within, its bound is not
+    one_lost = flipped(dense, to_wrong=1, to_right=0, seed=2)  # drop 0.5, bound 0.5 + 0.5 = 1.0: within
+    records = [outcome_record("dense", dense, 8.0)]
+    swapped = flipped(dense, to_wrong=3, to_right=2, seed=3)  # drop 0.5, but bound 0.5 + 1.1: over
+    records += [outcome_record("mp", two_lost, 1.0, scale=2.0), outcome_record("mp", swapped, 6.0, scale=1.0)]
+    records += [outcome_record("ltp", two_lost, 1.0, scale=2.0), outcome_record("ltp", one_lost, 3.0, scale=1.0)]
+    normal = candidate_rules()["normal k=1"]
+    by_method = {r["method"]: r for r in normal(records, 0)}
+    assert by_method["mp"]["gflops"] == 6.0 and not by_method["mp"]["met_rule"], "the bound alone: most accurate"
+    assert by_method["ltp"]["gflops"] == 3.0 and by_method["ltp"]["met_rule"]
+    chosen = {r["method"]: r for r in select_else_point(records, normal, 0, 0.01)}
+    assert chosen["mp"]["gflops"] == 1.0 and chosen["mp"]["met_rule"], "no bound fits: the cheapest within, on dev"
+    assert chosen["ltp"]["gflops"] == 3.0, "a method whose bound fits keeps the bound's choice"
+    assert chosen["dense"]["gflops"] == 8.0
+    assert [r["method"] for r in chosen.values()] == ["dense", "ltp", "mp"]
 
 
 @pytest.mark.parametrize("name", list(candidate_rules()))
