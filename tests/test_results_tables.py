@@ -153,3 +153,20 @@ def test_a_gpu_e2e_file_gets_a_table_against_the_compiled_baseline() -> None:
     assert "| minilm | long | 64 | 4.00 | 1.50x | 2.00x / 2.90x |" in table
     assert "| minilm | short |" not in table
     assert "LTP only (GPU engine)" not in table, "only the engine's methods that ran"
+
+
+def test_a_choice_no_setting_met_the_rule_for_is_marked_from_met_rule_or_else_its_normal_bound() -> None:
+    missed = tables().missed_rule
+    assert missed({"met_rule": False}, 0.01) and not missed({"met_rule": True, "drop_bound": 0.5}, 0.01)
+    assert missed({"drop_bound": 0.0153}, 0.01), "written before met_rule: the recorded bound decides"
+    assert not missed({"drop_bound": 0.01}, 0.01) and not missed({"within_limit_share": 0.1}, 0.01)
+    records = [
+        record("dense", None, None, 0.90, 1.0, selected=True),
+        record("ltp", 0.0, 1.0, 0.905, 1.2, selected=True, met_rule=False),
+        record("mp", 0.3, 2.0, 0.87, 3.0, selected=True, drop_bound=0.02),
+    ]
+    normal = {"selection": "per method, fewest GFLOPs within 0.01 accuracy of dense on dev at normal k=1"}
+    row = tables().summary_table([(Path("toy-cpu.json"), {"provenance": normal, "records": records})]).splitlines()[2]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[4:7] == ["90.50 (+0.50), 1.20x ‡", "-", "87.00 (-3.00), 3.00x † ‡"]
+    assert cells[7] == "87.00 (-3.00), 3.00x †", "the choice read on test is the paper's reading: no rule, no ‡"

@@ -101,8 +101,8 @@ def select_with(records: Sequence[dict[str, Any]], qualifies: Qualifier) -> list
 
     ``qualifies(rows, dense)`` gets one dataset's records and its dense record. Ties go to the more accurate
     setting. A method with no qualifying setting contributes its most accurate record (check ``accuracy`` against
-    dense's). Each returned record gets ``met_rule``: whether the rule accepted it (False: that fallback). Returned
-    in the order of ``METHODS``, per dataset.
+    dense's). Each is returned as a copy with ``met_rule`` added: whether the rule accepted it (False: that
+    fallback). Returned in the order of ``METHODS``, per dataset.
     """
     chosen = []
     for dataset in dict.fromkeys(r["dataset"] for r in records):
@@ -121,8 +121,7 @@ def select_with(records: Sequence[dict[str, Any]], qualifies: Qualifier) -> list
                 pick = min(eligible, key=lambda r: (r["gflops"], -r["accuracy"]))
             else:
                 pick = max(candidates, key=lambda r: (r["accuracy"], -r["gflops"]))
-            pick["met_rule"] = bool(eligible)
-            chosen.append(pick)
+            chosen.append(pick | {"met_rule": bool(eligible)})
     return chosen
 
 
@@ -317,7 +316,7 @@ def select_and_report(
     picked_records = evaluate(dense_model, model, pick, split=select_split, keep_outcomes=True, **common)
     chosen = select(picked_records, max_drop, confidence=confidence) if rule is None else rule[1](picked_records, 0)
     chosen_keys = [setting_key(r) for r in chosen]
-    met_rule = {setting_key(r): r["met_rule"] for r in chosen}  # read now: the re-splits below choose again
+    met_rule = {setting_key(r): r["met_rule"] for r in chosen}
     timed = {"none": None, "all": "all", "selected": chosen_keys, "tables": table_settings(chosen, taus)}[latency]
     report = encode(tokenizer, dataset.split(split)[:size], max_length)
     records = evaluate(

@@ -180,10 +180,9 @@ def select_else_point(
     ``select``'s point-estimate choice at ``max_drop`` instead of its most accurate setting. For a dev split so
     small that no setting's bound fits under the limit, the cheapest setting within it is the better guess (#42:
     BBC News, 212 dev examples). Same contract as ``select``."""
-    chosen = rule(records, seed)
-    fell_back = [not c["met_rule"] for c in chosen]  # read first: ``select`` marks the records it picks again
+    chosen = rule(records, seed)  # first: a rule may annotate the records (``drop_bound``) that the copies carry
     point = {(r["dataset"], r["method"]): r for r in select(records, max_drop)}
-    return [point[(c["dataset"], c["method"])] if miss else c for c, miss in zip(chosen, fell_back, strict=True)]
+    return [c if c["met_rule"] else point[(c["dataset"], c["method"])] for c in chosen]
 
 
 def candidate_rules(max_drop: float = 0.01, resamples: int = RESAMPLES) -> dict[str, Rule]:
