@@ -1,5 +1,5 @@
 """Test session set-up: the Triton interpreter on machines without CUDA, the ``device`` fixture, the header, and
-``--bounds-check``: every test under ``tests.utils.bounds_checked`` (each address a Triton kernel touches under the
+``--bounds-check``: every test under ``tests.bounds.bounds_checked`` (each address a Triton kernel touches under the
 interpreter checked against its tensors, ``torch.empty`` in guard zones), e.g.
 ``python -m pytest --bounds-check tests/test_compaction.py``.
 
@@ -18,7 +18,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tests.utils import DEVICE, KERNEL_DTYPES, ON_GPU, bounds_checked, tf32_matmuls, write_toy_bert  # noqa: E402
+from tests.bounds import bounds_checked  # noqa: E402
+from tests.utils import DEVICE, KERNEL_DTYPES, ON_GPU, tf32_matmuls, write_toy_bert  # noqa: E402
 
 if ON_GPU:
     # The tolerance table assumes half-precision matmuls accumulate in float32, as the kernels do; by default cuBLAS
@@ -34,7 +35,7 @@ def device() -> torch.device:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--bounds-check", action="store_true", help="run every test under tests.utils.bounds_checked (CPU interpreter)"
+        "--bounds-check", action="store_true", help="run every test under tests.bounds.bounds_checked (CPU interpreter)"
     )
 
 

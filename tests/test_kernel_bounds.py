@@ -1,6 +1,6 @@
 """No Triton kernel of ``mp_kernels`` reads or writes outside its tensors, on normal inputs or out-of-range ones.
 
-On the CPU every kernel runs under ``bounds_checked`` (``tests/utils.py``): each address the interpreter touches
+On the CPU every kernel runs under ``bounds_checked`` (``tests/bounds.py``): each address the interpreter touches
 must lie inside a tensor argument of the launch, outputs allocated with ``torch.empty`` sit between guard zones
 that must stay intact, and inputs are carved out of guarded buffers too (``zones.copy``), so that a stray float
 read shows as NaN. The out-of-range cases are those the other kernel tests hand over with validation off or with
@@ -19,7 +19,8 @@ import triton.language as tl
 from triton.runtime.errors import InterpreterError
 
 import mp_kernels
-from tests.utils import DEVICE, KERNEL_DTYPES, ON_GPU, assert_close, assert_no_sentinel, bounds_checked, live_count
+from tests.bounds import assert_no_sentinel, bounds_checked
+from tests.utils import DEVICE, KERNEL_DTYPES, ON_GPU, assert_close, live_count
 
 OUT_OF_RANGE = pytest.mark.out_of_range  # what the other tests hand over on purpose, and worse: alone on a GPU
 interpreter_only = pytest.mark.skipif(ON_GPU, reason="the address check wraps the Triton interpreter")
