@@ -132,3 +132,15 @@ def test_the_dense_cell_gives_dense_minus_the_plain_fine_tune_over_the_runs_that
     assert headline.accuracy_row("set", one, tmp_path, "")[2].endswith("-0.20 points (1 of 2 runs)")
     none = [_evaluation(tmp_path / "seed3.json", 0.80, None)]
     assert headline.accuracy_row("set", none, tmp_path, "")[2] == "80.00"
+
+
+def test_a_lone_run_is_named_as_one_and_shows_no_spread(tmp_path: Path) -> None:
+    headline = tables().headline
+    row = headline.accuracy_row("set", [_evaluation(tmp_path / "seed0.json", 0.80, None)], tmp_path, "")
+    assert row[1] == "1 run" and " ± " not in " ".join(row)
+    assert row[3] == "2.50x fewer FLOPs, -0.50 points; within 1 point of dense"
+    over = _evaluation(tmp_path / "seed1.json", 0.80, None)
+    payload = json.loads(over.read_text())
+    payload["records"][1]["accuracy"] = 0.785
+    over.write_text(json.dumps(payload))
+    assert headline.accuracy_row("set", [over], tmp_path, "")[3].endswith("more than 1 point below dense")
