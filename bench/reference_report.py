@@ -3,8 +3,8 @@
 reference sits in the run directory).
 
     python -m bench.reference_report --run-dir runs/bbc_news-reference \\
-        --recipe bench/results/evaluations/bbc_news-all-cpu.json \\
-        --out bench/results/evaluations/bbc_news-reference-cpu.json
+        --recipe bench/results/archive/evaluations/bbc_news-all-cpu.json \\
+        --out bench/results/archive/evaluations/bbc_news-reference-cpu.json
 
 The reference must have been trained with the recipe run's stage-1 data and budget
 (``mp_model.recipe.reference.stage1_differences`` empty): otherwise the script stops. Records: one per split,

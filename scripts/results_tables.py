@@ -64,7 +64,9 @@ FOLDERS = {
 ARCHIVE_RULE = (
     "A run moves to `archive/` once a later run replaces it. Evaluations: a run trained under a recipe that a later "
     "default replaced (fp32 training, which covers the older lr and epoch defaults, pruning stages trained on the "
-    "labels, stage 4 on mixed labels or by reverse KL, the teacher runs, and the 340-article BBC News dev split), or "
+    "labels, stage 4 on mixed labels or by reverse KL, the teacher runs, the 340-article BBC News dev split, and "
+    "`bbc_news-all-cpu` with its plain fine-tune `bbc_news-reference-cpu`, replaced by three seeds of today's "
+    "defaults), or "
     "whose stage 4 was retrained on three threshold scales in a later file of the same models "
     "(`rotten_tomatoes-dev2000-bf16-seed{0,1,2}` by `...-bf16-scales-seed{0,1,2}`), or whose setting was chosen "
     "by a selection rule that a later default replaced (paired bootstrap at confidence 0.8, replaced by the normal "
